@@ -1,0 +1,102 @@
+"""neo's command line: the flags of GPT-Neo's main.py, one function per mode, no logic here."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Config name in configs/ or a path to a .json model config.")
+flags.DEFINE_string("tpu", None, "Cloud TPU name ('colab' on a Colab TPU runtime).")
+flags.DEFINE_list("gpu_ids", [], "GPUs to use: integers or device:GPU:N, comma or space separated.")
+flags.DEFINE_integer("steps_per_checkpoint", 5000, "Save a checkpoint every this many steps.")
+flags.DEFINE_bool("auto_layout", False, "Print a memory-efficient layout for mesh_shape and exit.")
+flags.DEFINE_bool("auto_layout_and_mesh_shape", False, "Print a layout and mesh shape and exit.")
+flags.DEFINE_bool("new", False, "Start over: delete model_path's checkpoints and logs first.")
+flags.DEFINE_bool("predict", False, "Sample from the model and exit.")
+flags.DEFINE_string("prompt", "", "Prompt file for --predict.")
+flags.DEFINE_bool("eval", False, "Run the config's eval_tasks and exit.")
+flags.DEFINE_bool("check_dataset", False, "Inspect the training data and exit.")
+flags.DEFINE_string("sacred_id", "nosacred", "Tag for prediction and eval output files.")
+flags.DEFINE_bool("entmax_sampling", False, "Sample with entmax (not supported in neo).")
+flags.DEFINE_bool("export", False, "Export (neo: use scripts/convert_hf.py export).")
+flags.DEFINE_multi_string("set", [], "Override a config key for this run: --set train_steps=100 (JSON values).")
+
+
+def _overrides(items: list[str]) -> dict:
+    import json
+
+    from neo.errors import NeoError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise NeoError(f"--set {item!r}: write key=value, e.g. --set train_steps=100.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value  # a bare string such as --set lr_decay=cosine
+    return out
+
+
+def main(argv: list[str]) -> None:
+    from absl import logging
+
+    from neo.errors import NeoError
+
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user
+    try:
+        _run(argv)
+    except NeoError as e:
+        print(f"neo: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(argv: list[str]) -> None:
+    from neo.config import load_model_config
+    from neo.errors import NeoError
+
+    if len(argv) > 1:
+        raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
+    cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
+    unavailable = {"predict": FLAGS.predict, "eval": FLAGS.eval, "check_dataset": FLAGS.check_dataset,
+                   "auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
+                   "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
+    for mode, on in unavailable.items():
+        if on:
+            raise NeoError(f"--{mode} is not available yet in this build of neo.")
+
+    from neo.devices import select_devices
+    from neo.mesh import make_layout
+    from neo.train import fit
+
+    if not cfg.model_path:
+        raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
+    layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
+    fit(cfg, layout)
+
+
+def _gather_gpu_ids(args: list[str]) -> list[str]:
+    """Accept GPT-Neo's space-separated form `--gpu_ids 0 1` by joining the values."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--gpu_ids":
+            j = i + 1
+            while j < len(args) and not args[j].startswith("-"):
+                j += 1
+            out.append("--gpu_ids=" + ",".join(args[i + 1:j]))
+            i = j
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
+def cli() -> None:
+    app.run(main, argv=_gather_gpu_ids(sys.argv))
+
+
+if __name__ == "__main__":
+    cli()

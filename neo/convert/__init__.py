@@ -1,0 +1,1 @@
+"""Weight converters between neo and Hugging Face (GPT-Neo, GPT-NeoX)."""

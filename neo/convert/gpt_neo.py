@@ -1,0 +1,95 @@
+"""Hugging Face `GPTNeoForCausalLM` <-> neo parameters and config.
+
+torch Linear weights are [out, in]; neo kernels are [in, out] with the head axis split out
+([embd, heads, features_per_head] for q/k/v, [heads, features_per_head, embd] for o).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from neo.errors import NeoError
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> dict:
+    """An HF GPTNeoConfig (as a dict) -> a neo model-config dict."""
+    act = hf.get("activation_function", "gelu_new")
+    acts = {"gelu_new": "gelu", "gelu": "gelu_exact", "gelu_fast": "gelu", "relu": "relu", "silu": "silu"}
+    if act not in acts:
+        raise NeoError(f"HF activation_function {act!r} has no neo equivalent.")
+    return {
+        "n_vocab": hf["vocab_size"],
+        "n_ctx": hf["max_position_embeddings"],
+        "n_embd": hf["hidden_size"],
+        "n_layer": hf["num_layers"],
+        "n_head": hf["num_heads"],
+        "attention_types": hf["attention_types"],
+        "local_attention_radius": hf.get("window_size", 256),
+        "intermediate_size": hf.get("intermediate_size") or None,
+        "activation_fn": acts[act],
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+        "embed_dropout": hf.get("embed_dropout", 0.0),
+        "attn_dropout": hf.get("attention_dropout", 0.0),
+        "res_dropout": hf.get("resid_dropout", 0.0),
+        "eos_id": hf.get("eos_token_id", 50256),
+    }
+
+
+def params_from_hf(sd: Mapping[str, np.ndarray], n_layer: int, n_head: int) -> dict:
+    """An HF GPT-Neo state dict (numpy arrays) -> neo's parameter tree."""
+    def get(key: str) -> np.ndarray:
+        for k in (key, "transformer." + key):
+            if k in sd:
+                return np.asarray(sd[k], np.float32)
+        raise NeoError(f"HF GPT-Neo weights lack '{key}'; is this a GPTNeoForCausalLM checkpoint?")
+
+    def ln(prefix: str) -> dict:
+        return {"scale": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+
+    wte = get("wte.weight")
+    d = wte.shape[1]
+    dh = d // n_head
+    params: dict = {"wte": wte, "wpe": get("wpe.weight"), "ln_f": ln("ln_f")}
+    for i in range(n_layer):
+        p = f"h.{i}."
+        a = p + "attn.attention."
+        qkv = {n: {"kernel": get(a + f"{n}_proj.weight").T.reshape(d, n_head, dh)} for n in "qkv"}
+        o = {"kernel": get(a + "out_proj.weight").T.reshape(n_head, dh, d), "bias": get(a + "out_proj.bias")}
+        params[f"h_{i}"] = {
+            "ln_1": ln(p + "ln_1"),
+            "attn": {**qkv, "o": o},
+            "ln_2": ln(p + "ln_2"),
+            "mlp": {
+                "c_fc": {"kernel": get(p + "mlp.c_fc.weight").T, "bias": get(p + "mlp.c_fc.bias")},
+                "c_proj": {"kernel": get(p + "mlp.c_proj.weight").T, "bias": get(p + "mlp.c_proj.bias")},
+            },
+        }
+    return params
+
+
+def config_to_hf(cfg) -> dict:
+    """A neo ModelConfig -> HF GPTNeoConfig kwargs; errors for what HF GPT-Neo cannot express."""
+    unsupported = {
+        "rotary_emb": cfg.rotary_emb, "no_weight_tie": cfg.no_weight_tie,
+        "parallel_residual": cfg.parallel_residual, "scale_attention": cfg.scale_attention,
+        "qkv_bias": cfg.qkv_bias, "linear/none attention": bool({"linear", "none"} & set(cfg.attention_types)),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise NeoError(f"HF GPTNeoForCausalLM cannot represent {', '.join(bad)}; export as GPT-NeoX instead.")
+    acts = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_tanh": "gelu_new", "gelu_fast": "gelu_new",
+            "gelu_exact": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+    if cfg.activation_fn not in acts:
+        raise NeoError(f"activation_fn {cfg.activation_fn!r} has no HF GPT-Neo equivalent.")
+    kinds = list(cfg.attention_types)
+    return dict(
+        vocab_size=cfg.n_vocab, max_position_embeddings=cfg.n_ctx, hidden_size=cfg.n_embd,
+        num_layers=cfg.n_layer, num_heads=cfg.n_head, attention_types=[[kinds, 1]],
+        window_size=cfg.local_attention_radius, intermediate_size=cfg.intermediate_size,
+        activation_function=acts[cfg.activation_fn], layer_norm_epsilon=cfg.layer_norm_epsilon,
+        embed_dropout=cfg.embed_dropout, attention_dropout=cfg.attn_dropout, resid_dropout=cfg.res_dropout,
+        bos_token_id=cfg.eos_id if cfg.eos_id is not None else 50256,
+        eos_token_id=cfg.eos_id if cfg.eos_id is not None else 50256,
+    )

@@ -1,0 +1,207 @@
+"""`mesh_shape` and `layout` strings -> a jax Mesh, logical-axis rules and shardings.
+
+GPT-Neo names every tensor dimension (batch, sequence, embd, heads, vocab, ...); the config's
+`layout` maps those names onto mesh axes. neo keeps that vocabulary: parameters carry their
+dimension names as flax logical-axis metadata, activations are constrained by name through
+`constrain`, and this module is the only place the names become PartitionSpecs.
+
+Rule semantics (as in mesh-tensorflow and flax): a dimension is split over a mesh axis iff the
+layout maps it there; one dimension may not map to two axes; within one tensor a mesh axis is
+used at most once, and the pair written first in `layout` wins (so `batch:x,embd:x` is FSDP:
+parameters split along embd, activations along batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from neo.errors import NeoError
+
+# Every dimension name neo's tensors carry (GPT-Neo's names, plus `experts` for MoE).
+DIMENSIONS = (
+    "batch", "sequence", "memory_length", "embd", "embed_sequence", "vocab", "heads",
+    "features_per_head", "intermediate_expanded", "experts", "expert_capacity",
+    "mem_kv_sequence", "axial_dim",
+)
+_SEPARATORS = r"[,.;\s]+"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A mesh plus the ordered (dimension -> mesh axis) rules of a config's `layout`."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, str], ...]
+
+    def spec(self, names: Sequence[Optional[str]]) -> P:
+        """PartitionSpec for a tensor whose dimensions are called `names`."""
+        used: set[str] = set()
+        out: list[Optional[str]] = [None] * len(names)
+        for dim, axis in self.rules:  # layout order = priority
+            if dim in names and axis not in used:
+                out[list(names).index(dim)] = axis
+                used.add(axis)
+        return P(*out)
+
+    def sharding(self, names: Sequence[Optional[str]]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names))
+
+    def axis_size(self, dim: str) -> int:
+        """How many ways dimension `dim` is split (1 if it is not in the layout)."""
+        axis = dict(self.rules).get(dim)
+        return self.mesh.shape[axis] if axis else 1
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["Layout"]:
+        """Make `constrain` apply this layout while tracing the model."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+
+_ACTIVE: contextvars.ContextVar[Optional[Layout]] = contextvars.ContextVar("neo_layout", default=None)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """Pin an activation's sharding by dimension names (a no-op outside `Layout.active`)."""
+    layout = _ACTIVE.get()
+    if layout is None or layout.mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, layout.sharding(names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_mesh_shape(text: str, n_devices: int) -> tuple[tuple[str, int], ...]:
+    """"x:2,y:4" -> (("x", 2), ("y", 4)). One size may be -1: it takes the remaining devices.
+    An empty string means every device on one data-parallel axis "x"."""
+    if not text.strip():
+        return (("x", n_devices),)
+    axes: list[tuple[str, int]] = []
+    for part in re.split(_SEPARATORS, text.strip()):
+        m = re.fullmatch(r"([A-Za-z_]\w*):(-?\d+)", part)
+        if not m:
+            raise NeoError(f"mesh_shape {text!r}: cannot read {part!r}; write name:size pairs like \"x:2,y:4\".")
+        name, size = m.group(1), int(m.group(2))
+        if any(name == a for a, _ in axes):
+            raise NeoError(f"mesh_shape {text!r}: axis '{name}' appears twice.")
+        if size == 0 or size < -1:
+            raise NeoError(f"mesh_shape {text!r}: axis '{name}' has size {size}; sizes are positive (or -1 = the rest).")
+        axes.append((name, size))
+    fill = [a for a, s in axes if s == -1]
+    if len(fill) > 1:
+        raise NeoError(f"mesh_shape {text!r}: only one axis may be -1.")
+    if fill:
+        rest = math.prod(s for _, s in axes if s != -1)
+        if n_devices % rest:
+            raise NeoError(f"mesh_shape {text!r}: the fixed axes use {rest} devices, which does not divide "
+                           f"the {n_devices} available.")
+        axes = [(a, n_devices // rest if s == -1 else s) for a, s in axes]
+    return tuple(axes)
+
+
+def parse_layout(text: str, axis_names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """"batch:x,embd:y" -> (("batch", "x"), ("embd", "y")), checked against the mesh axes.
+    An empty layout means pure data parallelism: batch over the first mesh axis."""
+    if not text.strip():
+        return (("batch", axis_names[0]),)
+    rules: list[tuple[str, str]] = []
+    for part in re.split(_SEPARATORS, text.strip()):
+        m = re.fullmatch(r"(\w+):(\w+)", part)
+        if not m:
+            raise NeoError(f"layout {text!r}: cannot read {part!r}; write dimension:mesh_axis pairs like \"batch:x,heads:y\".")
+        dim, axis = m.groups()
+        if dim not in DIMENSIONS:
+            raise NeoError(f"layout {text!r}: {dim!r} is not a tensor dimension name.{_suggest(dim, DIMENSIONS)} "
+                           f"Known dimensions: {', '.join(DIMENSIONS)}.")
+        if axis not in axis_names:
+            raise NeoError(f"layout {text!r} maps '{dim}' to mesh axis '{axis}', which is not in mesh_shape "
+                           f"(axes: {', '.join(axis_names)}).{_suggest(axis, axis_names)}")
+        for d, a in rules:
+            if d == dim and a != axis:
+                raise NeoError(f"layout {text!r}: dimension '{dim}' is mapped to two mesh axes ('{a}' and "
+                               f"'{axis}'); a dimension can be split over one axis only.")
+        if (dim, axis) not in rules:
+            rules.append((dim, axis))
+    return tuple(rules)
+
+
+def suggest_mesh_shape(axes: Sequence[tuple[str, int]], rules: Sequence[tuple[str, str]], n_devices: int) -> str:
+    """A mesh_shape over `n_devices` keeping the model-parallel axes where they fit and giving
+    the rest to the axis `batch` is split over."""
+    batch_axis = dict(rules).get("batch", axes[0][0])
+    remaining = n_devices
+    sizes = {}
+    for name, size in axes:
+        if name == batch_axis:
+            continue
+        sizes[name] = math.gcd(size, remaining)
+        remaining //= sizes[name]
+    sizes[batch_axis] = remaining
+    return ",".join(f"{name}:{sizes[name]}" for name, _ in axes)
+
+
+def make_layout(mesh_shape: str, layout: str, devices: Optional[Sequence[Any]] = None) -> Layout:
+    """Build the Mesh over `devices` (default: all) and the rules; mismatches are explained."""
+    devices = list(jax.devices() if devices is None else devices)
+    axes = parse_mesh_shape(mesh_shape, len(devices))
+    rules = parse_layout(layout, [a for a, _ in axes])
+    size = math.prod(s for _, s in axes)
+    if size != len(devices):
+        raise NeoError(
+            f"mesh_shape {mesh_shape!r} needs {size} devices but {len(devices)} are available "
+            f"({devices[0].platform}); try \"mesh_shape\": \"{suggest_mesh_shape(axes, rules, len(devices))}\" "
+            f"(or use -1 for the axis that should take the rest)."
+        )
+    shape = tuple(s for _, s in axes)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # topologies mesh_utils does not know (CPU, subsets of devices): plain order
+        grid = np.array(devices).reshape(shape)
+    return Layout(Mesh(grid, tuple(a for a, _ in axes)), rules)
+
+
+def check_divisible(layout: Layout, sizes: dict[str, int], what: str = "") -> None:
+    """Every dimension the layout splits must divide evenly by its mesh axis."""
+    for dim, axis in layout.rules:
+        if dim not in sizes:
+            continue
+        n, k = sizes[dim], layout.mesh.shape[axis]
+        if n % k:
+            fix = f"use a mesh axis size that divides {n}, or leave '{dim}' out of the layout"
+            if dim == "vocab":
+                fix = f"pad n_vocab to {_round_up(n, 128 * k)} (a multiple of 128*{k}), or leave 'vocab' out of the layout"
+            elif dim == "batch":
+                fix = f"make the batch a multiple of {k}"
+            raise NeoError(f"layout maps '{dim}' (size {n}{what}) to mesh axis '{axis}' of size {k}, "
+                           f"which does not divide it; {fix}.")
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    import difflib
+
+    m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{m[0]}'?" if m else ""
+

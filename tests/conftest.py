@@ -1,0 +1,34 @@
+"""Test environment: 8 simulated CPU devices (set before jax is imported), no network."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: tests read the real data kept in ../shared/data")
+    return SHARED_DATA
+
+
+def tiny_config(**overrides):
+    """A small GPT-Neo config dict (global + local layers, window shorter than n_ctx)."""
+    raw = dict(n_embd=64, n_head=8, n_layer=2, n_ctx=32, n_vocab=128,
+               attention_types=[[["global", "local"], 1]], local_attention_radius=8,
+               train_batch_size=8, train_steps=4, lr=1e-4, weight_decay=0.1, gradient_clipping=1.0,
+               iterations=1)
+    raw.update(overrides)
+    return raw
