@@ -93,6 +93,17 @@ def _check_param_divisibility(layout: Layout, boxed: Any) -> None:
         check_divisible(layout, sizes, f" in parameter {name}")
 
 
+def abstract_params(cfg: ModelConfig, layout: Layout) -> Any:
+    """The model's parameters as ShapeDtypeStructs placed per the layout (nothing allocated):
+    what checkpoints are restored into for sampling, evaluation and export."""
+    model = GPT(cfg)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    _check_param_divisibility(layout, boxed)
+    abstract = nn.meta.unbox(boxed)
+    shardings = _logical_to_shardings(layout, boxed, abstract)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def build(cfg: ModelConfig, layout: Layout) -> Setup:
     """Shardings, initializer and train step for `cfg` on `layout`. Fails before compiling if
     the layout does not fit the shapes."""

@@ -1,0 +1,99 @@
+"""Checkpoints with orbax in `<model_path>/checkpoints/<step>/`.
+
+A checkpoint holds three items: `params`, `opt_state` (absent in a parameters-only checkpoint,
+such as one imported from Hugging Face) and `meta` (JSON: step, the data pipeline's position,
+anything else the loop needs to resume exactly). Saving is asynchronous and atomic: orbax writes
+into a temporary directory and renames it when complete, so a crash mid-save never leaves a
+checkpoint that looks finished. Restoring onto any mesh/layout works: arrays are read straight
+into the shardings asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from neo.errors import NeoError
+
+
+def checkpoint_dir(model_path: str) -> str:
+    path = os.path.join(model_path, "checkpoints")
+    return path if "://" in path else os.path.abspath(path)
+
+
+class Checkpointer:
+    """Save/restore train state; keeps the newest `max_to_keep` checkpoints."""
+
+    def __init__(self, model_path: str, max_to_keep: Optional[int] = 5, async_save: bool = True):
+        self.directory = checkpoint_dir(model_path)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=async_save),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any = None, meta: Optional[dict] = None,
+             force: bool = False) -> bool:
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave({"step": step, **(meta or {})})}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def has_opt_state(self, step: int) -> bool:
+        names = self.manager.item_metadata(step)
+        return names is not None and "opt_state" in names and names["opt_state"] is not None
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> tuple[Any, Any, dict]:
+        """(params, opt_state or None, meta). `abstract_*` are trees of jax.ShapeDtypeStruct
+        carrying the target shardings; pass abstract_opt_state=None to read parameters only."""
+        items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise NeoError(
+                f"checkpoint {self.directory}/{step} does not match this config's model ({type(e).__name__}: "
+                f"{str(e)[:300]}). Was it written for a different config? Use a fresh model_path or --new."
+            ) from None
+        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed on `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def save_params(model_path: str, params: Any, step: int = 0, meta: Optional[dict] = None) -> None:
+    """Write a parameters-only checkpoint (what converters produce) and wait for it."""
+    ckpt = Checkpointer(model_path, max_to_keep=None, async_save=False)
+    ckpt.save(step, params, meta=meta, force=True)
+    ckpt.close()
+
+
+def load_params(model_path: str, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """Read the parameters of the latest (or given) checkpoint into `abstract_params`' shardings."""
+    ckpt = Checkpointer(model_path, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise NeoError(f"no checkpoint in {ckpt.directory}: train first, or import weights with "
+                       f"scripts/convert_hf.py import.")
+    params, _, meta = ckpt.restore(step, abstract_params)
+    ckpt.close()
+    return params, meta
