@@ -69,13 +69,15 @@ def _run(argv: list[str]) -> None:
             raise NeoError(f"--{mode} is not available yet in this build of neo.")
 
     from neo.devices import select_devices
+    from neo.loop import fit
     from neo.mesh import make_layout
-    from neo.train import fit
 
-    if not cfg.model_path:
-        raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
-    fit(cfg, layout)
+    if FLAGS.new:
+        from neo.checkpoint import start_over
+
+        start_over(cfg.model_path)
+    fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint)
 
 
 def _gather_gpu_ids(args: list[str]) -> list[str]:
