@@ -69,9 +69,11 @@ def _run(argv: list[str]) -> None:
             raise NeoError(f"--{mode} is not available yet in this build of neo.")
 
     from neo.devices import select_devices
+    from neo.distributed import initialize
     from neo.loop import fit
     from neo.mesh import make_layout
 
+    initialize(FLAGS.tpu)
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
     if FLAGS.new:
         from neo.checkpoint import start_over
