@@ -29,7 +29,7 @@ def slurm_job(env: Mapping[str, str] = os.environ) -> bool:
 
 def how_to_launch(tpu: str, argv: Optional[list[str]] = None) -> str:
     argv = list(sys.argv if argv is None else argv)
-    command = " ".join(shlex.quote(a) for a in ["python", *argv[1:]])
+    command = " ".join(shlex.quote(a) for a in ["python", *argv])
     return (
         f"--tpu {tpu}: this machine is not a Cloud TPU VM, and neo runs on the TPU VM itself (on a pod "
         f"slice, every worker runs the same command). From this machine:\n"
