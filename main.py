@@ -61,7 +61,7 @@ def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
-    unavailable = {"predict": FLAGS.predict, "eval": FLAGS.eval, "check_dataset": FLAGS.check_dataset,
+    unavailable = {"predict": FLAGS.predict, "check_dataset": FLAGS.check_dataset,
                    "auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
                    "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
     for mode, on in unavailable.items():
@@ -75,6 +75,13 @@ def _run(argv: list[str]) -> None:
 
     initialize(FLAGS.tpu)
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
+    if FLAGS.eval:
+        from neo.evaluate import validate_checkpoint
+
+        if cfg.eval_tasks:
+            raise NeoError("eval_tasks (lm-evaluation-harness) are not available yet in this build of neo.")
+        validate_checkpoint(cfg, layout)
+        return
     if FLAGS.new:
         from neo.checkpoint import start_over
 
