@@ -16,11 +16,16 @@ flags.DEFINE_bool("auto_layout_and_mesh_shape", False, "Print a layout and mesh 
 flags.DEFINE_bool("new", False, "Start over: delete model_path's checkpoints and logs first.")
 flags.DEFINE_bool("predict", False, "Sample from the model and exit.")
 flags.DEFINE_string("prompt", "", "Prompt file for --predict.")
-flags.DEFINE_bool("eval", False, "Run the config's eval_tasks and exit.")
+flags.DEFINE_bool("eval", False, "Run the config's eval_tasks (lm-eval), then validation if eval_steps > 0, and exit.")
 flags.DEFINE_bool("check_dataset", False, "Inspect the training data and exit.")
 flags.DEFINE_string("sacred_id", "nosacred", "Tag for prediction and eval output files.")
 flags.DEFINE_bool("entmax_sampling", False, "Sample with entmax (not supported in neo).")
 flags.DEFINE_bool("export", False, "Export (neo: use scripts/convert_hf.py export).")
+flags.DEFINE_list("eval_tasks", [], "--eval: lm-eval tasks to run instead of the config's eval_tasks (comma-separated).")
+flags.DEFINE_float("eval_limit", None, "--eval: documents per task (a fraction of each task if < 1).")
+flags.DEFINE_string("eval_batch_size", None, "--eval: lm-eval rows per batch, or 'auto' (default).")
+flags.DEFINE_integer("eval_num_fewshot", None, "--eval: few-shot examples per prompt (lm-eval's --num_fewshot).")
+flags.DEFINE_string("eval_include_path", None, "--eval: a folder of extra lm-eval task YAML files.")
 flags.DEFINE_multi_string("set", [], "Override a config key for this run: --set train_steps=100 (JSON values).")
 
 
@@ -76,11 +81,11 @@ def _run(argv: list[str]) -> None:
     initialize(FLAGS.tpu)
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
     if FLAGS.eval:
-        from neo.evaluate import validate_checkpoint
+        from neo.eval_harness import HarnessOptions, evaluate_checkpoint
 
-        if cfg.eval_tasks:
-            raise NeoError("eval_tasks (lm-evaluation-harness) are not available yet in this build of neo.")
-        validate_checkpoint(cfg, layout)
+        opts = HarnessOptions(tuple(FLAGS.eval_tasks), FLAGS.eval_limit, FLAGS.eval_batch_size,
+                              FLAGS.eval_num_fewshot, FLAGS.eval_include_path)
+        evaluate_checkpoint(cfg, layout, opts, FLAGS.sacred_id)
         return
     if FLAGS.new:
         from neo.checkpoint import start_over

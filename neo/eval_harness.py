@@ -1,0 +1,117 @@
+"""`main.py --eval`: the config's `eval_tasks` through lm-evaluation-harness on the latest
+checkpoint, then validation when `eval_steps > 0` (the original's order).
+
+Task names are lm-eval's. neo's offline tasks (neo/tasks/: `lambada_openai_local`,
+`text_perplexity_local`) and any `--eval_include_path` folder are indexed first, which takes
+no time; lm-eval's ~15,000 built-in tasks (11 s to index, and their data comes from the
+Hugging Face hub) are indexed only when a name is not found there. GPT-Neo's own task name
+`lambada` means `lambada_openai_local`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+
+from neo.config import ModelConfig
+from neo.errors import NeoError
+from neo.mesh import Layout
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+ALIASES = {"lambada": "lambada_openai_local"}  # GPT-Neo's eval_tasks names -> lm-eval tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessOptions:
+    """lm-eval's knobs as `main.py --eval` exposes them (flags --eval_*)."""
+
+    tasks: tuple[str, ...] = ()  # empty: the config's eval_tasks
+    limit: Optional[float] = None  # documents per task (a fraction if < 1)
+    batch_size: Optional[str] = None  # rows per batch, or "auto" (default)
+    num_fewshot: Optional[int] = None
+    include_path: Optional[str] = None  # a folder of task YAMLs
+    bootstrap_iters: int = 1000  # for standard errors; 0 = none
+
+
+def resolve_tasks(names: Sequence[str], include_path: Optional[str] = None,
+                  metadata: Optional[dict] = None, log: Callable[[str], None] = print) -> tuple[list[str], Any]:
+    """(lm-eval task names, a TaskManager that knows them). Unknown names are an error that
+    lists the nearest known ones."""
+    from lm_eval.tasks import TaskManager
+
+    names = list(names)
+    for i, name in enumerate(names):
+        if name in ALIASES:
+            log(f"neo: eval task '{name}' is lm-eval's lambada_openai on the local copy: {ALIASES[name]}")
+            names[i] = ALIASES[name]
+    paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
+    if include_path and not Path(include_path).is_dir():
+        raise NeoError(f"--eval_include_path {include_path}: no such folder (it should hold task YAML files).")
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if _missing(manager, names):
+        log("neo: indexing lm-eval's built-in tasks (their data is downloaded from the Hugging Face hub)...")
+        manager = TaskManager(include_path=paths, include_defaults=True, metadata=metadata)
+    missing = _missing(manager, names)
+    if missing:
+        hints = {m: difflib.get_close_matches(m, manager.all_tasks, n=3, cutoff=0.6) for m in missing}
+        raise NeoError("unknown lm-eval task(s): " + "; ".join(
+            f"'{m}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for m, h in hints.items())
+            + ". Offline tasks shipped with neo: lambada_openai_local, text_perplexity_local (docs/evaluation.md).")
+    return names, manager
+
+
+def _missing(manager: Any, names: Sequence[str]) -> list[str]:
+    return [n for n in names if not n.endswith(".yaml") and not manager.match_tasks([n])]
+
+
+def run_tasks(cfg: ModelConfig, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
+              log: Callable[[str], None] = print) -> dict:
+    """Evaluate the latest checkpoint on the tasks; write lm-eval's results JSON to
+    <model_path>/eval_<sacred_id>_<step>.json and print lm-eval's table."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from neo.lm_eval_backend import NeoLM
+
+    names = list(opts.tasks or cfg.eval_tasks)
+    if not names:
+        raise NeoError(f"{cfg.source}: no tasks to evaluate: set 'eval_tasks' in the config or pass --eval_tasks.")
+    names, manager = resolve_tasks(names, opts.include_path, log=log)
+    lm = NeoLM(cfg, layout=layout, batch_size=opts.batch_size)
+    # lm-eval computes bootstrap standard errors in a process pool; forking a process that
+    # runs JAX's threads can deadlock, so they run in this process.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=opts.limit,
+                                      num_fewshot=opts.num_fewshot, bootstrap_iters=opts.bootstrap_iters,
+                                      log_samples=False)
+    results["config"]["model"] = f"neo ({cfg.source})"
+    if jax.process_index() == 0:
+        from etils import epath
+
+        out = epath.Path(cfg.model_path) / f"eval_{sacred_id}_{lm.step}.json"
+        out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        table = make_table(results) + (make_table(results, "groups") if "groups" in results else "")
+        log(f"{table}neo: wrote {out}")
+    return results
+
+
+def evaluate_checkpoint(cfg: ModelConfig, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
+                        log: Callable[[str], None] = print) -> dict:
+    """`--eval`: the tasks (config or flags), then validation if eval_steps > 0."""
+    from neo.evaluate import validate_checkpoint
+
+    if not (opts.tasks or cfg.eval_tasks or cfg.eval_steps > 0):
+        raise NeoError(f"{cfg.source}: nothing to evaluate: set 'eval_tasks' (lm-eval tasks, e.g. [\"lambada\"]) "
+                       f"or pass --eval_tasks, or set 'eval_steps' > 0 for validation.")
+    out: dict = {}
+    if opts.tasks or cfg.eval_tasks:
+        out["tasks"] = run_tasks(cfg, layout, opts, sacred_id, log)["results"]
+    if cfg.eval_steps > 0:
+        out["validation"] = validate_checkpoint(cfg, layout, log)
+    return out

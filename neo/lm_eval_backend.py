@@ -1,0 +1,262 @@
+"""lm-evaluation-harness backend for neo checkpoints, registered with lm-eval as `neo`.
+
+    lm_eval.simple_evaluate(model="neo", model_args="model=gpt_neo_125M", tasks=[...])
+    python -m neo.lm_eval --model neo --model_args model=gpt_neo_125M --tasks lambada_openai_local
+
+(`import neo.lm_eval_backend` registers the name; `python -m neo.lm_eval` is lm-eval's own
+command line with the backend registered and neo's offline tasks on the include path.)
+
+Requests are scored the way lm-eval's `hf` backend scores them, so the numbers are
+interchangeable: the same context/continuation split (lm-eval's TemplateLM), inputs longer than
+the context cut from the left with the continuation kept, rolling windows from lm-eval's own
+`get_rolling_token_windows`, an empty context replaced by the EOS token. What differs is how the
+work is done: rows are sorted by length and batched into a few bucketed shapes (powers of two,
+so a handful of compilations serve a whole task), sharded over the mesh like training batches,
+and only the per-token log-probabilities and greedy flags come back from the devices, never
+the [batch, sequence, vocab] logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from neo.config import ModelConfig, load_model_config
+from neo.errors import NeoError
+from neo.mesh import Layout
+from neo.model import GPT
+
+MIN_BUCKET = 16
+# "auto" batch size: rows per batch such that the float32 logits of one batch stay under 1 GiB.
+AUTO_LOGITS_BUDGET = 2 ** 28
+DEFAULT_MAX_BATCH = 64
+
+
+def make_score_fn(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Callable:
+    """jit(params, inputs [b, t], targets [b, t]) -> (log p(target) [b, t], target == argmax [b, t])."""
+    model = GPT(cfg)
+    rows = layout.sharding(("batch", None))
+
+    def score(params: Any, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        with layout.active():
+            logits = model.apply({"params": params}, inputs)
+            target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            logp = target - jax.nn.logsumexp(logits, axis=-1)
+            return logp, jnp.argmax(logits, axis=-1) == targets
+
+    return jax.jit(score, in_shardings=(param_shardings, rows, rows),
+                   out_shardings=(layout.replicated, layout.replicated))
+
+
+def bucket(n: int, cap: int, multiple: int = 1) -> int:
+    """Sequence length a batch is padded to: the next power of two (at least MIN_BUCKET), at
+    most `cap`, rounded up to `multiple` (the sequence shards)."""
+    n = min(max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()), cap)
+    return -(-n // multiple) * multiple
+
+
+@register_model("neo")
+class NeoLM(TemplateLM):
+    """A neo model as an lm-eval `LM`.
+
+    model_args (lm-eval's `--model_args`): `model` = a config name or path (required); `step` =
+    checkpoint step (default: the latest); `tokenizer` = a tokenizer path overriding the
+    config's; `max_length` (default n_ctx); `max_gen_toks` (default 256); any other key
+    overrides that config key, e.g. `model_path=runs/x` or `mesh_shape=x:8`. `batch_size` is rows
+    per batch, or "auto" (the default): as many rows as keep one batch's logits under 1 GiB,
+    at most `max_batch_size` (64).
+
+    Python callers holding a model already pass `NeoLM(cfg, params=params, layout=layout)`.
+    """
+
+    backend = "causal"
+
+    def __init__(self, model: str | ModelConfig | None = None, *, params: Any = None,
+                 layout: Optional[Layout] = None, step: Optional[int] = None, tokenizer: Optional[str] = None,
+                 batch_size: int | str | None = None, max_batch_size: Optional[int] = None,
+                 max_length: Optional[int] = None, max_gen_toks: int = 256, device: Optional[str] = None,
+                 **overrides: Any) -> None:
+        super().__init__()
+        if model is None:
+            raise NeoError("the neo backend needs a model: --model_args model=CONFIG (a config name from "
+                           "configs/ or a path to a .json config).")
+        cfg = model if isinstance(model, ModelConfig) else load_model_config(str(model), overrides)
+        if overrides and isinstance(model, ModelConfig):
+            cfg = cfg.replace(**overrides)
+        if not cfg.causal:
+            raise NeoError(f"{cfg.source}: lm-eval scores causal language models; this config has mlm_training on.")
+        if layout is None:
+            from neo.mesh import make_layout
+
+            layout = make_layout(cfg.mesh_shape, cfg.layout)
+        self.cfg, self.layout = cfg, layout
+        from neo.train import abstract_params
+
+        abstract = abstract_params(cfg, layout)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract)
+        self.step = step
+        if params is None:
+            from neo.checkpoint import load_params
+
+            params, meta = load_params(cfg.model_path, abstract, step)
+            self.step = meta.get("step", step)
+        self.params = jax.device_put(params, shardings)
+
+        from neo.data.tokenizer import load_tokenizer
+
+        path = tokenizer or cfg.tokenizer_path
+        if path is None:
+            raise NeoError(f"{cfg.source}: lm-eval needs the model's tokenizer: set 'tokenizer_path' in the config "
+                           f"(or its first dataset config), or pass --model_args tokenizer=PATH.")
+        self.tokenizer = load_tokenizer(path)
+        self._tokenizer_path = path
+        eos = cfg.eos_id if cfg.eos_id is not None else self.tokenizer.token_to_id("<|endoftext|>")
+        if eos is None:
+            raise NeoError(f"{cfg.source}: set 'eos_id': lm-eval conditions empty contexts and rolling "
+                           f"windows on the end-of-text token.")
+        self._eot = int(eos)
+
+        self._max_length = max_length or cfg.n_ctx
+        if not 0 < self._max_length <= cfg.n_ctx:
+            raise NeoError(f"max_length {self._max_length} must be between 1 and the model's n_ctx ({cfg.n_ctx}).")
+        self._max_gen_toks = int(max_gen_toks)
+        self._batch_size = self._parse_batch_size(batch_size)
+        self._max_batch = int(max_batch_size or DEFAULT_MAX_BATCH)
+        self._score = make_score_fn(cfg, layout, shardings)
+
+    @staticmethod
+    def _parse_batch_size(batch_size: int | str | None) -> Optional[int]:
+        """None means "auto"; lm-eval's "auto:N" (re-detect N times) is the same for neo."""
+        if batch_size is None or str(batch_size).startswith("auto"):
+            return None
+        try:
+            value = int(batch_size)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise NeoError(f"batch_size {batch_size!r}: give a positive number of rows, or 'auto'.")
+        return value
+
+    # ------------------------------------------------------------------ what lm-eval asks of an LM
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._tokenizer_path
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                   left_truncate_len: Optional[int] = None, **kwargs: Any) -> list[int]:
+        ids = self.tokenizer.encode(string)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def get_model_info(self) -> dict:
+        """Provenance lm-eval writes into the results' "config"."""
+        return {
+            "model_num_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(self.params)),
+            "model_dtype": self.cfg.precision,
+            "model_revision": f"step {self.step}" if self.step is not None else "",
+            "model_sha": "",
+        }
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood in windows of max_length tokens, each window conditioned
+        on as much preceding text as fits (lm-eval's windows, as its hf backend)."""
+        windows, owners = [], []
+        for i, (text,) in enumerate(r.args for r in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logp, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[i] += logp
+        for r, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
+        return totals
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        raise NeoError("generate_until needs neo's sampler (neo/predict.py), which this build does not have yet.")
+
+    # ------------------------------------------------------------------ the batched scorer
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """requests: (request args or None, context ids, continuation ids) ->
+        (sum of the continuation's log-probabilities, whether greedy decoding produces it)."""
+        rows: list[tuple[list[int], int]] = []
+        for _, context, continuation in requests:
+            if len(continuation) > self.max_length:
+                raise NeoError(f"a continuation of {len(continuation)} tokens does not fit the model's context "
+                               f"({self.max_length} tokens).")
+            # As lm-eval's hf backend: keep the last max_length + 1 tokens, the continuation whole.
+            rows.append(((context + continuation)[-(self.max_length + 1):], len(continuation)))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+        pbar = tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests")
+        start = 0
+        while start < len(order):
+            longest = len(rows[order[start]][0]) - 1
+            length = bucket(longest, self.max_length, self.layout.axis_size("sequence"))
+            full = self._rows_per_batch(length)
+            chunk = order[start:start + full]
+            # A last, partial batch is padded to a power of two rows only (fewer shapes to compile).
+            b = full if len(chunk) == full else min(full, 1 << (len(chunk) - 1).bit_length())
+            logp, greedy = self._run(chunk, rows, length, b)
+            for j, i in enumerate(chunk):
+                seq, cont = rows[i]
+                if cont == 0:  # nothing to score (an empty continuation)
+                    continue
+                span = slice(len(seq) - 1 - cont, len(seq) - 1)
+                results[i] = (float(logp[j, span].sum(dtype=np.float64)), bool(greedy[j, span].all()))
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            pbar.update(len(chunk))
+            start += len(chunk)
+        pbar.close()
+        return results
+
+    def _rows_per_batch(self, length: int) -> int:
+        if self._batch_size is not None:
+            return self._batch_size
+        fit = AUTO_LOGITS_BUDGET // (length * self.cfg.n_vocab)
+        return max(1, min(self._max_batch, 1 << max(0, fit.bit_length() - 1)))
+
+    def _run(self, chunk: list[int], rows: list[tuple[list[int], int]], length: int,
+             b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Score one batch: rows padded (right, with EOS) to `length`, the batch to `b` rows
+        rounded up to a multiple of the batch shards (filler rows are discarded)."""
+        shards = self.layout.axis_size("batch")
+        b = -(-b // shards) * shards
+        inputs = np.full((b, length), self._eot, np.int32)
+        targets = np.zeros((b, length), np.int32)
+        for j, i in enumerate(chunk):
+            seq = rows[i][0]
+            inputs[j, :len(seq) - 1] = seq[:-1]
+            targets[j, :len(seq) - 1] = seq[1:]
+        sharding = self.layout.sharding(("batch", None))
+        put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        logp, greedy = self._score(self.params, put(inputs), put(targets))
+        return np.asarray(logp), np.asarray(greedy)

@@ -1,0 +1,218 @@
+"""neo's lm-eval backend scores requests exactly as lm-eval's own `hf` backend scores the same
+GPT-Neo, and works the ways lm-eval users run it: by name, from the command line, from
+`main.py --eval`, offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
+
+import lm_eval  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from conftest import ROOT, tiny_config  # noqa: E402
+from neo.checkpoint import save_params  # noqa: E402
+from neo.config import parse_model_config  # noqa: E402
+from neo.convert.gpt_neo import config_from_hf, params_from_hf  # noqa: E402
+from neo.data.tokenizer import load_tokenizer  # noqa: E402
+from neo.errors import NeoError  # noqa: E402
+from neo.eval_harness import TASKS_DIR, resolve_tasks  # noqa: E402
+from neo.lm_eval_backend import NeoLM, bucket  # noqa: E402
+from neo.mesh import make_layout  # noqa: E402
+from neo.model import GPT  # noqa: E402
+
+N_CTX = 64  # shorter than most LAMBADA passages in GPT-2 tokens: left truncation is exercised
+LAMBADA_DOCS = 40
+
+
+@pytest.fixture(autouse=True)
+def _offline_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """One random GPT-Neo with GPT-2's vocabulary, as transformers' model and as neo's."""
+    gpt2 = ROOT.parent / "shared" / "data" / "gpt2"
+    torch.manual_seed(0)
+    hfc = transformers.GPTNeoConfig(
+        vocab_size=50257, max_position_embeddings=N_CTX, hidden_size=32, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], window_size=8, embed_dropout=0.0, resid_dropout=0.0,
+        attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256)
+    model = transformers.GPTNeoForCausalLM(hfc).eval()
+    with torch.no_grad():  # a peaked, input-dependent distribution instead of a near-uniform one
+        model.transformer.wte.weight.mul_(40.0)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    raw = {**config_from_hf(hfc.to_dict()), "tokenizer_path": str(gpt2), "eos_id": 50256}
+    cfg = parse_model_config(raw, "hf-random")
+    params = params_from_hf({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg.n_layer, cfg.n_head)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(str(gpt2)).tok,
+                                               bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=16)
+    return {"cfg": cfg, "params": params, "hf": hf, "model": model}
+
+
+def task_manager(**metadata):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+
+
+def evaluate(lm, task, tm, limit):
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit, bootstrap_iters=0,
+                                  log_samples=True)
+    responses = [s["resps"][0][0] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])]
+    return out["results"][task], responses
+
+
+def test_lambada_scores_equal_the_hf_backend(models, shared_data):
+    tm = task_manager(lambada_path=str(shared_data / "lambada_openai_test.jsonl"))
+    neo = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", ""), batch_size=16)
+    ours, ours_req = evaluate(neo, "lambada_openai_local", tm, LAMBADA_DOCS)
+    ref, ref_req = evaluate(models["hf"], "lambada_openai_local", tm, LAMBADA_DOCS)
+    assert len(ours_req) == LAMBADA_DOCS
+    diff = max(abs(a[0] - b[0]) for a, b in zip(ours_req, ref_req))
+    assert diff < 1e-4, diff
+    assert [a[1] for a in ours_req] == [b[1] for b in ref_req]
+    assert ours["acc,none"] == ref["acc,none"]
+    assert ours["perplexity,none"] == pytest.approx(ref["perplexity,none"], rel=1e-5)
+    # the subset really has passages longer than the context (cut from the left)
+    tokenizer = load_tokenizer(models["cfg"].tokenizer_path)
+    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:LAMBADA_DOCS]
+    assert sum(len(tokenizer.encode(t)) > N_CTX + 1 for t in texts) >= 5
+
+
+def test_greedy_flags_and_empty_contexts_equal_the_hf_backend(models, shared_data):
+    """Continuations that are (or are not) what greedy decoding produces: accuracy is not 0."""
+    model = models["model"]
+    tokenizer = load_tokenizer(models["cfg"].tokenizer_path)
+    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:12]
+    requests = []
+    for i, text in enumerate(texts):
+        context = " ".join(text.split(" ")[:20])
+        ids = tokenizer.encode(context)
+        for _ in range(1 + i % 3):  # greedy continuations of 1-3 tokens
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        greedy = tokenizer.decode(ids)[len(context):]
+        requests += [(context, greedy), (context, " the"), ("", text[:50])]
+    instances = [Instance("loglikelihood", {}, args, i) for i, args in enumerate(requests)]
+    neo = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", ""))
+    ours = neo.loglikelihood(instances, disable_tqdm=True)
+    ref = models["hf"].loglikelihood(instances, disable_tqdm=True)
+    assert [g for _, g in ours] == [g for _, g in ref]
+    assert 8 <= sum(g for _, g in ours) < len(ours)
+    np.testing.assert_allclose([l for l, _ in ours], [l for l, _ in ref], atol=1e-4, rtol=0)
+
+
+def test_rolling_perplexity_equals_the_hf_backend(models, shared_data, tmp_path):
+    text = (shared_data / "tinyshakespeare.txt").read_text()
+    docs = [text[:40], text[1000:1900], text[5000:5300], text[9000:11500]]  # 1 to ~12 windows of 64 tokens
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tm = task_manager(text_path=str(path))
+    neo = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", ""), batch_size=8)
+    ours, ours_req = evaluate(neo, "text_perplexity_local", tm, None)
+    ref, ref_req = evaluate(models["hf"], "text_perplexity_local", tm, None)
+    assert len(ours_req) == 4
+    np.testing.assert_allclose(ours_req, ref_req, rtol=1e-6, atol=1e-4)
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert ours[metric] == pytest.approx(ref[metric], rel=1e-5)
+
+
+def test_scores_do_not_depend_on_batching_or_the_mesh(models, shared_data):
+    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:20]
+    instances = [Instance("loglikelihood", {}, (t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1]), i)
+                 for i, t in enumerate(texts)]
+    single = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", "", jax.devices()[:1]),
+                   batch_size=1).loglikelihood(instances, disable_tqdm=True)
+    for mesh, layout, batch in [("x:8", "batch:x", 3), ("x:2,y:4", "batch:x,heads:y", None)]:
+        lm = NeoLM(models["cfg"], params=models["params"], layout=make_layout(mesh, layout), batch_size=batch)
+        sharded = lm.loglikelihood(instances, disable_tqdm=True)
+        np.testing.assert_allclose([s[0] for s in sharded], [s[0] for s in single], atol=2e-5, rtol=0)
+        assert [s[1] for s in sharded] == [s[1] for s in single]
+
+
+def test_batches_are_padded_to_a_few_shapes():
+    assert [bucket(n, 2048) for n in (1, 16, 17, 100, 1500, 2048)] == [16, 16, 32, 128, 2048, 2048]
+    assert bucket(100, 64) == 64 and bucket(20, 64, multiple=3) == 33
+
+
+# ----------------------------------------------------------------------------------------------
+# A neo checkpoint evaluated by name, from lm-eval's command line and from main.py
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A byte-level tiny model saved as a neo checkpoint, and its config file."""
+    raw = tiny_config(n_vocab=256, n_ctx=64, tokenizer_path="bytes", eos_id=10,
+                      model_path=str(tmp_path / "run"), eval_tasks=["lambada"])
+    cfg = parse_model_config(raw, "tiny")
+    params = GPT(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    save_params(cfg.model_path, params, step=7)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_registered_as_neo_and_loads_the_checkpoint(checkpoint, shared_data):
+    assert lm_eval.api.registry.get_model("neo") is NeoLM
+    tm = task_manager(lambada_path=str(shared_data / "lambada_openai_test.jsonl"))
+    out = lm_eval.simple_evaluate(model="neo", model_args=f"model={checkpoint}", tasks=["lambada_openai_local"],
+                                  task_manager=tm, limit=4, bootstrap_iters=0, log_samples=False)
+    assert out["results"]["lambada_openai_local"]["perplexity,none"] > 1
+    assert out["config"]["model_revision"] == "step 7"
+
+
+def test_mistakes_are_explained(checkpoint):
+    with pytest.raises(NeoError, match="needs a model"):
+        NeoLM()
+    with pytest.raises(NeoError, match="unknown key 'n_layers'"):
+        NeoLM(str(checkpoint), n_layers=3)
+    with pytest.raises(NeoError, match="batch_size 'big'"):
+        NeoLM(str(checkpoint), batch_size="big")
+    with pytest.raises(NeoError, match="did you mean lambada_openai_local"):
+        resolve_tasks(["lambada_openai_locl"], log=lambda s: None)
+
+
+def run(args, cwd, **env):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), **env}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_lm_eval_command_line(checkpoint, shared_data, tmp_path):
+    out = run(["-m", "neo.lm_eval", "--model", "neo", "--model_args", f"model={checkpoint}",
+               "--tasks", "lambada_openai_local", "--limit", "3", "--batch_size", "4",
+               "--metadata", json.dumps({"lambada_path": str(shared_data / "lambada_openai_test.jsonl")}),
+               "--output_path", str(tmp_path / "results")], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "|lambada_openai_local|" in out.stdout and "perplexity" in out.stdout
+    (written,) = list((tmp_path / "results").rglob("results_*.json"))
+    assert "lambada_openai_local" in json.loads(written.read_text())["results"]
+
+
+def test_main_eval_runs_the_configs_tasks_and_writes_results(checkpoint, tmp_path):
+    out = run([str(ROOT / "main.py"), "--model", str(checkpoint), "--eval", "--eval_limit", "3"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "|lambada_openai_local|" in out.stdout and "|acc" in out.stdout
+    results = json.loads((tmp_path / "run" / "eval_nosacred_7.json").read_text())
+    assert results["results"]["lambada_openai_local"]["acc,none"] >= 0
+
+    out = run([str(ROOT / "main.py"), "--model", str(checkpoint), "--eval", "--eval_include_path", "nope"], tmp_path)
+    assert out.returncode == 2 and "--eval_include_path nope: no such folder" in out.stderr
+    assert "Traceback" not in out.stderr
