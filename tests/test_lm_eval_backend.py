@@ -133,19 +133,6 @@ def test_rolling_perplexity_equals_the_hf_backend(models, shared_data, tmp_path)
         assert ours[metric] == pytest.approx(ref[metric], rel=1e-5)
 
 
-def test_scores_do_not_depend_on_batching_or_the_mesh(models, shared_data):
-    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:20]
-    instances = [Instance("loglikelihood", {}, (t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1]), i)
-                 for i, t in enumerate(texts)]
-    single = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", "", jax.devices()[:1]),
-                   batch_size=1).loglikelihood(instances, disable_tqdm=True)
-    for mesh, layout, batch in [("x:8", "batch:x", 3), ("x:2,y:4", "batch:x,heads:y", None)]:
-        lm = NeoLM(models["cfg"], params=models["params"], layout=make_layout(mesh, layout), batch_size=batch)
-        sharded = lm.loglikelihood(instances, disable_tqdm=True)
-        np.testing.assert_allclose([s[0] for s in sharded], [s[0] for s in single], atol=2e-5, rtol=0)
-        assert [s[1] for s in sharded] == [s[1] for s in single]
-
-
 def test_batches_are_padded_to_a_few_shapes():
     assert [bucket(n, 2048) for n in (1, 16, 17, 100, 1500, 2048)] == [16, 16, 32, 128, 2048, 2048]
     assert bucket(100, 64) == 64 and bucket(20, 64, multiple=3) == 33
@@ -178,6 +165,19 @@ def test_registered_as_neo_and_loads_the_checkpoint(checkpoint, shared_data):
     assert out["config"]["model_revision"] == "step 7"
 
 
+def test_scores_do_not_depend_on_batching_or_the_mesh(checkpoint, shared_data):
+    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:20]
+    instances = [Instance("loglikelihood", {}, (t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1]), i)
+                 for i, t in enumerate(texts)]
+    single = NeoLM(str(checkpoint), layout=make_layout("", "", jax.devices()[:1]),
+                   batch_size=1).loglikelihood(instances, disable_tqdm=True)
+    for mesh, layout, batch in [("x:8", "batch:x", 3), ("x:2,y:4", "batch:x,heads:y,vocab:y", None)]:
+        lm = NeoLM(str(checkpoint), layout=make_layout(mesh, layout), batch_size=batch)
+        sharded = lm.loglikelihood(instances, disable_tqdm=True)
+        np.testing.assert_allclose([s[0] for s in sharded], [s[0] for s in single], atol=2e-5, rtol=0)
+        assert [s[1] for s in sharded] == [s[1] for s in single]
+
+
 def test_mistakes_are_explained(checkpoint):
     with pytest.raises(NeoError, match="needs a model"):
         NeoLM()
@@ -195,15 +195,17 @@ def run(args, cwd, **env):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_lm_eval_command_line(checkpoint, shared_data, tmp_path):
+def test_lm_eval_command_line(checkpoint, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "To be, or not to be, that is the question."}\n{"text": "Words, words, words."}\n')
     out = run(["-m", "neo.lm_eval", "--model", "neo", "--model_args", f"model={checkpoint}",
-               "--tasks", "lambada_openai_local", "--limit", "3", "--batch_size", "4",
-               "--metadata", json.dumps({"lambada_path": str(shared_data / "lambada_openai_test.jsonl")}),
+               "--tasks", "text_perplexity_local", "--batch_size", "4", "--metadata", json.dumps({"text_path": str(docs)}),
                "--output_path", str(tmp_path / "results")], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "|lambada_openai_local|" in out.stdout and "perplexity" in out.stdout
+    assert "|text_perplexity_local|" in out.stdout and "bits_per_byte" in out.stdout
     (written,) = list((tmp_path / "results").rglob("results_*.json"))
-    assert "lambada_openai_local" in json.loads(written.read_text())["results"]
+    result = json.loads(written.read_text())["results"]["text_perplexity_local"]
+    assert result["sample_len"] == 2 and 4 < result["bits_per_byte,none"] < 20  # ~8 for a random byte model
 
 
 def test_main_eval_runs_the_configs_tasks_and_writes_results(checkpoint, tmp_path):
