@@ -267,3 +267,22 @@ def test_wikitext_detokenizer_and_ftfy():
     assert wikitext_detokenize(" = = Career = = \n He scored 1 @,@ 000 runs @-@ a record ( he said ) .") == \
         " == Career ==\nHe scored 1,000 runs-a record (he said) ."
     assert fix_text("cafÃ©") == "café"
+
+
+def test_from_a_folder_of_text_to_training(tmp_path):
+    """The docs' walkthrough: create_tfrecords (byte tokens, chunks of n_ctx) -> main.py trains on them."""
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    make = subprocess.run([sys.executable, str(ROOT / "data" / "create_tfrecords.py"), "--input_dir",
+                           str(ROOT / "data" / "tinyshakespeare.txt"), "--output_dir", str(tmp_path / "tf"),
+                           "--name", "shakespeare", "--encoder_path", "bytes", "--separator", "0",
+                           "--chunk_size", "64", "--write_dataset_config", "--processes", "1", "--no_progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert make.returncode == 0, make.stderr
+    assert "wrote 17,159 chunks records" in make.stdout  # 1,115,394 bytes + separator = 17,159 x 65 + 60
+    dataset = tmp_path / "tf" / "shakespeare.json"
+    train = subprocess.run([sys.executable, str(ROOT / "main.py"), "--model", "tiny", "--set", "train_steps=6",
+                            "--set", f"model_path={json.dumps(str(tmp_path / 'run'))}",
+                            "--set", f"datasets={json.dumps([[str(dataset), None, 'chunks', None]])}"],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "step 6/6 | loss" in train.stdout

@@ -250,13 +250,14 @@ def create_tfrecords(opts: Options, log=print) -> Stats:
 def write_dataset_config(opts: Options, tokenizer, separator: int) -> str:
     """`<output_dir>/<name>.json`: the dataset config matching what was written."""
     local = os.path.exists(opts.encoder_path)
+    hub = not local and opts.encoder_path != "bytes"
     pad = tokenizer.token_to_id("<|padding|>")
     cfg = {
         "n_vocab": tokenizer.vocab_size,
         "path": os.path.join(os.path.abspath(opts.output_dir), f"{opts.name}_*.tfrecords"),
         "eval_path": "",
         "tokenizer_path": os.path.abspath(opts.encoder_path) if local else opts.encoder_path,
-        "tokenizer_is_pretrained": not local,
+        "tokenizer_is_pretrained": hub,
         "eos_id": separator,
         "padding_id": separator if pad is None else pad,
     }
