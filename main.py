@@ -66,7 +66,12 @@ def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
-    unavailable = {"predict": FLAGS.predict, "check_dataset": FLAGS.check_dataset,
+    if FLAGS.check_dataset:
+        from neo.inspect import check_dataset
+
+        check_dataset(cfg)
+        return
+    unavailable = {"predict": FLAGS.predict,
                    "auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
                    "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
     for mode, on in unavailable.items():
