@@ -118,6 +118,9 @@ class NeoLM(TemplateLM):
                            f"(or its first dataset config), or pass --model_args tokenizer=PATH.")
         self.tokenizer = load_tokenizer(path)
         self._tokenizer_path = path
+        if self.tokenizer.vocab_size > cfg.n_vocab:
+            raise NeoError(f"tokenizer {path} has {self.tokenizer.vocab_size} tokens but the model's n_vocab is "
+                           f"{cfg.n_vocab}: is it the tokenizer this model was trained with?")
         eos = cfg.eos_id if cfg.eos_id is not None else self.tokenizer.token_to_id("<|endoftext|>")
         if eos is None:
             raise NeoError(f"{cfg.source}: set 'eos_id': lm-eval conditions empty contexts and rolling "

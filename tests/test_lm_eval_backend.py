@@ -218,3 +218,22 @@ def test_main_eval_runs_the_configs_tasks_and_writes_results(checkpoint, tmp_pat
     out = run([str(ROOT / "main.py"), "--model", str(checkpoint), "--eval", "--eval_include_path", "nope"], tmp_path)
     assert out.returncode == 2 and "--eval_include_path nope: no such folder" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_builtin_task_reads_a_local_copy_of_its_data(checkpoint, shared_data, tmp_path):
+    """docs/evaluation.md's recipe: include lm-eval's own task YAML, point its dataset at files."""
+    from lm_eval.tasks import TaskManager
+
+    builtin = Path(lm_eval.__file__).parent / "tasks" / "lambada" / "lambada_openai.yaml"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "lambada_openai_copy.yaml").write_text(
+        f"include: {builtin}\ntask: lambada_openai_copy\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {shared_data / 'lambada_openai_test.jsonl'}\n")
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    lm = NeoLM(str(checkpoint), batch_size=4)
+    ours = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai_copy"], task_manager=tm, limit=6,
+                                   bootstrap_iters=0, log_samples=False)["results"]["lambada_openai_copy"]
+    local = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai_local"], task_manager=task_manager(
+        lambada_path=str(shared_data / "lambada_openai_test.jsonl")), limit=6, bootstrap_iters=0,
+        log_samples=False)["results"]["lambada_openai_local"]
+    assert ours["perplexity,none"] == pytest.approx(local["perplexity,none"], rel=1e-9)
