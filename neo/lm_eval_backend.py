@@ -10,10 +10,11 @@ Requests are scored the way lm-eval's `hf` backend scores them, so the numbers a
 interchangeable: the same context/continuation split (lm-eval's TemplateLM), inputs longer than
 the context cut from the left with the continuation kept, rolling windows from lm-eval's own
 `get_rolling_token_windows`, an empty context replaced by the EOS token. What differs is how the
-work is done: rows are sorted by length and batched into a few bucketed shapes (powers of two,
-so a handful of compilations serve a whole task), sharded over the mesh like training batches,
-and only the per-token log-probabilities and greedy flags come back from the devices, never
-the [batch, sequence, vocab] logits.
+work is done: rows are sorted by length and batched into a few bucketed shapes (at most 25%
+padding, so a handful of compilations serve a whole task), sharded over the mesh like training
+batches; logits are computed only at the positions being scored (for LAMBADA, one or two per
+row: most of the vocabulary projection is skipped), and only per-token log-probabilities and
+greedy flags come back from the devices, never [batch, sequence, vocab] logits.
 """
 
 from __future__ import annotations
@@ -41,25 +42,33 @@ DEFAULT_MAX_BATCH = 64
 
 
 def make_score_fn(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Callable:
-    """jit(params, inputs [b, t], targets [b, t]) -> (log p(target) [b, t], target == argmax [b, t])."""
+    """jit(params, inputs [b, t], at [b, k], targets [b, k]) -> (log p(target), target == argmax),
+    both [b, k]: the model's prediction after input position at[r, i] scored against targets[r, i]."""
     model = GPT(cfg)
     rows = layout.sharding(("batch", None))
 
-    def score(params: Any, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def score(params: Any, inputs: jax.Array, at: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         with layout.active():
-            logits = model.apply({"params": params}, inputs)
+            logits = model.apply({"params": params}, inputs, logits_at=at)
             target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
             logp = target - jax.nn.logsumexp(logits, axis=-1)
             return logp, jnp.argmax(logits, axis=-1) == targets
 
-    return jax.jit(score, in_shardings=(param_shardings, rows, rows),
+    return jax.jit(score, in_shardings=(param_shardings, rows, rows, rows),
                    out_shardings=(layout.replicated, layout.replicated))
 
 
 def bucket(n: int, cap: int, multiple: int = 1) -> int:
-    """Sequence length a batch is padded to: the next power of two (at least MIN_BUCKET), at
-    most `cap`, rounded up to `multiple` (the sequence shards)."""
-    n = min(max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()), cap)
+    """Length a batch is padded to: a power of two up to 64, then quarter-octave steps (80, 96,
+    112, 128, 160, ...: at most 25% padding, four shapes per doubling), at most `cap`, rounded
+    up to `multiple` (the sequence shards)."""
+    n = max(n, 1)
+    if n <= MIN_BUCKET:
+        n = MIN_BUCKET
+    else:
+        step = (1 << (n - 1).bit_length()) // (8 if n > 64 else 1)
+        n = -(-n // step) * step
+    n = min(n, cap)
     return -(-n // multiple) * multiple
 
 
@@ -219,6 +228,22 @@ class NeoLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
         pbar = tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests")
+
+        def collect(chunk: list[int], k: int, logp: jax.Array, greedy: jax.Array) -> None:
+            logp, greedy = np.asarray(logp), np.asarray(greedy)
+            for j, i in enumerate(chunk):
+                cont = rows[i][1]
+                if cont == 0:  # nothing to score (an empty continuation)
+                    continue
+                span = slice(k - cont, k)
+                results[i] = (float(logp[j, span].sum(dtype=np.float64)), bool(greedy[j, span].all()))
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            pbar.update(len(chunk))
+
+        # The next batch is dispatched before the previous one is read back, so the host prepares
+        # batch n + 1 while the devices compute batch n.
+        pending: list[tuple] = []
         start = 0
         while start < len(order):
             longest = len(rows[order[start]][0]) - 1
@@ -227,17 +252,15 @@ class NeoLM(TemplateLM):
             chunk = order[start:start + full]
             # A last, partial batch is padded to a power of two rows only (fewer shapes to compile).
             b = full if len(chunk) == full else min(full, 1 << (len(chunk) - 1).bit_length())
-            logp, greedy = self._run(chunk, rows, length, b)
-            for j, i in enumerate(chunk):
-                seq, cont = rows[i]
-                if cont == 0:  # nothing to score (an empty continuation)
-                    continue
-                span = slice(len(seq) - 1 - cont, len(seq) - 1)
-                results[i] = (float(logp[j, span].sum(dtype=np.float64)), bool(greedy[j, span].all()))
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            pbar.update(len(chunk))
+            seq_shards = self.layout.axis_size("sequence")
+            scored = max(rows[i][1] for i in chunk)
+            k = min(-(-(1 << max(0, scored - 1).bit_length()) // seq_shards) * seq_shards, length)
+            pending.append((chunk, k, *self._dispatch(chunk, rows, length, k, b)))
+            if len(pending) > 1:
+                collect(*pending.pop(0))
             start += len(chunk)
+        while pending:
+            collect(*pending.pop(0))
         pbar.close()
         return results
 
@@ -247,19 +270,22 @@ class NeoLM(TemplateLM):
         fit = AUTO_LOGITS_BUDGET // (length * self.cfg.n_vocab)
         return max(1, min(self._max_batch, 1 << max(0, fit.bit_length() - 1)))
 
-    def _run(self, chunk: list[int], rows: list[tuple[list[int], int]], length: int,
-             b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Score one batch: rows padded (right, with EOS) to `length`, the batch to `b` rows
-        rounded up to a multiple of the batch shards (filler rows are discarded)."""
+    def _dispatch(self, chunk: list[int], rows: list[tuple[list[int], int]], length: int, k: int,
+                  b: int) -> tuple[jax.Array, jax.Array]:
+        """Start scoring one batch (asynchronously): the inputs padded (right, with EOS) to
+        `length`, the last `k` positions of each row scored (the continuation is at their end),
+        the batch padded to `b` rows rounded up to a multiple of the batch shards (filler rows
+        are discarded)."""
         shards = self.layout.axis_size("batch")
         b = -(-b // shards) * shards
         inputs = np.full((b, length), self._eot, np.int32)
-        targets = np.zeros((b, length), np.int32)
+        at = np.zeros((b, k), np.int32)
+        targets = np.zeros((b, k), np.int32)
         for j, i in enumerate(chunk):
-            seq = rows[i][0]
+            seq = np.asarray(rows[i][0], np.int32)
             inputs[j, :len(seq) - 1] = seq[:-1]
-            targets[j, :len(seq) - 1] = seq[1:]
+            at[j] = np.maximum(np.arange(len(seq) - 1 - k, len(seq) - 1), 0)
+            targets[j] = seq[at[j] + 1]
         sharding = self.layout.sharding(("batch", None))
         put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-        logp, greedy = self._score(self.params, put(inputs), put(targets))
-        return np.asarray(logp), np.asarray(greedy)
+        return self._score(self.params, put(inputs), put(at), put(targets))

@@ -134,7 +134,7 @@ def test_rolling_perplexity_equals_the_hf_backend(models, shared_data, tmp_path)
 
 
 def test_batches_are_padded_to_a_few_shapes():
-    assert [bucket(n, 2048) for n in (1, 16, 17, 100, 1500, 2048)] == [16, 16, 32, 128, 2048, 2048]
+    assert [bucket(n, 2048) for n in (1, 16, 17, 64, 65, 100, 129, 1500, 3000)] == [16, 16, 32, 64, 80, 112, 160, 1536, 2048]
     assert bucket(100, 64) == 64 and bucket(20, 64, multiple=3) == 33
 
 

@@ -107,9 +107,11 @@ class GPT(nn.Module):
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None, *,
                  deterministic: bool = True, cache: Optional[list] = None,
                  cache_index: Optional[jax.Array] = None,
-                 key_valid: Optional[jax.Array] = None):
+                 key_valid: Optional[jax.Array] = None, logits_at: Optional[jax.Array] = None):
         """tokens, positions: [batch, sequence] int. With `cache` (from `init_cache`), the
-        tokens are written at slot `cache_index` and (logits, new_cache) is returned."""
+        tokens are written at slot `cache_index` and (logits, new_cache) is returned.
+        `logits_at` [batch, k]: compute logits at these positions only (a scorer that needs a
+        few positions per row skips most of the vocabulary projection)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         if positions is None:
@@ -127,6 +129,8 @@ class GPT(nn.Module):
             layer_cache = None if cache is None else cache[i]
             h, c = block(h, positions, deterministic, layer_cache, cache_index, key_valid)
             new_cache.append(c)
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         h = self.ln_f(h)
         head = self.lm_head if cfg.no_weight_tie else self.wte.T
         logits = jnp.einsum("bte,ev->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
