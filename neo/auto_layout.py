@@ -7,8 +7,9 @@ compiling anything:
 
   parameters   exact: every parameter's shard under the layout (float32 master weights)
   optimizer    Adam: 2 x parameters; Adafactor: factored statistics (replicated) + momentum
-  gradients    float32, sharded like the parameters, the part of them XLA keeps live beside
-               the activations (x GRADS_LIVE), plus an accumulator with microbatches
+  gradients    float32 gradients and reduction buffers of the weights as the backward pass sees
+               them (gathered over the batch axis under FSDP; without remat all of them, with
+               remat one block's), plus an accumulator with microbatches
   activations  per microbatch: what the backward pass keeps per token and layer, counted per
                tensor in units of its (sharded) dimensions; with remat (recompute_grad) only
                each block's input plus one block recomputed
@@ -37,13 +38,17 @@ GiB = 1024 ** 3
 TOLERANCE = 0.25  # |estimate / compiled - 1| on simulated devices (tests/test_auto_layout.py)
 
 # Floats kept for the backward pass, per token and layer, per unit of the named dimension.
-ACT_RESIDUAL = 8.5    # x embd: block input, norms' inputs and outputs, residual sums
+ACT_RESIDUAL = 7.25   # x embd: block input, norms' inputs and outputs, residual sums
 ACT_HEADS = 4.0       # x heads * features_per_head: q, k, v and the attention output
-ACT_PROBS = 3.0       # x heads * keys attended: logits, probabilities, their gradient
-ACT_LINEAR = 3.0      # x heads * features_per_head: linear attention's normalised q, exp(k), sums
-ACT_MLP = 3.0         # x intermediate: c_fc output, activation output, activation gradient
-ACT_LOGITS = 2.0      # x vocab: float32 logits and their gradient
-GRADS_LIVE = 0.65     # x parameters: gradients live at the peak (XLA frees them into the update)
+ACT_PROBS = 1.85      # x heads * keys attended: attention probabilities (float32)
+ACT_LINEAR = 1.6      # x heads * features_per_head: linear attention's normalised q, exp(k), sums
+ACT_MLP = 2.3         # x intermediate: c_fc output, activation output
+ACT_LOGITS = 2.2      # x vocab: float32 logits and their gradient
+# Bytes, per byte of the weights as one device sees them in the backward pass (gathered over
+# the batch axis when FSDP splits them there): gradients and their reduction buffers, and the
+# gradient accumulator when there are microbatches.
+GRADS_LIVE = 1.5
+ACCUMULATOR = 1.0
 ADAFACTOR_TEMP = 0.65  # x parameters: Adafactor's extra update temporaries
 
 # Devices a user may plan for without having them (--auto_layout_target).
@@ -220,7 +225,19 @@ def estimate(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int,
 
     batch_shards = plan.split("batch", ("batch", "sequence"))
     n_micro = _microbatches(cfg, batch_shards)
-    grads = GRADS_LIVE * p_bytes + update_temp + (p_bytes if n_micro > 1 else 0.0)
+    # Weights as the backward pass sees them: FSDP gathers them over the batch axis. Without
+    # remat XLA keeps every gathered weight from the forward pass; with remat each block
+    # gathers again when it is recomputed, so one block's worth is gathered at a time.
+    data_axis = plan.axis_of("batch", ("batch", "sequence", "embd"))
+    gathered, per_block = 0.0, {}
+    for path, shape, names in params:
+        n = plan.axes[data_axis] if data_axis and data_axis in _rules_spec(plan.rules, names) else 1
+        extra = 4 * plan.local(names, shape) * (n - 1)
+        gathered += extra
+        block = path.split("/")[0]
+        per_block[block] = per_block.get(block, 0.0) + extra
+    seen = p_bytes + (max(per_block.values()) if cfg.recompute_grad else gathered)
+    grads = (GRADS_LIVE + (ACCUMULATOR if n_micro > 1 else 0.0)) * seen + update_temp
 
     act = ("batch", "sequence", "embd")
     rows = cfg.train_batch_size / n_micro / batch_shards
