@@ -150,6 +150,7 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def _microbatches(cfg: ModelConfig, batch_shards: int) -> int:
+    """neo.train.num_microbatches, for a layout that exists only on paper."""
     per_replica = cfg.train_batch_size // batch_shards
     if not cfg.tokens_per_mb_per_replica:
         return 1
@@ -473,7 +474,7 @@ def config_lines(cfg: ModelConfig, e: Estimate) -> list[str]:
     and remat settings where they differ from the config."""
     import json
 
-    axes = dict(parse_mesh_shape(e.mesh_shape, math.prod(s for _, s in parse_mesh_shape(e.mesh_shape, 1 << 20))))
+    axes = dict(parse_mesh_shape(e.mesh_shape, 1))  # candidates always spell out their sizes
     batch_axis = dict(parse_layout(e.layout, list(axes))).get("batch")
     per_replica = cfg.train_batch_size // (axes[batch_axis] if batch_axis else 1)
     pairs = [("mesh_shape", e.mesh_shape), ("layout", e.layout)]

@@ -229,6 +229,9 @@ def _check_supported(cfg: ModelConfig) -> None:
     if on:
         raise NeoError(f"{cfg.source or 'config'}: {', '.join(on)} not supported yet in neo; "
                        f"remove it from the config.")
+    if cfg.axial_pos_emb is not None and cfg.rotary_emb:
+        raise NeoError(f"{cfg.source or 'config'}: axial_pos_emb and rotary_emb are two position encodings; "
+                       f"keep one of them.")
     if cfg.moe_layers:
         from neo.model.moe import moe_params
 
