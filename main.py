@@ -11,8 +11,11 @@ flags.DEFINE_string("model", None, "Config name in configs/ or a path to a .json
 flags.DEFINE_string("tpu", None, "Cloud TPU name ('colab' on a Colab TPU runtime).")
 flags.DEFINE_list("gpu_ids", [], "GPUs to use: integers or device:GPU:N, comma or space separated.")
 flags.DEFINE_integer("steps_per_checkpoint", 5000, "Save a checkpoint every this many steps.")
-flags.DEFINE_bool("auto_layout", False, "Print a memory-efficient layout for mesh_shape and exit.")
-flags.DEFINE_bool("auto_layout_and_mesh_shape", False, "Print a layout and mesh shape and exit.")
+flags.DEFINE_bool("auto_layout", False, "Rank layouts for the config's mesh_shape by memory and communication, print the best, exit.")
+flags.DEFINE_bool("auto_layout_and_mesh_shape", False, "Rank mesh shapes and layouts, print the best, exit.")
+flags.DEFINE_integer("num_devices", None, "Auto layout: plan for this many devices instead of the ones present.")
+flags.DEFINE_float("device_memory_gb", None, "Auto layout: memory of one planned device, in GiB.")
+flags.DEFINE_string("auto_layout_target", None, "Auto layout: plan for tpu-v3-8, tpu-v3-256, gpu-8x80g or gpu-8x40g.")
 flags.DEFINE_bool("new", False, "Start over: delete model_path's checkpoints and logs first.")
 flags.DEFINE_bool("predict", False, "Sample from the model and exit.")
 flags.DEFINE_string("prompt", "", "Prompt file for --predict.")
@@ -71,8 +74,14 @@ def _run(argv: list[str]) -> None:
 
         check_dataset(cfg)
         return
+    if FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape:
+        from neo.auto_layout import rank, report, target_from
+
+        target = target_from(FLAGS.num_devices, FLAGS.device_memory_gb, FLAGS.auto_layout_target)
+        mesh_shape = None if FLAGS.auto_layout_and_mesh_shape else cfg.mesh_shape
+        print(report(cfg, target, rank(cfg, target, mesh_shape)))
+        return
     unavailable = {"predict": FLAGS.predict,
-                   "auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
                    "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
     for mode, on in unavailable.items():
         if on:

@@ -1,10 +1,13 @@
 """Model FLOPs per token and the device's peak rate, for tokens/s -> MFU.
 
 The formula (stated wherever MFU is printed): training FLOPs per token = 3 x forward, and
-forward = 2 x (every matrix-multiply parameter, the output projection included, embedding
-lookups and position tables excluded) + per attention layer 4 x n_embd x (average number of
-keys a query really attends to: (T+1)/2 for causal global attention, the window for local
-layers, T for bidirectional). Rematerialisation is not counted (MFU, not HFU).
+forward = 2 x (every matrix-multiply parameter a token uses, the output projection included,
+embedding lookups and position tables excluded) + per attention layer 4 x n_embd x (average
+number of keys a query really attends to: (T+1)/2 for causal global attention, the window for
+local layers, T for bidirectional; d_head for linear attention, whose state update k (x) v and
+read-out q . S cost 2 x n_embd x d_head each). An MoE layer counts the router (n_embd x
+experts) and the k experts a token is routed to (top-k), not the capacity slack nor the
+one-hot dispatch/combine einsums. Rematerialisation is not counted (MFU, not HFU).
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ def matmul_params(cfg: ModelConfig) -> int:
     """Parameters used in matrix multiplies per token (the LM head included)."""
     d, f = cfg.n_embd, cfg.intermediate_expanded
     per_attn = 4 * d * d
-    per_mlp = 2 * d * f
+    per_mlp = (3 if cfg.mlp_glu else 2) * d * f
     n_attn = sum(k != "none" for k in cfg.attention_types)
-    return n_attn * per_attn + cfg.n_layer * per_mlp + d * cfg.n_vocab
+    n_moe = len(set(cfg.moe_layers or ()))
+    per_moe = 0
+    if n_moe:
+        from neo.model.moe import moe_params
+
+        p = moe_params(cfg)
+        per_moe = p.top_k * 2 * d * p.moe_hidden_size + d * p.moe_num_experts
+    feed_forward = (cfg.n_layer - n_moe) * per_mlp + n_moe * per_moe
+    if cfg.macaron:  # a second, dense MLP in every layer
+        feed_forward += cfg.n_layer * per_mlp
+    return n_attn * per_attn + feed_forward + d * cfg.n_vocab
 
 
 def attended_keys(kind: str, seq: int, window: int, causal: bool = True) -> float:
@@ -32,7 +45,7 @@ def attended_keys(kind: str, seq: int, window: int, causal: bool = True) -> floa
     if kind == "none":
         return 0.0
     if kind == "linear":
-        return 0.0  # counted as matmul-free here; linear attention's d_head^2 work is small
+        raise ValueError("linear attention has no keys per query; flops_per_token counts it by d_head")
     if kind == "global":
         return (seq + 1) / 2 if causal else float(seq)
     if not causal:
@@ -45,7 +58,8 @@ def flops_per_token(cfg: ModelConfig, seq: int | None = None, training: bool = T
     seq = seq or cfg.n_ctx
     forward = 2 * matmul_params(cfg)
     for kind in cfg.attention_types:
-        forward += 4 * cfg.n_embd * attended_keys(kind, seq, cfg.local_attention_radius, cfg.causal)
+        keys = cfg.features_per_head if kind == "linear" else attended_keys(kind, seq, cfg.local_attention_radius, cfg.causal)
+        forward += 4 * cfg.n_embd * keys
     return 3 * forward if training else forward
 
 

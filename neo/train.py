@@ -25,8 +25,12 @@ from neo.config import ModelConfig
 from neo.errors import NeoError
 from neo.loss import lm_loss
 from neo.mesh import Layout, check_divisible, constrain
+from neo.mlm import mask_tokens
 from neo.model import GPT
 from neo.optim import lr_schedule, make_optimizer
+
+
+MLM_STREAM = 0x6D6C6D  # folded into the step's key for masked-LM masking, apart from dropout's
 
 
 @flax.struct.dataclass
@@ -139,13 +143,21 @@ def build(cfg: ModelConfig, layout: Layout) -> Setup:
 
 def _train_step(cfg: ModelConfig, model: GPT, optimizer: optax.GradientTransformation,
                 layout: Layout, n_micro: int) -> Callable:
-    dropout = bool(cfg.embed_dropout or cfg.attn_dropout or cfg.res_dropout)
+    # Stochastic train mode: dropout, and MoE routing (train capacity, random second expert).
+    dropout = bool(cfg.embed_dropout or cfg.attn_dropout or cfg.res_dropout or cfg.moe_layers)
     schedule = lr_schedule(cfg)
 
     def loss_on(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
-        logits = model.apply({"params": params}, tokens[:, :-1], deterministic=not dropout,
-                             rngs={"dropout": rng} if dropout else None)
-        return lm_loss(logits, tokens[:, 1:], cfg.z_loss)
+        inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], None
+        if cfg.mlm_training:
+            inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
+        logits, extra = model.apply({"params": params}, inputs, deterministic=not dropout,
+                                    rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
+        objective, aux = lm_loss(logits, targets, cfg.z_loss, mask)
+        if cfg.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
+            aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))
+            objective = objective + aux["moe_loss"]
+        return objective, aux
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
 
@@ -166,8 +178,9 @@ def _train_step(cfg: ModelConfig, model: GPT, optimizer: optax.GradientTransform
                     (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
                     return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-                zeros = jax.tree.map(jnp.zeros_like, (state.params, {"loss": 0.0, "z_loss": 0.0}))
-                zeros = (zeros[0], jax.tree.map(lambda x: jnp.zeros((), jnp.float32), zeros[1]))
+                aux_shape = jax.eval_shape(grad_fn, state.params, micro[0], rng)[0][1]
+                zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                         jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape))
                 (grads, aux), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(n_micro)))
                 grads, aux = jax.tree.map(lambda x: x / n_micro, (grads, aux))
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

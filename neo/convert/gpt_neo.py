@@ -79,6 +79,16 @@ def config_to_hf(cfg) -> dict:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise NeoError(f"HF GPTNeoForCausalLM cannot represent {', '.join(bad)}; export as GPT-NeoX instead.")
+    # GPT-Neo's experimental options have no Hugging Face architecture at all.
+    experimental = {
+        "moe_layers": bool(cfg.moe_layers), "mlp_glu": cfg.mlp_glu, "scalenorm": cfg.scalenorm,
+        "rezero": cfg.rezero, "macaron": cfg.macaron, "num_mem_kv": cfg.num_mem_kv > 0,
+        "axial_pos_emb": cfg.axial_pos_emb is not None, "share_parameters": cfg.share_parameters,
+        "mlm_training": cfg.mlm_training,
+    }
+    bad = [k for k, v in experimental.items() if v]
+    if bad:
+        raise NeoError(f"no Hugging Face model can represent {', '.join(bad)}; keep neo's checkpoint.")
     acts = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_tanh": "gelu_new", "gelu_fast": "gelu_new",
             "gelu_exact": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
     if cfg.activation_fn not in acts:

@@ -1,13 +1,24 @@
-"""MLP nonlinearities by their GPT-Neo config names (`activation_fn`)."""
+"""MLP nonlinearities by their GPT-Neo config names (`activation_fn`).
+
+GPT-Neo's whole list (models/activations.py of the original): the base functions, the custom
+ones, and five with learned scalar parameters (`aria`, `prelu`, `parcsinh`, `psoftplus`,
+`proottanh`), which `Activation` creates as parameters of the layer that uses them. Three of
+the original's definitions were wrong and are fixed here (docs/differences.md): `elish` (its
+positive branch divided by 1 + e^x instead of 1 + e^-x), `proottanh` (x to a fractional power
+is NaN for x < 0; neo uses |x|) and `rrelu` (a slope drawn once at graph-build time; neo uses
+RReLU's evaluation slope, the mean of [1/8, 1/3]).
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from neo.errors import NeoError
+from neo.model.layers import named
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -38,7 +49,69 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "softplus": jax.nn.softplus,
+    # the original's CUSTOM_FNS without parameters
+    "lrelu001": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "lrelu020": lambda x: jax.nn.leaky_relu(x, 0.20),
+    "id": lambda x: x,
+    "triangle_relax": lambda x: jnp.sin(x) - jnp.sin(3 * x) / 9 + jnp.sin(5 * x) / 25 - jnp.sin(7 * x) / 49,
+    "square_relax": lambda x: jnp.cos(x) - jnp.cos(3 * x) / 3 + jnp.cos(5 * x) / 5 - jnp.cos(7 * x) / 7,
+    "spike": lambda x: 1 / (1 + x ** 2),
+    "spike2": lambda x: jnp.exp(-x ** 2),
+    "tanhshrink": lambda x: x - jnp.tanh(x),
+    "softsign": jax.nn.soft_sign,
+    "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+    "logsoftmax": lambda x: jax.nn.log_softmax(x, axis=-1),
+    "bipolarsigmoid": lambda x: 2 * jax.nn.sigmoid(x) - 1,
+    "rrelu": lambda x: jax.nn.leaky_relu(x, (1 / 8 + 1 / 3) / 2),
+    "elish": lambda x: jnp.where(x >= 0, x, jnp.expm1(jnp.minimum(x, 0))) * jax.nn.sigmoid(x),
+    "arcsinh": jnp.arcsinh,
+    "maxsig": lambda x: jnp.maximum(x, jax.nn.sigmoid(x)),
+    "cosid": lambda x: jnp.cos(x) - x,
+    "minsin": lambda x: jnp.minimum(x, jnp.sin(x)),
+    "maxtanh": lambda x: jnp.maximum(x, jnp.tanh(x)),
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "tanhexp": lambda x: x * jnp.tanh(jnp.exp(x)),
+    "lisht": lambda x: x * jnp.tanh(x),
+    "seagull": lambda x: jnp.log1p(x ** 2),
+    "snake": lambda x: x + jnp.sin(x) ** 2,
+    "roottanh": lambda x: (x ** 2 + 1) ** (1 / 3) * jnp.tanh(x),
+    "softplusmone": lambda x: jax.nn.softplus(x) - 1,
 }
+
+Param = Callable[[str, float], jax.Array]  # (name, initial value) -> a learned scalar
+
+
+def _positive(p: Param, name: str, offset: float) -> jax.Array:
+    """The original's `_pos_var`: softplus(w) + offset, w initialised to 0."""
+    return jax.nn.softplus(p(name, 0.0)) + offset
+
+
+# The original's CUSTOM_FNS with learned scalars; each call of `_var` there made a new scalar,
+# so each occurrence here has its own name.
+PARAMETRIC: dict[str, Callable[[jax.Array, Param], jax.Array]] = {
+    "aria": lambda x, p: x * (p("a", 0.0) + p("b", 1.0) / (
+        _positive(p, "c", 0.0) + p("d", 1.0) * jnp.exp(p("e", -1.0) * x / _positive(p, "f", 1.0)))),
+    "prelu": lambda x, p: jnp.where(x >= 0, x, p("alpha", 0.2) * x),
+    "parcsinh": lambda x, p: p("a", 1.0) * jnp.arcsinh(x * _positive(p, "b", 1.0)),
+    "psoftplus": lambda x, p: p("a", 1.0) * jax.nn.softplus(x * p("b", 1.0)) + p("c", 0.0),
+    "proottanh": lambda x, p: (jnp.abs(x) ** _positive(p, "a", 2.0) + _positive(p, "b", 1.0))
+    ** (1 / _positive(p, "c", 3.0)) * jnp.tanh(x),
+}
+
+
+class Activation(nn.Module):
+    """The activation `fn`, with its learned scalars (if any) as parameters of this module."""
+
+    fn: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.fn in PARAMETRIC:
+            def p(name: str, init: float) -> jax.Array:
+                return self.param(name, named(nn.initializers.constant(init), ()), (), jnp.float32).astype(x.dtype)
+
+            return PARAMETRIC[self.fn](x, p)
+        return get_activation(self.fn)(x)
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -47,6 +120,7 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     except KeyError:
         import difflib
 
-        m = difflib.get_close_matches(name, list(ACTIVATIONS), n=1)
+        known = list(ACTIVATIONS) + list(PARAMETRIC)
+        m = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean '{m[0]}'?" if m else ""
-        raise NeoError(f"unknown activation_fn {name!r}.{hint} Known: {', '.join(sorted(ACTIVATIONS))}.") from None
+        raise NeoError(f"unknown activation_fn {name!r}.{hint} Known: {', '.join(sorted(known))}.") from None

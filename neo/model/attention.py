@@ -1,4 +1,6 @@
-"""GPT-Neo attention: global (full causal) and local (sliding window) softmax attention.
+"""GPT-Neo attention: global (full) and local (sliding window) softmax attention, and the
+softmax-free `linear` kind (neo/model/linear_attention.py). All kinds are bidirectional when
+the model is not causal (masked-LM training).
 
 Exactly as the original: q, k, v without bias (GPT-NeoX: with), output projection with bias,
 no 1/sqrt(d_head) scaling (GPT-Neo folds it into the q initialiser; GPT-NeoX scales), logits
@@ -19,8 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from neo.config import ModelConfig
+from neo.errors import NeoError
 from neo.mesh import constrain
-from neo.model.layers import Dense, normal
+from neo.model.layers import Dense, named, normal
+from neo.model.linear_attention import causal_linear_attention, linear_attention
 
 NEG_INF = -1e10  # mesh-tf's additive mask value; exp() underflows to exactly 0 in float32
 
@@ -62,28 +66,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def attend_local_blocked(q: jax.Array, k: jax.Array, v: jax.Array, window: int, scale: float) -> jax.Array:
-    """Causal sliding-window attention in O(T * 2R) work and memory instead of O(T^2): queries
-    are cut into blocks of R, each block attends to its own and the previous block of keys.
-    Numerically identical to `attend` with the dense window mask."""
+def attend_local_blocked(q: jax.Array, k: jax.Array, v: jax.Array, window: int, scale: float,
+                         causal: bool = True) -> jax.Array:
+    """Sliding-window attention in O(T * R) work and memory instead of O(T^2): queries are cut
+    into blocks of R, each block attends to its own and the previous block of keys (and the
+    next one when not causal). Numerically identical to `attend` with the dense window mask."""
     b, t, h, d = q.shape
     n = -(-t // window)
     pad = n * window - t
-    if pad:  # padded keys sit in the future of every real query, so the mask hides them
+    if pad:  # padded keys are masked below (causal: they are in every real query's future)
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
     qb = q.reshape(b, n, window, h, d)
     kb, vb = k.reshape(b, n, window, h, d), v.reshape(b, n, window, h, d)
     prev = lambda a: jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
-    k2 = jnp.concatenate([prev(kb), kb], axis=2)  # [b, n, 2R, h, d]
-    v2 = jnp.concatenate([prev(vb), vb], axis=2)
+    nxt = lambda a: jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0), (0, 0)))[:, 1:]
+    parts = (prev, lambda a: a) if causal else (prev, lambda a: a, nxt)
+    k2 = jnp.concatenate([f(kb) for f in parts], axis=2)  # [b, n, 2R or 3R, h, d]
+    v2 = jnp.concatenate([f(vb) for f in parts], axis=2)
     logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb.astype(jnp.float32), k2.astype(jnp.float32))
     if scale != 1.0:
         logits = logits * scale
-    q_slots = jnp.arange(window) + window  # query slot within the 2R key frame
-    k_slots = jnp.arange(2 * window)
-    mask = visible(q_slots, k_slots, causal=True, window=window)
-    first = jnp.arange(n)[:, None, None] > 0  # block 0 has no previous block
-    mask = mask[None] & ((k_slots >= window)[None, None, :] | first)  # [n, R, 2R]
+    q_slots = jnp.arange(window) + window  # query slot within the key frame
+    frame = jnp.arange(len(parts) * window)
+    mask = visible(q_slots, frame, causal=causal, window=window)
+    # absolute key position of each frame slot, per block: outside [0, t) there is no key
+    key_pos = jnp.arange(n)[:, None] * window + frame[None, :] - window  # [n, frame]
+    mask = mask[None] & ((key_pos >= 0) & (key_pos < t))[:, None, :]  # [n, R, frame]
     logits = jnp.where(mask[None, :, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs, v2).reshape(b, n * window, h, d)
@@ -91,7 +99,7 @@ def attend_local_blocked(q: jax.Array, k: jax.Array, v: jax.Array, window: int, 
 
 
 class Attention(nn.Module):
-    """One attention layer of kind `global` or `local`."""
+    """One attention layer of kind `global`, `local` or `linear`."""
 
     cfg: ModelConfig
     kind: str
@@ -124,23 +132,54 @@ class Attention(nn.Module):
         dropout = nn.Dropout(cfg.attn_dropout) if self.kind == "global" and cfg.attn_dropout else None
         t = x.shape[1]
         new_cache = None
-        if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
-            new_cache = {"k": k_all, "v": v_all}
-            q_slots = cache_index + jnp.arange(t)
-            k_slots = jnp.arange(k_all.shape[1])
-            mask = visible(q_slots, k_slots, causal=cfg.causal, window=window)[None, None]
-            if key_valid is not None:
-                mask = mask & key_valid[:, None, None, :]
-            out = attend(q, k_all.astype(self.dtype), v_all.astype(self.dtype), mask, scale)
-        elif window is not None and cfg.causal and t > 2 * window:
-            out = attend_local_blocked(q, k, v, window, scale)
+        if cache is not None and not cfg.causal:
+            raise NeoError("a masked-LM model (mlm_training) sees the whole sequence at once; it "
+                           "cannot decode token by token with a KV cache.")
+        if self.kind == "linear":
+            if not cfg.causal:
+                out = linear_attention(q, k, v)
+            else:
+                valid = None
+                if cache is not None and key_valid is not None:
+                    valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, t, axis=1)
+                out, new_cache = causal_linear_attention(q, k, v, cache, valid)
+                new_cache = new_cache if cache is not None else None
+            out = out.astype(self.dtype)
         else:
-            slots = jnp.arange(t)
-            mask = visible(slots, slots, causal=cfg.causal, window=window)[None, None]
-            out = attend(q, k, v, mask, scale, dropout, deterministic)
+            mem = self._memory_kv(x.shape[0]) if self.kind == "global" and cfg.num_mem_kv else None
+            if cache is not None:
+                k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+                v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+                new_cache = {"k": k_all, "v": v_all}
+                q_slots = cache_index + jnp.arange(t)
+                k_slots = jnp.arange(k_all.shape[1])
+                mask = visible(q_slots, k_slots, causal=cfg.causal, window=window)[None, None]
+                if key_valid is not None:
+                    mask = mask & key_valid[:, None, None, :]
+                k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+            elif window is not None and t > 2 * window:
+                mask = None
+                out = attend_local_blocked(q, k, v, window, scale, causal=cfg.causal)
+            else:
+                slots = jnp.arange(t)
+                mask = visible(slots, slots, causal=cfg.causal, window=window)[None, None]
+            if mask is not None:
+                if mem is not None:  # learned memory slots in front: always visible
+                    k = jnp.concatenate([mem[0], k], axis=1)
+                    v = jnp.concatenate([mem[1], v], axis=1)
+                    mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (cfg.num_mem_kv,), bool), mask], axis=-1)
+                out = attend(q, k, v, mask, scale, dropout, deterministic)
         out = constrain(out, names)
         o = Dense((d,), ("heads", "features_per_head", "embd"), normal((h * dh) ** -0.5), axes=2,
                   dtype=self.dtype, name="o")(out)
         return o, new_cache
+
+    def _memory_kv(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """`num_mem_kv` learned key/value slots (all-attention paper), broadcast over the batch:
+        [batch, num_mem_kv, heads, features_per_head] each, N(0, 1/sqrt(features_per_head))."""
+        cfg = self.cfg
+        shape = (cfg.num_mem_kv, cfg.n_head, cfg.features_per_head)
+        names = ("mem_kv_sequence", "heads", "features_per_head")
+        init = named(normal(cfg.features_per_head ** -0.5), names)
+        mem_k, mem_v = (self.param(n, init, shape, jnp.float32) for n in ("mem_k", "mem_v"))
+        return tuple(jnp.broadcast_to(m.astype(self.dtype), (batch,) + shape) for m in (mem_k, mem_v))

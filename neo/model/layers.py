@@ -67,3 +67,19 @@ class LayerNorm(nn.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return y.astype(self.dtype)
+
+
+class ScaleNorm(nn.Module):
+    """GPT-Neo's `scalenorm`: the same centring and normalising as LayerNorm (eps 1e-5), then
+    one learned scalar gain `scale` (init 1) instead of a per-feature gain and bias."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", named(nn.initializers.ones, ()), (), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale).astype(self.dtype)

@@ -1,0 +1,513 @@
+"""--auto_layout and --auto_layout_and_mesh_shape: rank mesh shapes and layouts for a config.
+
+For a number of devices and their memory (the ones present, or given on the command line to
+plan a pod run from a laptop), each candidate (mesh_shape, layout) gets an estimate of the
+memory one device needs and of the bytes it communicates per step, without allocating or
+compiling anything:
+
+  parameters   exact: every parameter's shard under the layout (float32 master weights)
+  optimizer    Adam: 2 x parameters; Adafactor: factored statistics (replicated) + momentum
+  gradients    float32 gradients and reduction buffers of the weights as the backward pass sees
+               them (gathered over the batch axis under FSDP; without remat all of them, with
+               remat one block's), plus an accumulator with microbatches
+  activations  per microbatch: what the backward pass keeps per token and layer, counted per
+               tensor in units of its (sharded) dimensions; with remat (recompute_grad) only
+               each block's input plus one block recomputed
+  communication  ring all-reduce / all-gather / reduce-scatter bytes implied by the layout:
+               gradient reduction over the batch axis, parameter gathers for FSDP, partial-sum
+               reductions of matmuls whose contracted dimension is split (tensor parallelism)
+
+The activation coefficients (ACT_*) count what XLA actually keeps. They were measured on
+XLA:CPU (float32); tests/test_auto_layout.py checks the whole estimate against
+`compiled.memory_analysis()` of neo's real train step on 8 simulated devices, within
+TOLERANCE (docs/layouts.md). TPU and GPU compilers fuse more, so there the activation part is
+an upper bound. XLA:CPU ignores rematerialisation, so the remat column is not checked there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+from neo.config import ModelConfig
+from neo.errors import NeoError
+from neo.mesh import parse_layout, parse_mesh_shape
+
+GiB = 1024 ** 3
+TOLERANCE = 0.25  # |estimate / compiled - 1| on simulated devices (tests/test_auto_layout.py)
+
+# Floats kept for the backward pass, per token and layer, per unit of the named dimension.
+ACT_RESIDUAL = 7.25   # x embd: block input, norms' inputs and outputs, residual sums
+ACT_HEADS = 4.0       # x heads * features_per_head: q, k, v and the attention output
+ACT_PROBS = 1.85      # x heads * keys attended: attention probabilities (float32)
+ACT_LINEAR = 1.6      # x heads * features_per_head: linear attention's normalised q, exp(k), sums
+ACT_MLP = 2.3         # x intermediate: c_fc output, activation output
+ACT_LOGITS = 2.2      # x vocab: float32 logits and their gradient
+# Bytes, per byte of the weights as one device sees them in the backward pass (gathered over
+# the batch axis when FSDP splits them there): gradients and their reduction buffers, and the
+# gradient accumulator when there are microbatches.
+GRADS_LIVE = 1.5
+ACCUMULATOR = 1.0
+ADAFACTOR_TEMP = 0.65  # x parameters: Adafactor's extra update temporaries
+
+# Devices a user may plan for without having them (--auto_layout_target).
+TARGETS = {
+    "tpu-v3-8": (8, 16 * GiB, "TPU v3-8 (8 cores x 16 GiB)"),
+    "tpu-v3-256": (256, 16 * GiB, "TPU v3-256 pod slice (256 cores x 16 GiB)"),
+    "gpu-8x80g": (8, 80 * GiB, "one node of 8 x 80 GB GPUs (A100/H100)"),
+    "gpu-8x40g": (8, 40 * GiB, "one node of 8 x 40 GB GPUs (A100 40GB)"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The devices to plan for."""
+
+    num_devices: int
+    memory_bytes: float
+    name: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One candidate: per-device bytes and communication per step."""
+
+    mesh_shape: str
+    layout: str
+    params: float
+    optimizer: float
+    gradients: float
+    activations: float
+    activations_remat: float
+    communication: float
+    remat: bool  # recompute_grad
+    microbatch: int  # sequences per microbatch per replica
+    memory: float = 0.0  # params + optimizer + gradients + activations (remat or not)
+    fits: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and shardings without devices
+
+
+def _rules_spec(rules: Sequence[tuple[str, str]], names: Sequence[Optional[str]]) -> list[Optional[str]]:
+    """neo.mesh.Layout.spec without a mesh: the mesh axis each dimension is split over."""
+    used, out = set(), [None] * len(names)
+    for dim, axis in rules:
+        if dim in names and axis not in used:
+            out[list(names).index(dim)] = axis
+            used.add(axis)
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    axes: dict
+    rules: tuple
+
+    def local(self, names: Sequence[Optional[str]], sizes: Sequence[float]) -> float:
+        """Elements of one device's shard of a tensor with these dimension names."""
+        spec = _rules_spec(self.rules, names)
+        return math.prod(s / (self.axes[a] if a else 1) for s, a in zip(sizes, spec))
+
+    def split(self, dim: str, names: Sequence[Optional[str]]) -> int:
+        """How many ways `dim` is split within a tensor whose dimensions are `names`."""
+        spec = _rules_spec(self.rules, names)
+        axis = spec[list(names).index(dim)] if dim in names else None
+        return self.axes[axis] if axis else 1
+
+    def axis_of(self, dim: str, names: Sequence[Optional[str]]) -> Optional[str]:
+        spec = _rules_spec(self.rules, names)
+        return spec[list(names).index(dim)] if dim in names else None
+
+
+def parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], tuple[Optional[str], ...]]]:
+    """(path, shape, dimension names) of every parameter, from an abstract init (no memory)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from neo.model import GPT
+
+    boxed = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
+    out = []
+    for (path, leaf), spec in zip(flat, specs):
+        names = tuple(spec) if len(tuple(spec)) == leaf.ndim else (None,) * leaf.ndim
+        out.append(("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.shape), names))
+    return out
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Number of parameters, computed abstractly (nothing allocated)."""
+    return sum(math.prod(shape) for _, shape, _ in parameter_shapes(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+
+
+def _microbatches(cfg: ModelConfig, batch_shards: int) -> int:
+    """neo.train.num_microbatches, for a layout that exists only on paper."""
+    per_replica = cfg.train_batch_size // batch_shards
+    if not cfg.tokens_per_mb_per_replica:
+        return 1
+    mb = min(max(1, cfg.tokens_per_mb_per_replica // cfg.n_ctx), per_replica)
+    while per_replica % mb:
+        mb -= 1
+    return per_replica // mb
+
+
+def _keys(cfg: ModelConfig, kind: str) -> float:
+    t = cfg.n_ctx
+    if kind == "global":
+        return t + cfg.num_mem_kv
+    if kind == "local":
+        r = cfg.local_attention_radius
+        return (2 if cfg.causal else 3) * r if t > 2 * r else t
+    if kind == "linear":
+        return min(64, t) if cfg.causal else 0
+    return 0
+
+
+def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
+    """Floats one layer keeps for the backward pass, per (local) token."""
+    act = ("batch", "sequence", "embd")
+    heads_names = ("batch", "sequence", "heads", "features_per_head")
+    d = cfg.n_embd / plan.split("embd", act)
+    hd = cfg.n_embd / plan.split("heads", heads_names) / plan.split("features_per_head", heads_names)
+    h = cfg.n_head / plan.split("heads", ("batch", "heads", "sequence", "memory_length"))
+    keys = _keys(cfg, kind) / plan.split("memory_length", ("batch", "heads", "sequence", "memory_length"))
+    floats = ACT_RESIDUAL * d
+    if kind != "none":
+        floats += ACT_HEADS * hd + ACT_PROBS * h * keys
+        if kind == "linear":
+            floats += ACT_LINEAR * hd
+    n_mlp = 2 if cfg.macaron else 1
+    if moe:
+        from neo.model.moe import capacity, group_size, moe_params
+
+        p = moe_params(cfg)
+        s = group_size(cfg.n_ctx, p.moe_group_size)
+        slots = p.moe_num_experts * capacity(s, p, train=True)  # expert slots per group
+        ex = ("experts", "batch", None, "expert_capacity", "embd")
+        e_split = plan.split("experts", ex)
+        f = p.moe_hidden_size / plan.split("intermediate_expanded", ex[:-1] + ("intermediate_expanded",))
+        floats += slots / s / e_split * (2 * d + ACT_MLP * f) + 2 * slots / e_split
+        n_mlp -= 1
+    f = cfg.intermediate_expanded / plan.split("intermediate_expanded", ("batch", "sequence", "intermediate_expanded"))
+    floats += n_mlp * ACT_MLP * f * (2 if cfg.mlp_glu else 1)
+    return floats
+
+
+def estimate(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int,
+             params: Optional[list] = None) -> Estimate:
+    """Per-device memory (bytes) and communication (bytes per step) of `cfg` under a layout.
+    `params`: parameter_shapes(cfg), when already at hand."""
+    axes = dict(parse_mesh_shape(mesh_shape, num_devices))
+    if math.prod(axes.values()) != num_devices:
+        raise NeoError(f"mesh_shape {mesh_shape!r} uses {math.prod(axes.values())} devices, not {num_devices}; "
+                       f"change it, or let --auto_layout_and_mesh_shape choose one.")
+    plan = _Plan(axes, parse_layout(layout, list(axes)))
+    params = params if params is not None else parameter_shapes(cfg)
+    param_local = sum(plan.local(names, shape) for _, shape, names in params)
+    p_bytes = 4 * param_local
+
+    if cfg.opt_name.lower() == "adam":
+        opt = 2 * p_bytes
+        update_temp = 0.0
+    else:  # factored second moments are replicated (their shapes carry no names); momentum
+        factored = sum((math.prod(s[:-1]) + math.prod(s[:-2] + s[-1:])) if len(s) >= 2 else math.prod(s)
+                       for _, s, _ in params)
+        opt = 4 * factored + (p_bytes if cfg.beta1 else 0.0)
+        update_temp = ADAFACTOR_TEMP * p_bytes
+
+    batch_shards = plan.split("batch", ("batch", "sequence"))
+    n_micro = _microbatches(cfg, batch_shards)
+    # Weights as the backward pass sees them: FSDP gathers them over the batch axis. Without
+    # remat XLA keeps every gathered weight from the forward pass; with remat each block
+    # gathers again when it is recomputed, so one block's worth is gathered at a time.
+    data_axis = plan.axis_of("batch", ("batch", "sequence", "embd"))
+    gathered, per_block = 0.0, {}
+    for path, shape, names in params:
+        n = plan.axes[data_axis] if data_axis and data_axis in _rules_spec(plan.rules, names) else 1
+        extra = 4 * plan.local(names, shape) * (n - 1)
+        gathered += extra
+        block = path.split("/")[0]
+        per_block[block] = per_block.get(block, 0.0) + extra
+    seen = p_bytes + (max(per_block.values()) if cfg.recompute_grad else gathered)
+    grads = (GRADS_LIVE + (ACCUMULATOR if n_micro > 1 else 0.0)) * seen + update_temp
+
+    act = ("batch", "sequence", "embd")
+    rows = cfg.train_batch_size / n_micro / batch_shards
+    tokens = rows * cfg.n_ctx / plan.split("sequence", act)
+    width = 2 if cfg.precision == "bfloat16" else 4
+    moe_layers = set(cfg.moe_layers or ())
+    layers = [_layer_floats(cfg, plan, k, i in moe_layers) for i, k in enumerate(cfg.attention_types)]
+    vocab = cfg.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
+    d = cfg.n_embd / plan.split("embd", act)
+    head = tokens * (4 * ACT_LOGITS * vocab + width * 2 * d)  # float32 logits; embeddings, ln_f
+    acts = tokens * width * sum(layers) + head
+    acts_remat = tokens * width * (len(layers) * d + max(layers)) + head
+
+    comm = _communication(cfg, plan, params, tokens, width, n_micro)
+    e = Estimate(mesh_shape, layout, p_bytes, opt, grads, acts, acts_remat, comm, cfg.recompute_grad, int(rows))
+    return replace(e, memory=p_bytes + opt + grads + (acts_remat if cfg.recompute_grad else acts))
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n
+
+
+def _communication(cfg: ModelConfig, plan: _Plan, params: list, tokens: float, width: int, n_micro: int) -> float:
+    """Bytes one device sends per step (ring collectives)."""
+    act = ("batch", "sequence", "embd")
+    batch_axis = plan.axis_of("batch", act)
+    seq_axis = plan.axis_of("sequence", act)
+    data_axes = [a for a in (batch_axis, seq_axis) if a]
+    total = 0.0
+    for _, shape, names in params:
+        local = 4 * plan.local(names, shape)
+        for a in data_axes:
+            n = plan.axes[a]
+            if n == 1:
+                continue
+            if a in _rules_spec(plan.rules, names):  # FSDP: gather for forward and backward, reduce-scatter
+                total += n_micro * 2 * _ring(n) * local * n + _ring(n) * local * n
+            else:  # data parallel: all-reduce the gradient (inside every microbatch's backward)
+                total += n_micro * 2 * _ring(n) * local
+    # partial sums of matmuls whose contracted dimension is split (tensor/model parallelism):
+    # forward all-reduce of the output and backward all-reduce of the input gradient
+    d, f = cfg.n_embd, cfg.intermediate_expanded
+    heads = ("batch", "sequence", "heads", "features_per_head")
+    hidden = ("batch", "sequence", "intermediate_expanded")
+    per_layer = 0.0
+    for contracted, out_names, out_size in (
+            ("embd", heads, 3 * d),                  # q, k, v from the residual
+            ("heads", act, d),                       # o projection
+            ("embd", hidden, f),                     # c_fc
+            ("intermediate_expanded", act, d)):      # c_proj
+        in_names = act if contracted == "embd" else (heads if contracted == "heads" else hidden)
+        n = plan.split(contracted, in_names)
+        if n > 1:
+            per_layer += 2 * _ring(n) * tokens * width * out_size / plan.split(out_names[-1], out_names)
+    n_attn_layers = sum(k != "none" for k in cfg.attention_types)
+    total += n_micro * 2 * per_layer * (n_attn_layers + cfg.n_layer) / 2
+    n_vocab = plan.split("vocab", ("vocab", "embd"))
+    if n_vocab > 1:  # sharded embedding lookup and the LM head's input gradient
+        total += n_micro * 2 * 2 * _ring(n_vocab) * tokens * width * cfg.n_embd
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates and ranking
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _role_layout(cfg: ModelConfig, data: str, model: Optional[str], model_size: int, fsdp: bool,
+                 experts: bool) -> Optional[str]:
+    """A layout string for a data axis (batch, optionally FSDP over embd) and a model axis
+    (Megatron tensor parallelism: heads, MLP width, vocabulary where they divide)."""
+    pairs = []
+    if experts:
+        pairs.append(f"experts:{data}")
+    pairs.append(f"batch:{data}")
+    if fsdp:
+        pairs.append(f"embd:{data}")
+    if model and model_size > 1:
+        if cfg.n_head % model_size:
+            return None
+        pairs.append(f"heads:{model}")
+        if cfg.intermediate_expanded % model_size == 0:
+            pairs.append(f"intermediate_expanded:{model}")
+        if cfg.n_vocab % model_size == 0:
+            pairs.append(f"vocab:{model}")
+    return ",".join(pairs)
+
+
+def candidates(cfg: ModelConfig, num_devices: int, mesh_shape: Optional[str]) -> list[tuple[str, str]]:
+    """(mesh_shape, layout) pairs to compare. With `mesh_shape` the mesh is fixed (its first
+    axis carries the batch, a second one the model split); otherwise every data x model split
+    of `num_devices` is tried."""
+    meshes: list[tuple[tuple[str, int], ...]]
+    if mesh_shape is not None:
+        meshes = [parse_mesh_shape(mesh_shape, num_devices)]
+    else:
+        meshes = [(("x", num_devices // m), ("y", m)) if m > 1 else (("x", num_devices),)
+                  for m in _divisors(num_devices)]
+    experts_ok = bool(cfg.moe_layers)
+    out = []
+    for axes in meshes:
+        text = ",".join(f"{a}:{s}" for a, s in axes)
+        names = [a for a, _ in axes]
+        orders = [(names[0], names[1] if len(names) > 1 else None)]
+        if len(names) == 2 and mesh_shape is not None:
+            orders.append((names[1], names[0]))
+        for data, model in orders:
+            size = dict(axes)[model] if model else 1
+            if cfg.train_batch_size % dict(axes)[data]:
+                continue
+            for fsdp in (False, True):
+                for experts in ((False, True) if experts_ok else (False,)):
+                    lay = _role_layout(cfg, data, model, size, fsdp, experts)
+                    if lay and (text, lay) not in out:
+                        out.append((text, lay))
+    return out
+
+
+def fits_shapes(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int) -> Optional[str]:
+    """None if every split dimension divides by its mesh axis, else the reason."""
+    axes = dict(parse_mesh_shape(mesh_shape, num_devices))
+    rules = parse_layout(layout, list(axes))
+    sizes = {"batch": cfg.train_batch_size, "sequence": cfg.n_ctx, "memory_length": cfg.n_ctx,
+             "embd": cfg.n_embd, "embed_sequence": cfg.n_ctx, "vocab": cfg.n_vocab, "heads": cfg.n_head,
+             "features_per_head": cfg.features_per_head, "intermediate_expanded": cfg.intermediate_expanded}
+    if cfg.moe_layers:
+        from neo.model.moe import moe_params
+
+        p = moe_params(cfg)
+        sizes["experts"] = p.moe_num_experts
+        sizes["intermediate_expanded"] = math.gcd(sizes["intermediate_expanded"], p.moe_hidden_size)
+    for dim, axis in rules:
+        if dim in sizes and sizes[dim] % axes[axis]:
+            return f"{dim} ({sizes[dim]}) does not split {axes[axis]} ways"
+    mb = _microbatches(cfg, axes[dict(rules)["batch"]] if "batch" in dict(rules) else 1)
+    if "batch" in dict(rules) and (cfg.train_batch_size // mb) % axes[dict(rules)["batch"]]:
+        return f"microbatches of {cfg.train_batch_size // mb} rows do not split over the batch axis"
+    return None
+
+
+def rank(cfg: ModelConfig, target: Target, mesh_shape: Optional[str] = None) -> list[Estimate]:
+    """Every valid candidate, best first: those that fit before those that do not, then by
+    communication per step, then by memory. A candidate that does not fit as configured gets
+    GPT-Neo's two remedies, in this order: more microbatches (tokens_per_mb_per_replica, down
+    to one sequence), then recompute_grad with the largest microbatch that fits."""
+    if mesh_shape is not None:
+        size = math.prod(s for _, s in parse_mesh_shape(mesh_shape, target.num_devices))
+        if size != target.num_devices:
+            raise NeoError(f"mesh_shape {mesh_shape!r} uses {size} devices but {target.num_devices} are planned "
+                           f"for; change mesh_shape or use --auto_layout_and_mesh_shape.")
+    params = parameter_shapes(cfg)
+    out = []
+    for mesh, lay in candidates(cfg, target.num_devices, mesh_shape):
+        if fits_shapes(cfg, mesh, lay, target.num_devices):
+            continue
+        out.append(_best_settings(cfg, mesh, lay, target, params))
+    return sorted(out, key=lambda e: (not e.fits, e.communication, e.memory))
+
+
+def _best_settings(cfg: ModelConfig, mesh: str, layout: str, target: Target, params: list) -> Estimate:
+    first = estimate(cfg, mesh, layout, target.num_devices, params)
+    if first.memory <= target.memory_bytes:
+        return replace(first, fits=True)
+    tried = []
+    for remat in ((False, True) if not cfg.recompute_grad else (True,)):
+        rows = first.microbatch
+        while rows >= 1:
+            trial = cfg.replace(recompute_grad=remat, tokens_per_mb_per_replica=rows * cfg.n_ctx)
+            if not fits_shapes(trial, mesh, layout, target.num_devices):
+                e = estimate(trial, mesh, layout, target.num_devices, params)
+                tried.append(e)
+                if e.memory <= target.memory_bytes:
+                    return replace(e, fits=True)
+            rows //= 2
+    return min(tried, key=lambda e: e.memory) if tried else first
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _bytes(x: float) -> str:
+    for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= k:
+            return f"{x / k:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def report(cfg: ModelConfig, target: Target, ranked: list[Estimate], top: int = 12) -> str:
+    """The table and the config lines to paste."""
+    if not ranked:
+        return (f"neo auto layout: no mesh shape and layout of {target.num_devices} devices splits {cfg.name}'s "
+                f"dimensions evenly (train_batch_size {cfg.train_batch_size}, n_head {cfg.n_head}); "
+                f"make train_batch_size a multiple of the device count.")
+    lines = [f"neo auto layout: {cfg.name} ({parameter_count(cfg):,} parameters), batch {cfg.train_batch_size} x "
+             f"{cfg.n_ctx}, on {target.name}: {target.num_devices} devices x {_gib(target.memory_bytes)} GiB",
+             "GiB per device (float32 weights, gradients and optimizer state; activations of one microbatch); "
+             "mb = sequences per microbatch per replica; comm = bytes each device sends per step",
+             ""]
+    head = ["#", "mesh_shape", "layout", "params", "optim", "grads", "activ", "total", "mb", "remat", "comm", "fits"]
+    rows = []
+    for i, e in enumerate(ranked[:top], 1):
+        acts = e.activations_remat if e.remat else e.activations
+        rows.append([str(i), e.mesh_shape, e.layout, _gib(e.params), _gib(e.optimizer), _gib(e.gradients),
+                     _gib(acts), _gib(e.memory), str(e.microbatch), "yes" if e.remat else "no",
+                     _bytes(e.communication), "yes" if e.fits else "no"])
+    widths = [max(len(r[k]) for r in rows + [head]) for k in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    if len(ranked) > top:
+        lines.append(f"... {len(ranked) - top} more")
+    lines.append("")
+    best = ranked[0]
+    if not best.fits:
+        lines.append(f"Nothing fits in {_gib(target.memory_bytes)} GiB per device, even with one sequence per "
+                     f"microbatch and recompute_grad: use more devices (--auto_layout_and_mesh_shape, "
+                     f"--num_devices) or a smaller model.")
+        return "\n".join(lines)
+    lines.append("Paste into the config:")
+    lines += ["    " + line for line in config_lines(cfg, best)]
+    return "\n".join(lines)
+
+
+def config_lines(cfg: ModelConfig, e: Estimate) -> list[str]:
+    """The JSON lines that set up candidate `e`: its mesh and layout, and the microbatching
+    and remat settings where they differ from the config."""
+    import json
+
+    axes = dict(parse_mesh_shape(e.mesh_shape, 1))  # candidates always spell out their sizes
+    batch_axis = dict(parse_layout(e.layout, list(axes))).get("batch")
+    per_replica = cfg.train_batch_size // (axes[batch_axis] if batch_axis else 1)
+    pairs = [("mesh_shape", e.mesh_shape), ("layout", e.layout)]
+    if e.microbatch != per_replica or cfg.tokens_per_mb_per_replica:
+        pairs.append(("tokens_per_mb_per_replica", e.microbatch * cfg.n_ctx))
+    if e.remat != cfg.recompute_grad:
+        pairs.append(("recompute_grad", e.remat))
+    return [f"{json.dumps(k)}: {json.dumps(v)}" + ("," if i < len(pairs) - 1 else "") for i, (k, v) in enumerate(pairs)]
+
+
+def target_from(num_devices: Optional[int], memory_gb: Optional[float], preset: Optional[str]) -> Target:
+    """The devices to plan for: a preset, numbers given on the command line, or the devices
+    present (their memory as reported by the runtime; host memory shared for CPU devices)."""
+    if preset:
+        if preset not in TARGETS:
+            raise NeoError(f"--auto_layout_target {preset!r} is not one of {', '.join(TARGETS)}; or give "
+                           f"--num_devices and --device_memory_gb.")
+        n, mem, name = TARGETS[preset]
+        return Target(num_devices or n, memory_gb * GiB if memory_gb else mem, name)
+    if num_devices and memory_gb:
+        return Target(num_devices, memory_gb * GiB, f"{num_devices} planned devices")
+    import jax
+
+    devices = jax.devices()
+    n = num_devices or len(devices)
+    if memory_gb:
+        return Target(n, memory_gb * GiB, f"{n} x {devices[0].device_kind}")
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return Target(n, float(stats["bytes_limit"]), f"{n} x {devices[0].device_kind}")
+    if devices[0].platform == "cpu":
+        import os
+
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return Target(n, host / len(devices), f"{n} CPU device(s) sharing {host / GiB:.0f} GiB of host memory")
+    raise NeoError(f"cannot read the memory of {devices[0].device_kind}; pass --device_memory_gb.")
