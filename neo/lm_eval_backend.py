@@ -36,7 +36,8 @@ from neo.mesh import Layout
 from neo.model import GPT
 
 MIN_BUCKET = 16
-# "auto" batch size: rows per batch such that the float32 logits of one batch stay under 1 GiB.
+# "auto" batch size: rows such that a batch's float32 logits at every position would stay under
+# 1 GiB (only scored positions get logits, so this bounds the activations with room to spare).
 AUTO_LOGITS_BUDGET = 2 ** 28
 DEFAULT_MAX_BATCH = 64
 
@@ -102,25 +103,12 @@ class NeoLM(TemplateLM):
             cfg = cfg.replace(**overrides)
         if not cfg.causal:
             raise NeoError(f"{cfg.source}: lm-eval scores causal language models; this config has mlm_training on.")
-        if layout is None:
-            from neo.mesh import make_layout
-
-            layout = make_layout(cfg.mesh_shape, cfg.layout)
-        self.cfg, self.layout = cfg, layout
+        from neo.checkpoint import load_params
+        from neo.data.tokenizer import load_tokenizer
+        from neo.mesh import make_layout
         from neo.train import abstract_params
 
-        abstract = abstract_params(cfg, layout)
-        shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        self.step = step
-        if params is None:
-            from neo.checkpoint import load_params
-
-            params, meta = load_params(cfg.model_path, abstract, step)
-            self.step = meta.get("step", step)
-        self.params = jax.device_put(params, shardings)
-
-        from neo.data.tokenizer import load_tokenizer
-
+        # The tokenizer first: a mismatch is found before a large checkpoint is read.
         path = tokenizer or cfg.tokenizer_path
         if path is None:
             raise NeoError(f"{cfg.source}: lm-eval needs the model's tokenizer: set 'tokenizer_path' in the config "
@@ -136,13 +124,23 @@ class NeoLM(TemplateLM):
                            f"windows on the end-of-text token.")
         self._eot = int(eos)
 
+        # `device` (lm-eval's --device) is not used: the config's mesh_shape and layout place the model.
+        self.cfg = cfg
+        self.layout = layout or make_layout(cfg.mesh_shape, cfg.layout)
+        abstract = abstract_params(cfg, self.layout)
+        self.step = step
+        if params is None:
+            params, meta = load_params(cfg.model_path, abstract, step)
+            self.step = meta.get("step", step)
+        self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+
         self._max_length = max_length or cfg.n_ctx
         if not 0 < self._max_length <= cfg.n_ctx:
             raise NeoError(f"max_length {self._max_length} must be between 1 and the model's n_ctx ({cfg.n_ctx}).")
         self._max_gen_toks = int(max_gen_toks)
         self._batch_size = self._parse_batch_size(batch_size)
         self._max_batch = int(max_batch_size or DEFAULT_MAX_BATCH)
-        self._score = make_score_fn(cfg, layout, shardings)
+        self._score = make_score_fn(cfg, self.layout, jax.tree.map(lambda x: x.sharding, abstract))
 
     @staticmethod
     def _parse_batch_size(batch_size: int | str | None) -> Optional[int]:
