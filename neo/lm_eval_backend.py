@@ -108,7 +108,13 @@ class NeoLM(TemplateLM):
         from neo.mesh import make_layout
         from neo.train import abstract_params
 
-        # The tokenizer first: a mismatch is found before a large checkpoint is read.
+        # Arguments and tokenizer first: mistakes are found before a large checkpoint is read.
+        self._max_length = max_length or cfg.n_ctx
+        if not 0 < self._max_length <= cfg.n_ctx:
+            raise NeoError(f"max_length {self._max_length} must be between 1 and the model's n_ctx ({cfg.n_ctx}).")
+        self._max_gen_toks = int(max_gen_toks)
+        self._batch_size = self._parse_batch_size(batch_size)
+        self._max_batch = int(max_batch_size or DEFAULT_MAX_BATCH)
         path = tokenizer or cfg.tokenizer_path
         if path is None:
             raise NeoError(f"{cfg.source}: lm-eval needs the model's tokenizer: set 'tokenizer_path' in the config "
@@ -133,13 +139,6 @@ class NeoLM(TemplateLM):
             params, meta = load_params(cfg.model_path, abstract, step)
             self.step = meta.get("step", step)
         self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
-
-        self._max_length = max_length or cfg.n_ctx
-        if not 0 < self._max_length <= cfg.n_ctx:
-            raise NeoError(f"max_length {self._max_length} must be between 1 and the model's n_ctx ({cfg.n_ctx}).")
-        self._max_gen_toks = int(max_gen_toks)
-        self._batch_size = self._parse_batch_size(batch_size)
-        self._max_batch = int(max_batch_size or DEFAULT_MAX_BATCH)
         self._score = make_score_fn(cfg, self.layout, jax.tree.map(lambda x: x.sharding, abstract))
 
     @staticmethod
