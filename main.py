@@ -21,6 +21,12 @@ flags.DEFINE_bool("check_dataset", False, "Inspect the training data and exit.")
 flags.DEFINE_string("sacred_id", "nosacred", "Tag for prediction and eval output files.")
 flags.DEFINE_bool("entmax_sampling", False, "Sample with entmax (not supported in neo).")
 flags.DEFINE_bool("export", False, "Export (neo: use scripts/convert_hf.py export).")
+flags.DEFINE_float("temperature", None, "--predict: sampling temperature, 0 = greedy (config key 'temperature', 0.9).")
+flags.DEFINE_integer("top_k", None, "--predict: sample from the k most likely tokens, 0 = off (config 'top_k').")
+flags.DEFINE_float("top_p", None, "--predict: nucleus sampling mass, 1 = off (config 'top_p').")
+flags.DEFINE_integer("max_new_tokens", None, "--predict: tokens to add (config 'predict_max_steps'; default: fill n_ctx).")
+flags.DEFINE_integer("num_samples", None, "--predict: samples per prompt (config 'predict_batch_size').")
+flags.DEFINE_integer("seed", None, "--predict: sampling seed (config 'seed').")
 flags.DEFINE_multi_string("set", [], "Override a config key for this run: --set train_steps=100 (JSON values).")
 
 
@@ -61,7 +67,7 @@ def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
-    unavailable = {"predict": FLAGS.predict, "eval": FLAGS.eval, "check_dataset": FLAGS.check_dataset,
+    unavailable = {"eval": FLAGS.eval, "check_dataset": FLAGS.check_dataset,
                    "auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
                    "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
     for mode, on in unavailable.items():
@@ -75,6 +81,14 @@ def _run(argv: list[str]) -> None:
     if not cfg.model_path:
         raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
+    if FLAGS.predict:
+        from neo.predict import SamplingOptions, predict
+
+        opts = SamplingOptions.from_config(
+            cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+            max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
+        predict(cfg, layout, FLAGS.prompt, opts, FLAGS.sacred_id)
+        return
     fit(cfg, layout)
 
 
