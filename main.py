@@ -75,11 +75,11 @@ def _run(argv: list[str]) -> None:
             raise NeoError(f"--{mode} is not available yet in this build of neo.")
 
     from neo.devices import select_devices
+    from neo.distributed import initialize
+    from neo.loop import fit
     from neo.mesh import make_layout
-    from neo.train import fit
 
-    if not cfg.model_path:
-        raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
+    initialize(FLAGS.tpu)
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
     if FLAGS.predict:
         from neo.predict import SamplingOptions, predict
@@ -89,7 +89,11 @@ def _run(argv: list[str]) -> None:
             max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
         predict(cfg, layout, FLAGS.prompt, opts, FLAGS.sacred_id)
         return
-    fit(cfg, layout)
+    if FLAGS.new:
+        from neo.checkpoint import start_over
+
+        start_over(cfg.model_path)
+    fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint)
 
 
 def _gather_gpu_ids(args: list[str]) -> list[str]:

@@ -49,8 +49,9 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def has_opt_state(self, step: int) -> bool:
-        names = self.manager.item_metadata(step)
-        return names is not None and "opt_state" in names and names["opt_state"] is not None
+        from etils import epath
+
+        return (epath.Path(self.directory) / str(step) / "opt_state").exists()
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> tuple[Any, Any, dict]:
         """(params, opt_state or None, meta). `abstract_*` are trees of jax.ShapeDtypeStruct
@@ -97,3 +98,30 @@ def load_params(model_path: str, abstract_params: Any, step: Optional[int] = Non
     params, _, meta = ckpt.restore(step, abstract_params)
     ckpt.close()
     return params, meta
+
+
+def start_over(model_path: str, confirm: bool = True, log=print) -> None:
+    """`--new`: remove what training wrote in model_path (training checkpoints, metrics,
+    TensorBoard events, the loss plot). Parameters-only checkpoints (imported weights) and
+    config files stay, so an imported model restarts from its imported weights."""
+    import sys
+
+    from etils import epath
+
+    root = epath.Path(model_path)
+    if not root.exists():
+        return
+    ckpt = Checkpointer(model_path, async_save=False)
+    doomed_steps = [s for s in ckpt.all_steps() if ckpt.has_opt_state(s)]
+    ckpt.close()
+    doomed = [root / "checkpoints" / str(s) for s in doomed_steps]
+    doomed += [root / n for n in ("metrics.jsonl", "tensorboard", "loss.png", "wandb_id") if (root / n).exists()]
+    if not doomed:
+        return
+    if confirm and sys.stdin.isatty():
+        answer = input(f"--new: delete {len(doomed_steps)} checkpoint(s) and the logs in {model_path}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise NeoError("--new cancelled; nothing was deleted.")
+    for path in doomed:
+        path.rmtree() if path.is_dir() else path.unlink()
+    log(f"neo: --new: removed {len(doomed_steps)} training checkpoint(s) and the logs in {model_path}")

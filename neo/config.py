@@ -160,6 +160,9 @@ class ModelConfig:
     eos_id: Optional[int] = None
     padding_id: Optional[int] = None
     tokenizer_path: Optional[str] = None
+    # --- neo: checkpoints and tracking (docs/configs.md) ---
+    keep_checkpoints: int = 5
+    wandb_project: Optional[str] = None
     # --- provenance ---
     source: str = ""
 
@@ -308,7 +311,7 @@ def _validate(cfg: ModelConfig, where: str) -> ModelConfig:
         raise NeoError(f"{where}: {msg}")
 
     for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "train_batch_size", "train_steps",
-                "iterations", "local_attention_radius", "predict_batch_size"):
+                "iterations", "local_attention_radius", "predict_batch_size", "keep_checkpoints"):
         if getattr(cfg, key) <= 0:
             fail(f"'{key}' must be a positive integer, got {getattr(cfg, key)}.")
     if cfg.n_embd % cfg.n_head:

@@ -35,8 +35,10 @@ def select_devices(gpu_ids: Sequence[str] = ()) -> list:
     if devices[0].platform != "gpu":
         raise NeoError(f"--gpu_ids {' '.join(map(str, ids))} given, but JAX sees no GPUs here "
                        f"(platform '{devices[0].platform}'); drop --gpu_ids or install jax[cuda].")
-    local = {d.local_hardware_id if d.local_hardware_id is not None else d.id: d for d in jax.local_devices()}
+    local_id = lambda d: d.local_hardware_id if d.local_hardware_id is not None else d.id
+    local = {local_id(d) for d in jax.local_devices()}
     missing = [i for i in ids if i not in local]
     if missing:
         raise NeoError(f"--gpu_ids: GPU(s) {missing} do not exist; this host has GPUs {sorted(local)}.")
-    return [local[i] for i in ids]
+    # The same ids on every host of a multi-process run, in process order.
+    return [d for d in devices if local_id(d) in ids]

@@ -85,3 +85,11 @@ def measured_matmul_flops(n: int = 2048, reps: int = 10) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def mfu(cfg: ModelConfig, tokens_per_sec: float, devices: list) -> float:
+    """Model FLOPs utilisation of `devices` running at `tokens_per_sec`."""
+    peak, _ = device_peak_flops(devices[0], cfg.precision)
+    # Simulated CPU devices share the same cores: the measured rate is the whole machine's.
+    total = peak if devices[0].platform == "cpu" else peak * len(devices)
+    return flops_per_token(cfg) * tokens_per_sec / total

@@ -1,0 +1,64 @@
+"""Validation during training: mean loss, perplexity and bits per byte on the eval split.
+
+Bits per byte uses the real byte count of the evaluated tokens (decoded with the dataset's
+tokenizer), not GPT-Neo's fixed 0.29335 tokens-per-byte constant for GPT-2 BPE on the Pile;
+the constant is the fallback when no tokenizer is configured.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neo.config import ModelConfig
+from neo.mesh import Layout
+from neo.model import GPT
+
+PILE_TOKENS_PER_BYTE = 0.29335  # GPT-Neo's constant (reference 1.17)
+
+
+def make_eval_step(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Callable:
+    """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count."""
+    model = GPT(cfg)
+
+    def step(params: Any, batch: jax.Array) -> dict:
+        with layout.active():
+            logits = model.apply({"params": params}, batch[:, :-1])
+            log_z = jax.nn.logsumexp(logits, axis=-1)
+            target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
+            return {"nll": (log_z - target).sum(), "tokens": jnp.asarray(target.size, jnp.float32)}
+
+    return jax.jit(step, in_shardings=(param_shardings, layout.sharding(("batch", None))),
+                   out_shardings=layout.replicated)
+
+
+def token_bytes(tokenizer: Any, rows: np.ndarray) -> Optional[int]:
+    """UTF-8 bytes of the target tokens of each row (None without a tokenizer)."""
+    if tokenizer is None:
+        return None
+    if getattr(tokenizer, "vocab_size", None) == 256 and type(tokenizer).__name__ == "ByteTokenizer":
+        return int(rows[:, 1:].size)
+    return sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in rows)
+
+
+def validate(eval_step: Callable, params: Any, batches: list[jax.Array], local_rows: list[np.ndarray],
+             tokenizer: Any = None) -> dict:
+    """Run the eval batches; -> {"eval_loss", "eval_perplexity", "eval_bits_per_byte"}."""
+    nll = tokens = 0.0
+    for batch in batches:
+        out = jax.device_get(eval_step(params, batch))
+        nll += float(out["nll"])
+        tokens += float(out["tokens"])
+    loss = nll / tokens
+    n_bytes = None
+    if tokenizer is not None and jax.process_count() == 1:
+        n_bytes = sum(token_bytes(tokenizer, rows) for rows in local_rows)
+    if n_bytes:
+        bpb = nll / math.log(2) / n_bytes
+    else:
+        bpb = loss * PILE_TOKENS_PER_BYTE / math.log(2)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_bits_per_byte": bpb}

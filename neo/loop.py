@@ -1,0 +1,208 @@
+"""The training loop: resume, train, log, checkpoint, validate, repeat.
+
+A run restarts from the latest checkpoint in `<model_path>/checkpoints` by itself. The loop
+synchronises with the devices only at log steps and checkpoints, stops on a NaN/Inf loss
+without saving the bad state, and on SIGTERM (preemption) saves and exits.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neo.checkpoint import Checkpointer, abstract_like
+from neo.config import ModelConfig
+from neo.errors import NeoError
+from neo.mesh import Layout
+from neo.flops import mfu
+from neo.train import Setup, TrainState, build, global_batch
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def describe(setup: Setup, log: Callable[[str], None]) -> None:
+    """What is about to run and what it needs per device, before compiling."""
+    from neo.memory import bytes_per_device, device_memory, gib
+
+    cfg, layout = setup.cfg, setup.layout
+    devices = list(layout.mesh.devices.flat)
+    abstract = jax.eval_shape(setup.init)
+    p = bytes_per_device(abstract.params, setup.state_shardings.params)
+    o = bytes_per_device(abstract.opt_state, setup.state_shardings.opt_state)
+    log(f"neo: {cfg.name}: {setup.param_count:,} parameters; {len(devices)} x {devices[0].device_kind}; "
+        f"mesh {dict(layout.mesh.shape)}; layout {', '.join(f'{d}:{a}' for d, a in layout.rules)}; "
+        f"{setup.num_microbatches} microbatch(es) of {cfg.train_batch_size // setup.num_microbatches} sequences")
+    limit = device_memory(devices[0])
+    need = 2 * p + o  # parameters, their gradients, optimizer state
+    log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}"
+        + (f" = {gib(need)} of {gib(limit)}" if limit else f" = {gib(need)} (+ activations)"))
+    if limit and need > limit:
+        raise NeoError(f"parameters, gradients and optimizer state need {gib(need)} per device but a "
+                       f"{devices[0].device_kind} has {gib(limit)}; shard them (e.g. add 'embd:<axis>' to "
+                       f"the layout for FSDP) or use more devices.")
+
+
+def restore_or_init(setup: Setup, ckpt: Checkpointer, log: Callable[[str], None]) -> tuple[TrainState, dict]:
+    """The latest checkpoint read straight into this layout's shardings, or a fresh state. A
+    parameters-only checkpoint (an imported model) gets a fresh optimizer: finetuning."""
+    step = ckpt.latest_step()
+    if step is None:
+        return setup.init(), {}
+    abstract = jax.eval_shape(setup.init)
+    params_abs = abstract_like(abstract.params, setup.state_shardings.params)
+    if ckpt.has_opt_state(step):
+        opt_abs = abstract_like(abstract.opt_state, setup.state_shardings.opt_state)
+        params, opt_state, meta = ckpt.restore(step, params_abs, opt_abs)
+        log(f"neo: resumed from checkpoint {step} in {ckpt.directory}")
+    else:
+        params, _, meta = ckpt.restore(step, params_abs)
+        opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.state_shardings.opt_state)(params)
+        log(f"neo: loaded parameters from checkpoint {step} (no optimizer state: finetuning from it)")
+    state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), setup.state_shardings.step), params, opt_state)
+    return state, meta
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. in a notebook worker)
+            self._old = None
+
+    def _handle(self, *_: object) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
+        log: Callable[[str], None] = print) -> dict:
+    """Train to `train_steps` from wherever model_path's checkpoints left off. Returns the last
+    logged train record."""
+    from neo.data import make_source
+    from neo.tracking import Tracker
+
+    if not cfg.model_path:
+        raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
+    setup = build(cfg, layout)
+    describe(setup, log)
+    source = make_source(cfg, "train", jax.process_index(), jax.process_count())
+    validation = _Validation(cfg, setup) if cfg.eval_steps > 0 else None
+
+    t0 = time.perf_counter()
+    ckpt = Checkpointer(cfg.model_path, max_to_keep=cfg.keep_checkpoints)
+    state, meta = restore_or_init(setup, ckpt, log)
+    start = int(jax.device_get(state.step))
+    if "data" in meta:
+        source.restore(meta["data"])
+    tracker = Tracker(cfg, start, log)
+    if start >= cfg.train_steps:
+        log(f"neo: already trained to step {start} (train_steps {cfg.train_steps}); nothing to do")
+    devices = list(layout.mesh.devices.flat)
+    tokens_per_step = cfg.train_batch_size * cfg.n_ctx
+    preemption = _Preemption()
+    last: dict = {}
+    interval_start: Optional[float] = None
+    interval_steps = 0
+    try:
+        for step in range(start, cfg.train_steps):
+            state, metrics = setup.step(state, global_batch(setup, next(source)))
+            if interval_start is None:  # the first step includes compilation: time it apart
+                jax.block_until_ready(metrics)
+                log(f"neo: first step (compile + run) took {time.perf_counter() - t0:.1f}s")
+                interval_start, interval_steps = time.perf_counter(), 0
+            else:
+                interval_steps += 1
+            done = step + 1
+            checkpoint_now = done % steps_per_checkpoint == 0 or done == cfg.train_steps or preemption.requested
+            if done % cfg.iterations == 0 or checkpoint_now:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    tracker.log({"kind": "train", "step": done, **m, "time": time.time()})
+                    _stop_diverged(m, done, ckpt)
+                if done % cfg.iterations == 0 or done == cfg.train_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    last = _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_step, devices)
+                    interval_start, interval_steps = time.perf_counter(), 0
+            if checkpoint_now:
+                pause = time.perf_counter()
+                ckpt.save(done, state.params, state.opt_state, {"data": source.state(), "seed": cfg.seed})
+                if validation is not None:
+                    tracker.log({"kind": "eval", "step": done, **validation.run(state.params, log), "time": time.time()})
+                tracker.plot()
+                interval_start += time.perf_counter() - pause  # saving and evaluating is not training time
+            if preemption.requested:
+                log(f"neo: SIGTERM: saved checkpoint {done}; exiting (rerun the same command to resume)")
+                break
+    finally:
+        ckpt.close()
+        tracker.close()
+        preemption.restore()
+    return last
+
+
+def _stop_diverged(m: dict, step: int, ckpt: Checkpointer) -> None:
+    ckpt.wait()
+    good = ckpt.latest_step()
+    keep = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was written"
+    raise NeoError(f"loss {m['loss']} / gradient norm {m['grad_norm']} at step {step}: training diverged; "
+                   f"stopping without saving ({keep}). Lower 'lr', raise 'warmup_steps', set "
+                   f"'gradient_clipping', or check the data; rerun to resume from the checkpoint.")
+
+
+def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_step, devices) -> dict:
+    record = {"kind": "train", "step": done, **m, "time": time.time()}
+    speed = ""
+    if interval_steps:  # no rate for an interval that held only the compiling step
+        tps = interval_steps * tokens_per_step / elapsed
+        record.update(tokens_per_sec=tps, mfu=mfu(cfg, tps, devices))
+        speed = f" | {tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
+    eta = (cfg.train_steps - done) * elapsed / interval_steps if interval_steps else float("nan")
+    log(f"step {done}/{cfg.train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+        f"grad_norm {m['grad_norm']:.3f}{speed} | ETA {format_eta(eta)}")
+    tracker.log(record)
+    return record
+
+
+class _Validation:
+    """`eval_steps` batches of the eval split, the same ones at every checkpoint."""
+
+    def __init__(self, cfg: ModelConfig, setup: Setup):
+        from neo.data import make_source
+        from neo.data.tokenizer import load_tokenizer
+        from neo.evaluate import make_eval_step
+
+        source = make_source(cfg, "eval", jax.process_index(), jax.process_count())
+        self.rows = [next(source) for _ in range(cfg.eval_steps)]
+        self.setup = setup
+        self.step = make_eval_step(cfg, setup.layout, setup.state_shardings.params)
+        try:
+            self.tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
+        except NeoError:
+            self.tokenizer = None
+
+    def run(self, params, log: Callable[[str], None]) -> dict:
+        from neo.evaluate import validate
+
+        sharding = self.setup.layout.sharding(("batch", None))
+        batches = [jax.make_array_from_process_local_data(sharding, r) for r in self.rows]
+        out = validate(self.step, params, batches, self.rows, self.tokenizer)
+        log(f"eval | loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
+            f"bits/byte {out['eval_bits_per_byte']:.4f}")
+        return out

@@ -1,0 +1,33 @@
+"""Memory per device of a train state under a layout, known before anything is compiled."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+
+
+def bytes_per_device(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs placed on `shardings`."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    return total
+
+
+def device_memory(device: jax.Device) -> Optional[int]:
+    """The memory one device can allocate, if the runtime says (GPU/TPU); None on CPU."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU devices and some runtimes have no memory_stats
+        return None
+    return (stats or {}).get("bytes_limit")
+
+
+def gib(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number readable."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

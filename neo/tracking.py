@@ -1,0 +1,117 @@
+"""Where a run's numbers go: the console, `<model_path>/metrics.jsonl`, TensorBoard event files
+in `<model_path>/tensorboard/`, a loss-curve PNG `<model_path>/loss.png`, and Weights & Biases
+when `wandb_project` is set and wandb is installed. Only process 0 writes.
+
+A resumed run first cuts every record after the checkpoint it resumes from (metrics.jsonl is
+rewritten; TensorBoard gets a restart marker that hides the stale events), so the record always
+reads like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Optional
+
+import jax
+
+from neo.config import ModelConfig, to_json_dict
+from neo.metrics import MetricsLog
+
+
+class Tracker:
+    def __init__(self, cfg: ModelConfig, resume_step: int, console: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.console = console
+        self.enabled = jax.process_index() == 0
+        self.metrics = MetricsLog(cfg.model_path)
+        self.tb = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.model_path, exist_ok=True)
+        self._truncate(resume_step)
+        from neo.tensorboard import EventWriter
+
+        self.tb = EventWriter(os.path.join(cfg.model_path, "tensorboard"))
+        if resume_step:
+            self.tb.restart(resume_step + 1)
+        self.wandb = _start_wandb(cfg, console)
+
+    def _truncate(self, resume_step: int) -> None:
+        """Drop records a crashed or killed run wrote after the checkpoint we resume from."""
+        records = self.metrics.read()
+        keep = [r for r in records if r.get("step", 0) <= resume_step]
+        if len(keep) == len(records):
+            return
+        tmp = self.metrics.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, self.metrics.path)
+        self.console(f"neo: dropped {len(records) - len(keep)} metrics record(s) after step {resume_step} "
+                     f"left by an interrupted run")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(record)
+        step = int(record["step"])
+        scalars = {k: float(v) for k, v in record.items()
+                   if k not in ("step", "time", "kind") and isinstance(v, (int, float)) and math.isfinite(v)}
+        prefix = "eval/" if record.get("kind") == "eval" else "train/"
+        self.tb.scalars(step, {prefix + k.removeprefix("eval_"): v for k, v in scalars.items()})
+        if self.wandb is not None:
+            self.wandb.log({prefix + k.removeprefix("eval_"): v for k, v in scalars.items()}, step=step)
+
+    def plot(self) -> None:
+        """Redraw `<model_path>/loss.png` from metrics.jsonl."""
+        if not self.enabled:
+            return
+        records = self.metrics.read()
+        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and isinstance(r.get("loss"), float)]
+        evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+        if not train and not evals:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(self.cfg.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = os.path.join(self.cfg.model_path, "loss.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, os.path.join(self.cfg.model_path, "loss.png"))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: ModelConfig, console: Callable[[str], None]) -> Optional[Any]:
+    if not cfg.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        console("neo: wandb_project is set but wandb is not installed (pip install wandb); not logging to W&B")
+        return None
+    id_file = os.path.join(cfg.model_path, "wandb_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    return wandb.init(project=cfg.wandb_project, name=cfg.name, id=run_id, resume="allow",
+                      config=to_json_dict(cfg), dir=cfg.model_path)
