@@ -39,8 +39,8 @@ def test_finetune_notebook_runs_end_to_end(tmp_path, shared_data, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     params = dict(MODEL=str(tmp_path / "hf"), TEXT=str(tmp_path / "text.txt"), WORK_DIR=str(tmp_path / "work"),
-                  TRAIN_STEPS=4, BATCH_SIZE=2, STEPS_PER_CHECKPOINT=2, PRECISION="float32", RECOMPUTE_GRAD=False,
-                  MAX_NEW_TOKENS=8, NUM_SAMPLES=1, PROMPT="ROMEO:")
+                  TRAIN_STEPS=4, BATCH_SIZE=2, STEPS_PER_CHECKPOINT=2, WARMUP_STEPS=1, LR=1e-3,
+                  PRECISION="float32", RECOMPUTE_GRAD=False, MAX_NEW_TOKENS=8, NUM_SAMPLES=1, PROMPT="ROMEO:")
     injected = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
     monkeypatch.setenv("XLA_FLAGS", "")  # the notebook's commands see this machine's one CPU device
