@@ -214,7 +214,9 @@ def make_generate(cfg: ModelConfig, layout: Layout, on_trace: Optional[Callable[
             _, _, _, out, _, length = jax.lax.while_loop(cond, body, state)
             return out, length
 
-    return jax.jit(generate, static_argnames=("room", "use_top_k", "use_top_p"))
+    # Results come back replicated: small, and readable on every host of a multi-host run.
+    return jax.jit(generate, static_argnames=("room", "use_top_k", "use_top_p"),
+                   out_shardings=(layout.replicated, layout.replicated))
 
 
 class Sampler:
@@ -303,6 +305,7 @@ def predict(cfg: ModelConfig, layout: Layout, prompt_path: str, opts: SamplingOp
         texts.append(tokenizer.decode(ids))
     report = format_samples(texts)
     out = Path(cfg.model_path) / f"predictions_{sacred_id}_{meta.get('step', 0)}.txt"
-    out.write_text(report, encoding="utf-8")
-    log(report + f"neo: wrote {len(texts)} sample(s) to {out}")
+    if jax.process_index() == 0:  # every host computed the same samples
+        out.write_text(report, encoding="utf-8")
+        log(report + f"neo: wrote {len(texts)} sample(s) to {out}")
     return out

@@ -181,3 +181,16 @@ def test_predict_command_on_an_imported_pythia_style_model(tmp_path, shared_data
         assert tok.decode(ids + ref) in out.stdout
     written = (tmp_path / "neo" / "predictions_nosacred_0.txt").read_text()
     assert written.count(" SAMPLE ") == 2 and written in out.stdout
+
+
+def test_predict_explains_what_is_missing(tmp_path):
+    from neo.config import parse_model_config
+    from neo.predict import predict
+
+    layout = make_layout("", "", jax.devices()[:1])
+    raw = dict(n_embd=32, n_head=4, n_layer=1, n_ctx=16, n_vocab=256, attention_types=[[["global"], 1]])
+    opts = SamplingOptions()
+    with pytest.raises(NeoError, match="no tokenizer for --predict"):
+        predict(parse_model_config({**raw, "model_path": str(tmp_path)}), layout, "", opts)
+    with pytest.raises(NeoError, match="no checkpoint in"):
+        predict(parse_model_config({**raw, "model_path": str(tmp_path), "tokenizer_path": "bytes"}), layout, "", opts)
