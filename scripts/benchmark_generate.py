@@ -94,22 +94,29 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin each backend to this many cores (0 = all); 1 is steadier on a busy machine")
     p.add_argument("--backend", choices=["both", "neo", "torch"], default="both")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.cores and args.backend != "both":  # before JAX or torch start their thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+        if args.backend == "torch":
+            import torch
+
+            torch.set_num_threads(args.cores)
 
     if args.backend != "both":
         fn = bench_neo if args.backend == "neo" else bench_torch
         print("RESULT " + json.dumps(fn(args, args.batch[0])))
         return
     print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, float32, "
-          f"{args.reps} reps (median)")
+          f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)")
     print(f"{'backend':26} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12}")
     for batch in args.batch:
         results = {}
         for backend in ("neo", "torch"):
-            argv = [a for a in sys.argv[1:]]
-            out = subprocess.run([sys.executable, __file__, *argv, "--backend", backend, "--batch", str(batch)],
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", backend, "--batch", str(batch)],
                                  capture_output=True, text=True)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
