@@ -67,8 +67,12 @@ def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
-    unavailable = {"eval": FLAGS.eval, "check_dataset": FLAGS.check_dataset,
-                   "auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
+    if FLAGS.check_dataset:
+        from neo.inspect import check_dataset
+
+        check_dataset(cfg)
+        return
+    unavailable = {"auto_layout": FLAGS.auto_layout or FLAGS.auto_layout_and_mesh_shape,
                    "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
     for mode, on in unavailable.items():
         if on:
@@ -88,6 +92,13 @@ def _run(argv: list[str]) -> None:
             cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
             max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
         predict(cfg, layout, FLAGS.prompt, opts, FLAGS.sacred_id)
+        return
+    if FLAGS.eval:
+        from neo.evaluate import validate_checkpoint
+
+        if cfg.eval_tasks:
+            raise NeoError("eval_tasks (lm-evaluation-harness) are not available yet in this build of neo.")
+        validate_checkpoint(cfg, layout)
         return
     if FLAGS.new:
         from neo.checkpoint import start_over

@@ -54,6 +54,9 @@ class DatasetConfig:
     lambada_tokens_path: Optional[str] = None
     # neo: for a plain-text `path`, the last `holdout` fraction of its tokens is the eval split.
     holdout: float = 0.0
+    # neo: the fewest tokens of any document (create_tfrecords.py --minimum_size), so that
+    # documents_random's `stitch` can be checked before training.
+    minimum_size: Optional[int] = None
     # neo: where relative paths in this file are resolved from (see resolve_path).
     source: str = ""
 
@@ -362,6 +365,13 @@ def _validate(cfg: ModelConfig, where: str) -> ModelConfig:
                  f"{cfg.n_vocab}; raise the model's 'n_vocab' to at least {entry.config.n_vocab}.")
         if entry.sampling_mode == "documents_random" and entry.stitch is not None and entry.stitch < 1:
             fail(f"dataset '{entry.id}': stitch must be >= 1, got {entry.stitch}.")
+        shortest = entry.config.minimum_size
+        if entry.sampling_mode == "documents_random" and shortest:
+            stitch = entry.stitch or 1
+            if stitch * shortest < cfg.n_ctx + 1:
+                fail(f"dataset '{entry.id}': documents_random needs stitch x minimum_size >= n_ctx + 1 so that "
+                     f"every window is real text, but {stitch} x {shortest} = {stitch * shortest} < "
+                     f"{cfg.n_ctx + 1}; set stitch to at least {-(-(cfg.n_ctx + 1) // shortest)} in 'datasets'.")
     for key in ("eos_id", "padding_id", "mlm_mask_id", "mlm_cls_token_id"):
         v = getattr(cfg, key)
         if v is not None and not 0 <= v < cfg.n_vocab:

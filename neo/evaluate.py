@@ -62,3 +62,30 @@ def validate(eval_step: Callable, params: Any, batches: list[jax.Array], local_r
     else:
         bpb = loss * PILE_TOKENS_PER_BYTE / math.log(2)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_bits_per_byte": bpb}
+
+
+def validate_checkpoint(cfg: ModelConfig, layout: Layout, log: Callable[[str], None] = print) -> dict:
+    """`--eval`'s validation part: the latest checkpoint on `eval_steps` eval batches."""
+    from neo.checkpoint import load_params
+    from neo.data import make_source
+    from neo.data.tokenizer import load_tokenizer
+    from neo.errors import NeoError
+    from neo.train import abstract_params
+
+    if cfg.eval_steps <= 0:
+        raise NeoError(f"{cfg.source}: set 'eval_steps' > 0 (batches of the eval split) to validate.")
+    abstract = abstract_params(cfg, layout)
+    params, meta = load_params(cfg.model_path, abstract)
+    source = make_source(cfg, "eval", jax.process_index(), jax.process_count())
+    rows = [next(source) for _ in range(cfg.eval_steps)]
+    sharding = layout.sharding(("batch", None))
+    batches = [jax.make_array_from_process_local_data(sharding, r) for r in rows]
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
+    except NeoError:
+        tokenizer = None
+    out = validate(make_eval_step(cfg, layout, shardings), params, batches, rows, tokenizer)
+    log(f"eval at step {meta.get('step')}: loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
+        f"bits/byte {out['eval_bits_per_byte']:.4f} ({cfg.eval_steps} batches of {rows[0].shape[0]})")
+    return {"step": meta.get("step"), **out}

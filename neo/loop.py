@@ -146,6 +146,7 @@ def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
                 if validation is not None:
                     tracker.log({"kind": "eval", "step": done, **validation.run(state.params, log), "time": time.time()})
                 tracker.plot()
+                tracker.sync()
                 interval_start += time.perf_counter() - pause  # saving and evaluating is not training time
             if preemption.requested:
                 log(f"neo: SIGTERM: saved checkpoint {done}; exiting (rerun the same command to resume)")

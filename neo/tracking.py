@@ -5,13 +5,18 @@ when `wandb_project` is set and wandb is installed. Only process 0 writes.
 A resumed run first cuts every record after the checkpoint it resumes from (metrics.jsonl is
 rewritten; TensorBoard gets a restart marker that hides the stale events), so the record always
 reads like one uninterrupted run.
+
+Object stores (gs://) cannot append to a file, so for a remote model_path the files are written
+in a local mirror directory and copied to model_path at every checkpoint and at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
@@ -25,16 +30,20 @@ class Tracker:
         self.cfg = cfg
         self.console = console
         self.enabled = jax.process_index() == 0
-        self.metrics = MetricsLog(cfg.model_path)
+        self.remote = "://" in cfg.model_path
+        self.dir = mirror_dir(cfg.model_path) if self.remote else cfg.model_path
+        self.metrics = MetricsLog(self.dir)
         self.tb = None
         self.wandb = None
         if not self.enabled:
             return
-        os.makedirs(cfg.model_path, exist_ok=True)
+        os.makedirs(self.dir, exist_ok=True)
+        if self.remote:
+            self._download("metrics.jsonl")
         self._truncate(resume_step)
         from neo.tensorboard import EventWriter
 
-        self.tb = EventWriter(os.path.join(cfg.model_path, "tensorboard"))
+        self.tb = EventWriter(os.path.join(self.dir, "tensorboard"))
         if resume_step:
             self.tb.restart(resume_step + 1)
         self.wandb = _start_wandb(cfg, console)
@@ -89,16 +98,45 @@ class Tracker:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = os.path.join(self.cfg.model_path, "loss.tmp.png")
+        tmp = os.path.join(self.dir, "loss.tmp.png")
         fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, os.path.join(self.cfg.model_path, "loss.png"))
+        os.replace(tmp, os.path.join(self.dir, "loss.png"))
+
+    def sync(self) -> None:
+        """Copy the local mirror to a remote model_path (no-op for local paths)."""
+        if not (self.enabled and self.remote):
+            return
+        from etils import epath
+
+        remote = epath.Path(self.cfg.model_path)
+        for root, _, files in os.walk(self.dir):
+            for name in files:
+                local = os.path.join(root, name)
+                target = remote / os.path.relpath(local, self.dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(open(local, "rb").read())
+
+    def _download(self, name: str) -> None:
+        from etils import epath
+
+        source = epath.Path(self.cfg.model_path) / name
+        if source.exists():
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(source.read_bytes())
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        self.sync()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def mirror_dir(model_path: str) -> str:
+    """A stable local directory standing in for a remote model_path."""
+    digest = hashlib.sha1(model_path.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "neo-logs", digest)
 
 
 def _start_wandb(cfg: ModelConfig, console: Callable[[str], None]) -> Optional[Any]:
@@ -109,9 +147,9 @@ def _start_wandb(cfg: ModelConfig, console: Callable[[str], None]) -> Optional[A
     except ImportError:
         console("neo: wandb_project is set but wandb is not installed (pip install wandb); not logging to W&B")
         return None
-    id_file = os.path.join(cfg.model_path, "wandb_id")
+    id_file = os.path.join(mirror_dir(cfg.model_path) if "://" in cfg.model_path else cfg.model_path, "wandb_id")
     run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
     with open(id_file, "w") as f:
         f.write(run_id)
     return wandb.init(project=cfg.wandb_project, name=cfg.name, id=run_id, resume="allow",
-                      config=to_json_dict(cfg), dir=cfg.model_path)
+                      config=to_json_dict(cfg), dir=os.path.dirname(id_file))

@@ -112,3 +112,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert Checkpointer(str(tmp_path)).all_steps() == [2, 4]  # nothing saved after the divergence
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 and records[-1]["loss"] == "nan"
+
+
+def test_resume_with_mixed_tfrecord_datasets_repeats_the_data_exactly(tmp_path):
+    """The checkpoint carries the tfrecord pipeline's position: stopping at step 5 and resuming
+    gives the losses of the run that went straight to step 10 (epochs wrap in between)."""
+    from tests.test_data_pipeline import dataset, doc_records, model
+
+    dataset(tmp_path, "docs", [doc_records(9), doc_records(7, 9)])
+    dataset(tmp_path, "chunks", [[list(range(i, i + 9)) for i in range(6)]])
+    quiet = lambda _m: None
+    layout = make_layout("x:2", "batch:x", jax.devices()[:2])
+    entries = [["docs", 3, "documents_random", 2.0], ["chunks", None, "chunks", 1.0]]
+
+    def run(path, steps):
+        cfg = model(tmp_path, entries, model_path=str(path), train_steps=steps, iterations=1)
+        return fit(cfg, layout, 3, log=quiet)
+
+    run(tmp_path / "straight", 10)
+    run(tmp_path / "stopped", 5)
+    run(tmp_path / "stopped", 10)
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")

@@ -1,7 +1,8 @@
 """Token sources: what the train loop pulls batches of [rows, n_ctx + 1] token ids from.
 
 Every source yields this process's rows of the global batch as numpy int32, and exposes
-`state()` / `restore(state)` so a checkpoint can resume it exactly.
+`state()` / `restore(state)` so a checkpoint can resume it exactly. A dataset whose `path` is a
+.txt file is read by neo/data/text.py; tfrecord globs by tfrecords.py -> sampling.py -> mixture.py.
 """
 
 from __future__ import annotations
@@ -37,5 +38,41 @@ def make_source(cfg: ModelConfig, split: str = "train", process_index: int = 0, 
         batch = cfg.train_batch_size if split == "train" else (cfg.eval_batch_size or cfg.train_batch_size)
         seed = cfg.seed if split == "train" else cfg.seed + 1
         return TextSource(tokens, batch, cfg.n_ctx, seed, process_index, process_count, name=entry.id)
-    raise NeoError(f"dataset '{entry.id}': tfrecord input is not available yet in this build of neo "
-                   f"(only plain-text .txt datasets).")
+    return tfrecord_source(cfg, split, process_index, process_count)
+
+
+def dataset_file(entry) -> str:
+    """The dataset config file an entry came from, for messages."""
+    return entry.id if entry.id.endswith(".json") else f"{entry.config.source}/{entry.id}.json"
+
+
+def tfrecord_source(cfg: ModelConfig, split: str, process_index: int, process_count: int):
+    """The mixture of the config's tfrecord datasets (docs/data.md)."""
+    from neo.data.mixture import TFRecordSource
+    from neo.data.sampling import DatasetSpec, DatasetStream
+    from neo.data.tfrecords import list_files, record_counts
+
+    seed = cfg.seed if split == "train" else cfg.seed + 1
+    streams, weights = [], []
+    for k, entry in enumerate(cfg.datasets):
+        ds = entry.config
+        pattern = ds.path if split == "train" else ds.eval_path
+        if not pattern:
+            if split == "train":
+                raise NeoError(f"dataset '{entry.id}' has no 'path' in {dataset_file(entry)}.")
+            continue
+        if pattern.endswith(".txt"):
+            raise NeoError(f"{dataset_file(entry)}: a plain-text {split} path cannot be mixed with tfrecord "
+                           f"datasets; turn it into tfrecords with data/create_tfrecords.py.")
+        files = list_files(resolve_path(pattern, ds.source), f"dataset '{entry.id}' ({dataset_file(entry)}), "
+                           f"{'path' if split == 'train' else 'eval_path'}")
+        spec = DatasetSpec(name=entry.id, files=tuple(files), counts=tuple(record_counts(files)),
+                           mode=entry.sampling_mode or "chunks", stitch=entry.stitch or 1, n_ctx=cfg.n_ctx,
+                           eos_id=ds.eos_id, padding_id=ds.padding_id, n_vocab=cfg.n_vocab, seed=(seed, k),
+                           shuffle_files=cfg.shuffle_input_filenames)
+        streams.append(DatasetStream(spec, process_index, process_count))
+        weights.append(1.0 if entry.weight is None else entry.weight)
+    if not streams:
+        raise NeoError(f"{cfg.source}: no dataset has an 'eval_path'; set one in a dataset config to evaluate.")
+    batch = cfg.train_batch_size if split == "train" else (cfg.eval_batch_size or cfg.train_batch_size)
+    return TFRecordSource(streams, weights, batch, cfg.n_ctx, seed, process_index, process_count)

@@ -1,0 +1,325 @@
+"""The tfrecord input pipeline: sampling modes, mixing, host sharding, exact resume, bad data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from neo.config import parse_model_config
+from neo.errors import NeoError
+from tests.conftest import tiny_config
+
+N_CTX = 8
+
+
+def write_records(path_prefix, records):
+    """One GPT-Neo tfrecord file holding `records` (lists of ids); returns its path."""
+    from neo.data.tfrecords import RecordWriter
+
+    w = RecordWriter(str(path_prefix))
+    for r in records:
+        w.write(np.asarray(r))
+    return w.close()
+
+
+def dataset(tmp_path, name, files, **keys):
+    """Write `files` (lists of records) as <name>_<i>_<count>.tfrecords and its dataset config."""
+    folder = tmp_path / name
+    folder.mkdir()
+    for i, records in enumerate(files):
+        write_records(folder / f"{name}_{i}", records)
+    cfg = {"n_vocab": 1000, "path": str(folder / f"{name}_*.tfrecords"), "eos_id": 999, "padding_id": 998, **keys}
+    (tmp_path / "dataset_configs").mkdir(exist_ok=True)
+    (tmp_path / "dataset_configs" / f"{name}.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def model(tmp_path, datasets, **overrides):
+    raw = tiny_config(**{"n_ctx": N_CTX, "n_vocab": 1000, "train_batch_size": 4, "datasets": datasets, **overrides})
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(raw))
+    from neo.config import load_model_config
+
+    return load_model_config(str(path))
+
+
+def chunk_records(n, start=0, length=N_CTX + 1):
+    return [[(start + i) % 900] * 0 + list(range((start + i) * 10 % 900, (start + i) * 10 % 900 + length))
+            for i in range(n)]
+
+
+def doc_records(n, start=0):
+    """Documents of varied lengths 3..12 whose tokens encode (document, position)."""
+    return [[((start + i) * 37 + k) % 900 for k in range(3 + (start + i) % 10)] for i in range(n)]
+
+
+def batches(source, n):
+    return [next(source).copy() for _ in range(n)]
+
+
+def test_chunks_visit_every_record_once_per_epoch(tmp_path):
+    from neo.data import make_source
+
+    recs = [chunk_records(7, 0), chunk_records(5, 7), chunk_records(8, 12)]
+    dataset(tmp_path, "c", recs)
+    cfg = model(tmp_path, [["c", None, "chunks", None]])
+    src = make_source(cfg)
+    rows = np.concatenate(batches(src, 5))  # 20 rows = one epoch of 20 records
+    assert rows.shape == (20, N_CTX + 1) and rows.dtype == np.int32
+    assert sorted(map(tuple, rows)) == sorted(tuple(r) for f in recs for r in f)
+    assert not np.array_equal(rows[:7], np.array(recs[0]))  # shuffled, not file order
+
+
+def test_chunks_longer_records_give_windows_sharing_one_token(tmp_path):
+    from neo.data import make_source
+
+    rec = list(range(2 * N_CTX + 1))
+    dataset(tmp_path, "long", [[rec] * 3])
+    src = make_source(model(tmp_path, [["long", None, "chunks", None]]))
+    rows = next(src)
+    assert {tuple(r) for r in rows} == {tuple(rec[:N_CTX + 1]), tuple(rec[N_CTX:])}
+
+
+def test_documents_fixed_stitches_with_eos_and_pads(tmp_path):
+    from neo.data import make_source
+
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 999], [9]]
+    dataset(tmp_path, "d", [docs])
+    cfg = model(tmp_path, [["d", 2, "documents_fixed", None]], shuffle_input_filenames=False)
+    rows = [tuple(r) for r in np.concatenate(batches(make_source(cfg), 1))]
+    # the 4 docs are shuffled, then grouped in pairs: every row is pair[0] eos pair[1], padded
+    for row in rows:
+        assert len(row) == N_CTX + 1
+        assert row.count(999) >= 1 and row[-1] == 998
+    flat = [t for r in rows for t in r if t not in (998, 999)]
+    assert sorted(flat) == sorted(list(range(1, 10)) * 2)  # two groups per epoch, batch of 4 = 2 epochs
+
+
+def test_documents_random_windows_come_from_stitched_documents(tmp_path):
+    from neo.data import make_source
+
+    docs = [list(range(100 + 20 * i, 110 + 20 * i)) for i in range(6)]  # 10 tokens each
+    dataset(tmp_path, "r", [docs], minimum_size=10)
+    cfg = model(tmp_path, [["r", 2, "documents_random", None]])
+    rows = np.concatenate(batches(make_source(cfg), 6))
+    stream = [t for d in docs for t in d]
+    starts = set()
+    for row in rows:
+        pieces = np.split(row, np.flatnonzero(row == 999))
+        for piece in pieces:  # each piece between separators is a run of one document
+            piece = piece[piece != 999]
+            assert (np.diff(piece) == 1).all() and (len(piece) == 0 or piece[0] in stream)
+        starts.add(int(row[0]))
+    assert len(starts) > 3  # the offsets are random
+    assert any(999 in row for row in rows)  # and some windows cross from one document into the next
+
+
+def test_documents_random_stitch_too_small_is_a_config_error(tmp_path):
+    dataset(tmp_path, "r", [doc_records(4)], minimum_size=3)
+    with pytest.raises(NeoError, match=r"stitch x minimum_size >= n_ctx \+ 1.*1 x 3 = 3 < 9; set stitch to at least 3"):
+        model(tmp_path, [["r", 1, "documents_random", None]])
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
+    from neo.data import make_source
+
+    dataset(tmp_path, "c", [chunk_records(30)])
+    a = batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 4)
+    b = batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 4)
+    c = batches(make_source(model(tmp_path, [["c", None, "chunks", None]], seed=7)), 4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_mixture_follows_the_weights(tmp_path):
+    from neo.data.mixture import PERIOD, MixSchedule
+
+    s = MixSchedule([3.0, 1.0], (1,))
+    assert s.counts(PERIOD) == [3 * PERIOD // 4, PERIOD // 4]
+    first = s.take(0, 2000)
+    assert 0.72 < (first == 0).mean() < 0.78
+    assert s.counts(PERIOD + 500) == [3 * PERIOD // 4 + int((s.take(PERIOD, 500) == 0).sum()),
+                                      PERIOD // 4 + int((s.take(PERIOD, 500) == 1).sum())]
+    tiny = MixSchedule([1.0, 1e-9], (1,))
+    assert tiny.counts(PERIOD) == [PERIOD - 1, 1]  # every dataset is sampled
+
+
+def mixed_config(tmp_path):
+    dataset(tmp_path, "c", [chunk_records(6), chunk_records(5, 6)])
+    dataset(tmp_path, "d", [doc_records(9), doc_records(4, 9)], minimum_size=3)
+    return model(tmp_path, [["c", None, "chunks", 2.0], ["d", 3, "documents_random", 1.0]])
+
+
+def test_mixed_batches_draw_from_both_datasets(tmp_path):
+    from neo.data import make_source
+
+    rows = np.concatenate(batches(make_source(mixed_config(tmp_path)), 10))
+    from_docs = (rows == 999).any(axis=1) | (rows == 998).any(axis=1)
+    assert 0.15 < from_docs.mean() < 0.55
+
+
+@pytest.mark.parametrize("which", ["chunks", "mixed"])
+def test_restore_continues_exactly(tmp_path, which):
+    """Batches after restore(state after k) equal batches k, k+1, ... of an uninterrupted run,
+    including across epoch boundaries (11 and 13 records: several epochs in 30 batches)."""
+    from neo.data import make_source
+
+    cfg = mixed_config(tmp_path) if which == "mixed" else None
+    if cfg is None:
+        dataset(tmp_path, "c", [chunk_records(6), chunk_records(5, 6)])
+        cfg = model(tmp_path, [["c", None, "chunks", None]])
+    src = make_source(cfg)
+    states, expected = [], []
+    for _ in range(30):
+        states.append(json.loads(json.dumps(src.state())))
+        expected.append(next(src).copy())
+    for k in (0, 2, 3, 11, 29):
+        fresh = make_source(cfg)
+        fresh.restore(states[k])
+        got = batches(fresh, min(4, 30 - k))
+        for i, g in enumerate(got):
+            np.testing.assert_array_equal(g, expected[k + i], err_msg=f"restored at {k}, batch {k + i}")
+        assert fresh.state()["step"] == k + len(got)
+
+
+def test_resume_after_a_block_boundary(tmp_path, monkeypatch):
+    """Resuming in the middle of a shuffle block re-reads that block and continues exactly."""
+    from neo.data import make_source, sampling
+
+    monkeypatch.setattr(sampling, "SHUFFLE_BLOCK", 4)
+    dataset(tmp_path, "d", [doc_records(10), doc_records(7, 10)])
+    cfg = model(tmp_path, [["d", 2, "documents_fixed", None]])
+    src = make_source(cfg)
+    expected = batches(src, 12)
+    for k in (1, 5, 9):
+        fresh = make_source(cfg)
+        fresh.restore({"step": k, "batch_size": 4, "process_count": 1})
+        np.testing.assert_array_equal(next(fresh), expected[k])
+
+
+def test_hosts_read_disjoint_shards(tmp_path):
+    from neo.data import make_source
+
+    recs = [chunk_records(4, 0), chunk_records(4, 4), chunk_records(4, 8), chunk_records(4, 12)]
+    dataset(tmp_path, "c", recs)
+    cfg = model(tmp_path, [["c", None, "chunks", None]])
+    seen = []
+    for p in range(2):
+        src = make_source(cfg, "train", p, 2)
+        rows = np.concatenate(batches(src, 4))  # 2 rows x 4 = 8 = this host's share of one epoch
+        assert rows.shape == (8, N_CTX + 1)
+        seen.append({tuple(r) for r in rows})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {tuple(r) for f in recs for r in f}
+
+
+def test_fewer_files_than_hosts_shards_records(tmp_path):
+    from neo.data import make_source
+
+    recs = chunk_records(8)
+    dataset(tmp_path, "one", [recs])
+    cfg = model(tmp_path, [["one", None, "chunks", None]])
+    a = {tuple(r) for r in np.concatenate(batches(make_source(cfg, "train", 0, 2), 4))}
+    b = {tuple(r) for r in np.concatenate(batches(make_source(cfg, "train", 1, 2), 4))}
+    assert not a & b and a | b == {tuple(r) for r in recs}
+
+
+def test_rows_become_the_global_sharded_batch(tmp_path):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from neo.data import make_source
+
+    dataset(tmp_path, "c", [chunk_records(16)])
+    cfg = model(tmp_path, [["c", None, "chunks", None]], train_batch_size=8)
+    local = next(make_source(cfg, "train", jax.process_index(), jax.process_count()))
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x", None))
+    batch = jax.make_array_from_process_local_data(sharding, local)
+    assert batch.shape == (8, N_CTX + 1) and len(batch.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(batch), local)
+
+
+def test_eval_split_reads_eval_path(tmp_path):
+    from neo.data import make_source
+
+    folder = dataset(tmp_path, "c", [chunk_records(8)])
+    write_records(folder / "val_0", chunk_records(4, 500))
+    cfg_path = tmp_path / "dataset_configs" / "c.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "eval_path": str(folder / "val_*.tfrecords")}))
+    src = make_source(model(tmp_path, [["c", None, "chunks", None]], eval_batch_size=4), "eval")
+    assert {tuple(r) for r in next(src)} == {tuple(r) for r in chunk_records(4, 500)}
+
+
+# --- bad data: clear errors naming the file
+
+
+def test_token_ids_outside_the_model_vocabulary_are_refused(tmp_path):
+    from neo.data import make_source
+
+    folder = dataset(tmp_path, "c", [chunk_records(3)])
+    write_records(folder / "c_9", [[5] * N_CTX + [1500]])
+    with pytest.raises(NeoError, match=r"c_9_1.tfrecords: record 0 holds token id 1500, outside the model's vocabulary 0..999"):
+        for _ in range(4):
+            next(make_source(model(tmp_path, [["c", None, "chunks", None]])))
+
+
+def test_empty_glob_names_the_glob_and_dataset(tmp_path):
+    from neo.data import make_source
+
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "gone.json").write_text(json.dumps({"n_vocab": 1000, "path": str(tmp_path / "nope_*.tfrecords")}))
+    with pytest.raises(NeoError, match=r"dataset 'gone' \(.*gone.json\), path: no files match .*nope_\*.tfrecords"):
+        make_source(model(tmp_path, [["gone", None, "chunks", None]]))
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    from neo.data import make_source
+
+    folder = dataset(tmp_path, "c", [chunk_records(6)])
+    (path,) = folder.glob("*.tfrecords")
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(NeoError, match=rf"{path.name} is corrupt or truncated after record"):
+        next(make_source(model(tmp_path, [["c", None, "chunks", None]])))
+
+
+def test_record_without_text_feature_names_the_file(tmp_path):
+    from neo.data import make_source
+    from neo.data.tfrecords import tensorflow
+
+    tf = tensorflow()
+    folder = dataset(tmp_path, "c", [chunk_records(2)])
+    bad = folder / "c_5_1.tfrecords"
+    with tf.io.TFRecordWriter(str(bad)) as w:
+        feature = tf.train.Feature(int64_list=tf.train.Int64List(value=list(range(9))))
+        w.write(tf.train.Example(features=tf.train.Features(feature={"input_ids": feature})).SerializeToString())
+    with pytest.raises(NeoError, match=r"c_5_1.tfrecords: record 0 has no 'text' feature \(it has \['input_ids'\]\)"):
+        src = make_source(model(tmp_path, [["c", None, "chunks", None]]))
+        batches(src, 2)
+
+
+def test_a_wrong_count_in_the_name_is_caught(tmp_path):
+    from neo.data import make_source
+
+    folder = dataset(tmp_path, "c", [chunk_records(4)])
+    (path,) = folder.glob("*.tfrecords")
+    path.rename(folder / "c_0_3.tfrecords")
+    with pytest.raises(NeoError, match=r"c_0_3.tfrecords: holds more records than its name says \(3\)"):
+        batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 2)
+
+
+def test_short_chunk_records_are_a_clear_error(tmp_path):
+    from neo.data import make_source
+
+    dataset(tmp_path, "c", [chunk_records(4, length=5)])
+    with pytest.raises(NeoError, match=r"records hold 5 tokens, fewer than n_ctx \+ 1 = 9.*--chunk_size 8"):
+        make_source(model(tmp_path, [["c", None, "chunks", None]]))
+
+
+def test_text_dataset_still_works():
+    from neo.config import load_model_config
+    from neo.data import make_source
+
+    src = make_source(load_model_config("quickstart"))
+    assert next(src).shape == (12, 65)
+    assert parse_model_config(tiny_config()).datasets == ()
