@@ -30,8 +30,6 @@ def tiny_gpt_neo(folder: Path, gpt2: Path) -> None:
          "unk_token": "<|endoftext|>", "model_max_length": 64}))
 
 
-@pytest.mark.skipif(not (ROOT / "data" / "create_tfrecords.py").exists(),
-                    reason="the notebook makes tfrecords with data/create_tfrecords.py (issue 3), not merged yet")
 def test_finetune_notebook_runs_end_to_end(tmp_path, shared_data, monkeypatch):
     tiny_gpt_neo(tmp_path / "hf", shared_data / "gpt2")
     text = (shared_data / "tinyshakespeare.txt").read_text()[:40_000]
