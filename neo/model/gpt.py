@@ -176,9 +176,10 @@ class GPT(nn.Module):
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None, *,
                  deterministic: bool = True, cache: Optional[list] = None,
                  cache_index: Optional[jax.Array] = None,
-                 key_valid: Optional[jax.Array] = None):
+                 key_valid: Optional[jax.Array] = None, last_only: bool = False):
         """tokens, positions: [batch, sequence] int. With `cache` (from `init_cache`), the
-        tokens are written at slot `cache_index` and (logits, new_cache) is returned."""
+        tokens are written at slot `cache_index` and (logits, new_cache) is returned.
+        `last_only`: logits for the last position only (a sampler's prompt pass)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         if positions is None:
@@ -197,7 +198,7 @@ class GPT(nn.Module):
             h, c = block(h, positions, deterministic, layer_cache, cache_index, key_valid,
                          cfg.attention_types[i], i in set(cfg.moe_layers or ()))
             new_cache.append(c)
-        h = self.ln_f(h)
+        h = self.ln_f(h[:, -1:] if last_only else h)
         head = self.lm_head if cfg.no_weight_tie else self.wte.T
         logits = jnp.einsum("bte,ev->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "sequence", "vocab"))
