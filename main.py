@@ -24,6 +24,12 @@ flags.DEFINE_bool("check_dataset", False, "Inspect the training data and exit.")
 flags.DEFINE_string("sacred_id", "nosacred", "Tag for prediction and eval output files.")
 flags.DEFINE_bool("entmax_sampling", False, "Sample with entmax (not supported in neo).")
 flags.DEFINE_bool("export", False, "Export (neo: use scripts/convert_hf.py export).")
+flags.DEFINE_float("temperature", None, "--predict: sampling temperature, 0 = greedy (config key 'temperature', 0.9).")
+flags.DEFINE_integer("top_k", None, "--predict: sample from the k most likely tokens, 0 = off (config 'top_k').")
+flags.DEFINE_float("top_p", None, "--predict: nucleus sampling mass, 1 = off (config 'top_p').")
+flags.DEFINE_integer("max_new_tokens", None, "--predict: tokens to add (config 'predict_max_steps'; default: fill n_ctx).")
+flags.DEFINE_integer("num_samples", None, "--predict: samples per prompt (config 'predict_batch_size').")
+flags.DEFINE_integer("seed", None, "--predict: sampling seed (config 'seed').")
 flags.DEFINE_list("eval_tasks", [], "--eval: lm-eval tasks to run instead of the config's eval_tasks (comma-separated).")
 flags.DEFINE_float("eval_limit", None, "--eval: documents per task (a fraction of each task if < 1).")
 flags.DEFINE_string("eval_batch_size", None, "--eval: lm-eval rows per batch, or 'auto' (default).")
@@ -81,11 +87,11 @@ def _run(argv: list[str]) -> None:
         mesh_shape = None if FLAGS.auto_layout_and_mesh_shape else cfg.mesh_shape
         print(report(cfg, target, rank(cfg, target, mesh_shape)))
         return
-    unavailable = {"predict": FLAGS.predict,
-                   "export": FLAGS.export, "entmax_sampling": FLAGS.entmax_sampling}
-    for mode, on in unavailable.items():
-        if on:
-            raise NeoError(f"--{mode} is not available yet in this build of neo.")
+    if FLAGS.export:
+        raise NeoError("--export (a TF SavedModel in the original) is replaced by "
+                       "`python scripts/convert_hf.py export --model CFG --output HF_DIR` (a Hugging Face folder).")
+    if FLAGS.entmax_sampling:
+        raise NeoError("--entmax_sampling is not supported by neo; use --temperature/--top_k/--top_p.")
 
     from neo.devices import select_devices
     from neo.distributed import initialize
@@ -94,6 +100,14 @@ def _run(argv: list[str]) -> None:
 
     initialize(FLAGS.tpu)
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
+    if FLAGS.predict:
+        from neo.predict import SamplingOptions, predict
+
+        opts = SamplingOptions.from_config(
+            cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+            max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
+        predict(cfg, layout, FLAGS.prompt, opts, FLAGS.sacred_id)
+        return
     if FLAGS.eval:
         from neo.eval_harness import HarnessOptions, evaluate_checkpoint
 

@@ -103,3 +103,25 @@ def config_to_hf(cfg) -> dict:
         bos_token_id=cfg.eos_id if cfg.eos_id is not None else 50256,
         eos_token_id=cfg.eos_id if cfg.eos_id is not None else 50256,
     )
+
+
+def params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+    """neo's parameter tree -> an HF GPT-Neo state dict (numpy, the parameters' dtype). The
+    output head is tied to `wte`, so `lm_head.weight` is not written (transformers ties it)."""
+    a = lambda x: np.asarray(x)
+    d = cfg.n_embd
+    sd = {"transformer.wte.weight": a(params["wte"]), "transformer.wpe.weight": a(params["wpe"]),
+          "transformer.ln_f.weight": a(params["ln_f"]["scale"]), "transformer.ln_f.bias": a(params["ln_f"]["bias"])}
+    for i in range(cfg.n_layer):
+        p, blk = f"transformer.h.{i}.", params[f"h_{i}"]
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = a(blk[ln]["scale"]), a(blk[ln]["bias"])
+        attn = blk["attn"]
+        for n in "qkv":
+            sd[p + f"attn.attention.{n}_proj.weight"] = a(attn[n]["kernel"]).reshape(d, d).T
+        sd[p + "attn.attention.out_proj.weight"] = a(attn["o"]["kernel"]).reshape(d, d).T
+        sd[p + "attn.attention.out_proj.bias"] = a(attn["o"]["bias"])
+        for name in ("c_fc", "c_proj"):
+            sd[p + f"mlp.{name}.weight"] = a(blk["mlp"][name]["kernel"]).T
+            sd[p + f"mlp.{name}.bias"] = a(blk["mlp"][name]["bias"])
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}

@@ -176,11 +176,13 @@ class GPT(nn.Module):
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None, *,
                  deterministic: bool = True, cache: Optional[list] = None,
                  cache_index: Optional[jax.Array] = None,
-                 key_valid: Optional[jax.Array] = None, logits_at: Optional[jax.Array] = None):
+                 key_valid: Optional[jax.Array] = None, last_only: bool = False,
+                 logits_at: Optional[jax.Array] = None):
         """tokens, positions: [batch, sequence] int. With `cache` (from `init_cache`), the
         tokens are written at slot `cache_index` and (logits, new_cache) is returned.
-        `logits_at` [batch, k]: compute logits at these positions only (a scorer that needs a
-        few positions per row skips most of the vocabulary projection)."""
+        `last_only`: logits for the last position only (a sampler's prompt pass).
+        `logits_at` [batch, k]: logits at these positions only (a scorer that needs a few
+        positions per row skips most of the vocabulary projection)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         if positions is None:
@@ -201,7 +203,7 @@ class GPT(nn.Module):
             new_cache.append(c)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
-        h = self.ln_f(h)
+        h = self.ln_f(h[:, -1:] if last_only else h)
         head = self.lm_head if cfg.no_weight_tie else self.wte.T
         logits = jnp.einsum("bte,ev->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "sequence", "vocab"))

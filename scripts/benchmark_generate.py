@@ -1,0 +1,134 @@
+"""Generation speed of neo's KV-cache sampler against transformers' generate() on the same model.
+
+    python scripts/benchmark_generate.py --model gpt_neo_125M --batch 1 8 --prompt 32 --new 64
+
+Greedy decoding of exactly `--new` tokens (no EOS stop) after a random `--prompt`-token
+prompt, random weights. Reports new tokens per second (batch x new / median wall time of a
+whole generate call, prompt pass included) and, for neo, the one-off compile time apart.
+Each backend and batch runs in its own process, one after the other (thread pools of JAX
+and PyTorch disturb each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def prompts(cfg, batch: int, length: int):
+    import numpy as np
+
+    return np.random.RandomState(0).randint(0, cfg.n_vocab, (batch, length)).tolist()
+
+
+def bench_neo(args, batch: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from neo.config import load_model_config
+    from neo.mesh import make_layout
+    from neo.model import GPT
+    from neo.predict import Sampler, SamplingOptions
+
+    cfg = load_model_config(args.model)
+    init = jax.jit(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: getattr(x, "value", x), init(), is_leaf=lambda x: hasattr(x, "value"))
+    sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
+    rows = prompts(cfg, batch, args.prompt)
+    opts = SamplingOptions(temperature=0, max_new_tokens=args.new)
+    t = time.perf_counter()
+    sampler.generate(rows, opts)
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        out = sampler.generate(rows, opts)
+        times.append(time.perf_counter() - t)
+    assert all(len(r) == args.new for r in out)
+    s = statistics.median(times)
+    return {"backend": "neo (jax, KV cache)", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s,
+            "compile_s": first - s}
+
+
+def bench_torch(args, batch: int) -> dict:
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from neo.config import load_model_config
+    from neo.convert.gpt_neo import config_to_hf
+
+    cfg = load_model_config(args.model)
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(**config_to_hf(cfg))).eval()
+    ids = torch.tensor(prompts(cfg, batch, args.prompt))
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
+
+    run()
+    times = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t)
+    assert out.shape[1] == args.prompt + args.new
+    s = statistics.median(times)
+    return {"backend": "transformers generate()", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt_neo_125M")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens per row")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin each backend to this many cores (0 = all); 1 is steadier on a busy machine")
+    p.add_argument("--backend", choices=["both", "neo", "torch"], default="both")
+    args = p.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.cores and args.backend != "both":  # before JAX or torch start their thread pools
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+        if args.backend == "torch":
+            import torch
+
+            torch.set_num_threads(args.cores)
+
+    if args.backend != "both":
+        fn = bench_neo if args.backend == "neo" else bench_torch
+        print("RESULT " + json.dumps(fn(args, args.batch[0])))
+        return
+    print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, float32, "
+          f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)")
+    print(f"{'backend':26} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12}")
+    for batch in args.batch:
+        results = {}
+        for backend in ("neo", "torch"):
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", backend, "--batch", str(batch)],
+                                 capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{backend} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            r = results[backend] = json.loads(line[7:])
+            compile_s = f"{r['compile_s']:12.1f}" if "compile_s" in r else f"{'-':>12}"
+            print(f"{r['backend']:26} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s}")
+        if len(results) == 2:
+            print(f"{'':26} batch {batch}: neo / transformers = "
+                  f"{results['neo']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
