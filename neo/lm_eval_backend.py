@@ -19,6 +19,7 @@ greedy flags come back from the devices, never [batch, sequence, vocab] logits.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -139,6 +140,7 @@ class NeoLM(TemplateLM):
             params, meta = load_params(cfg.model_path, abstract, step)
             self.step = meta.get("step", step)
         self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+        self._sampler = None  # built on the first generate_until
         self._score = make_score_fn(cfg, self.layout, jax.tree.map(lambda x: x.sharding, abstract))
 
     @staticmethod
@@ -207,7 +209,53 @@ class NeoLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        raise NeoError("generate_until needs neo's sampler (neo/predict.py), which this build does not have yet.")
+        """Continuations from neo's KV-cache sampler (greedy unless the task asks for do_sample),
+        at most max_gen_toks tokens, cut at the first of the request's `until` strings or EOS;
+        contexts keep their last max_length - max_gen_toks tokens (as lm-eval's hf backend)."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from neo.predict import Sampler, SamplingOptions
+
+        if self._sampler is None:
+            self._sampler = Sampler(self.cfg, self.params, self.layout)
+        eos = self.tok_decode([self.eot_token_id])
+        groups: dict[str, list[int]] = {}  # requests with the same generation arguments run together
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        results = [""] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests")
+        for idxs in groups.values():
+            kwargs = normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            new_tokens = kwargs.pop("max_gen_toks")
+            if new_tokens >= self.max_length:
+                raise NeoError(f"max_gen_toks {new_tokens} leaves no room for a prompt in the model's "
+                               f"{self.max_length}-token context.")
+            sample = bool(kwargs.get("do_sample"))
+            opts = SamplingOptions(temperature=float(kwargs.get("temperature") or 0.0) if sample else 0.0,
+                                   top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+                                   max_new_tokens=new_tokens, seed=self.cfg.seed)
+            opts.check()
+            # An empty context starts from the end-of-text token (there is nothing else to condition on).
+            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - new_tokens)
+                       or [self.eot_token_id] for i in idxs}
+            order = sorted(idxs, key=lambda i: -len(prompts[i]))
+            rows = self._batch_size or self._generation_rows()
+            for start in range(0, len(order), rows):
+                chunk = order[start:start + rows]
+                new = self._sampler.generate([prompts[i] for i in chunk], opts, self.eot_token_id)
+                for i, ids in zip(chunk, new):
+                    results[i] = postprocess_generated_text(self.tok_decode(ids), until, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+                pbar.update(len(chunk))
+        pbar.close()
+        return results
+
+    def _generation_rows(self) -> int:
+        """"auto" rows for generation: as many as keep the float32 KV cache under 1 GiB."""
+        cfg = self.cfg
+        per_row = 2 * cfg.n_layer * cfg.n_ctx * cfg.n_embd * 4
+        return max(1, min(self._max_batch, 1 << max(0, (2 ** 30 // per_row).bit_length() - 1)))
 
     # ------------------------------------------------------------------ the batched scorer
 

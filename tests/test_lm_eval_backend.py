@@ -24,7 +24,6 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from conftest import ROOT, tiny_config  # noqa: E402
 from neo.checkpoint import save_params  # noqa: E402
 from neo.config import parse_model_config  # noqa: E402
-from neo.convert.gpt_neo import config_from_hf, params_from_hf  # noqa: E402
 from neo.data.tokenizer import load_tokenizer  # noqa: E402
 from neo.errors import NeoError  # noqa: E402
 from neo.eval_harness import TASKS_DIR, resolve_tasks  # noqa: E402
@@ -43,26 +42,27 @@ def _offline_datasets(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """One random GPT-Neo with GPT-2's vocabulary, as transformers' model and as neo's."""
-    gpt2 = ROOT.parent / "shared" / "data" / "gpt2"
-    torch.manual_seed(0)
-    hfc = transformers.GPTNeoConfig(
-        vocab_size=50257, max_position_embeddings=N_CTX, hidden_size=32, num_layers=2, num_heads=4,
-        attention_types=[[["global", "local"], 1]], window_size=8, embed_dropout=0.0, resid_dropout=0.0,
-        attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256)
-    model = transformers.GPTNeoForCausalLM(hfc).eval()
-    with torch.no_grad():  # a peaked, input-dependent distribution instead of a near-uniform one
-        model.transformer.wte.weight.mul_(40.0)
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    raw = {**config_from_hf(hfc.to_dict()), "tokenizer_path": str(gpt2), "eos_id": 50256}
-    cfg = parse_model_config(raw, "hf-random")
-    params = params_from_hf({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg.n_layer, cfg.n_head)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(str(gpt2)).tok,
-                                               bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=16)
-    return {"cfg": cfg, "params": params, "hf": hf, "model": model}
+    """One random GPT-Neo with GPT-2's vocabulary as a neo checkpoint, and the same model exported
+    to a Hugging Face folder (scripts/convert_hf.py export) loaded by lm-eval's hf backend."""
+    from neo.convert.hf import export_hf
+
+    root = tmp_path_factory.mktemp("parity")
+    raw = {"n_vocab": 50257, "n_ctx": N_CTX, "n_embd": 32, "n_layer": 2, "n_head": 4,
+           "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
+           "tokenizer_path": str(ROOT.parent / "shared" / "data" / "gpt2"), "eos_id": 50256,
+           "model_path": str(root / "run")}
+    cfg = parse_model_config(raw, "random-gpt-neo")
+    params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), params, is_leaf=lambda x: hasattr(x, "value"))
+    rng = np.random.RandomState(0)
+    params = jax.tree_util.tree_map_with_path(  # random norms and biases, not constants
+        lambda path, x: x + 0.1 * rng.randn(*x.shape).astype(np.float32)
+        if str(path[-1].key) in ("scale", "bias") else x, params)
+    params["wte"] = params["wte"] * 40.0  # a peaked, input-dependent distribution instead of a near-uniform one
+    save_params(cfg.model_path, params)
+    hf = HFLM(pretrained=str(export_hf(cfg, str(root / "hf"), log=lambda s: None)), device="cpu",
+              dtype="float32", batch_size=16)
+    return {"cfg": cfg, "params": params, "hf": hf, "model": hf.model}
 
 
 def task_manager(**metadata):
@@ -115,7 +115,22 @@ def test_greedy_flags_and_empty_contexts_equal_the_hf_backend(models, shared_dat
     ref = models["hf"].loglikelihood(instances, disable_tqdm=True)
     assert [g for _, g in ours] == [g for _, g in ref]
     assert 8 <= sum(g for _, g in ours) < len(ours)
-    np.testing.assert_allclose([l for l, _ in ours], [l for l, _ in ref], atol=1e-4, rtol=0)
+    np.testing.assert_allclose([l for l, _ in ours], [l for l, _ in ref], atol=1e-4, rtol=1e-6)
+
+
+def test_generations_equal_the_hf_backend(models, shared_data):
+    """generate_until: greedy continuations cut at the `until` strings, as the hf backend's."""
+    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:10]
+    kwargs = [{"until": ["\n\n", "."], "max_gen_toks": 12, "do_sample": False},
+              {"until": [" the"], "max_gen_toks": 6}]
+    requests = [(" ".join(t.split(" ")[:5 + 3 * i]), kwargs[i % 2]) for i, t in enumerate(texts)]
+    requests.append((texts[0] * 3, kwargs[0]))  # longer than the context: cut from the left
+    instances = [Instance("generate_until", {}, args, i) for i, args in enumerate(requests)]
+    neo = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", ""), batch_size=4)
+    ours = neo.generate_until(instances, disable_tqdm=True)
+    ref = models["hf"].generate_until(instances, disable_tqdm=True)
+    assert ours == ref
+    assert sum(len(o) > 0 for o in ours) >= 6
 
 
 def test_rolling_perplexity_equals_the_hf_backend(models, shared_data, tmp_path):
