@@ -1,7 +1,7 @@
 """`python -m neo.lm_eval ARGS`: lm-eval's own command line, with exactly its arguments, plus
 the `neo` model backend and neo's offline tasks (neo/tasks/) on the task include path:
 
-    python -m neo.lm_eval --model neo --model_args model=gpt_neo_125M --tasks lambada_openai_local
+    python -m neo.lm_eval --model neo --model_args model=runs/gpt-neo-125M/config.json --tasks lambada_openai_local
 
 lm-eval 0.4.13 only knows the backends in its source tree, so its `lm_eval` command cannot see
 `neo`; releases that discover installed plugins (the `lm_eval.models` entry point, which

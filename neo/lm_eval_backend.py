@@ -1,7 +1,7 @@
 """lm-evaluation-harness backend for neo checkpoints, registered with lm-eval as `neo`.
 
-    lm_eval.simple_evaluate(model="neo", model_args="model=gpt_neo_125M", tasks=[...])
-    python -m neo.lm_eval --model neo --model_args model=gpt_neo_125M --tasks lambada_openai_local
+    lm_eval.simple_evaluate(model="neo", model_args="model=runs/gpt-neo-125M/config.json", tasks=[...])
+    python -m neo.lm_eval --model neo --model_args model=runs/gpt-neo-125M/config.json --tasks lambada_openai_local
 
 (`import neo.lm_eval_backend` registers the name; `python -m neo.lm_eval` is lm-eval's own
 command line with the backend registered and neo's offline tasks on the include path.)
