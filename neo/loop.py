@@ -45,12 +45,29 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
         f"{setup.num_microbatches} microbatch(es) of {cfg.train_batch_size // setup.num_microbatches} sequences")
     limit = device_memory(devices[0])
     need = 2 * p + o  # parameters, their gradients, optimizer state
-    log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}"
-        + (f" = {gib(need)} of {gib(limit)}" if limit else f" = {gib(need)} (+ activations)"))
+    activations = _activation_estimate(setup)
+    total = need + activations
+    log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}, "
+        f"activations ~{gib(activations)} (estimate{', with remat' if cfg.recompute_grad else ''}) = "
+        f"~{gib(total)}" + (f" of {gib(limit)} on a {devices[0].device_kind}" if limit else ""))
     if limit and need > limit:
         raise NeoError(f"parameters, gradients and optimizer state need {gib(need)} per device but a "
                        f"{devices[0].device_kind} has {gib(limit)}; shard them (e.g. add 'embd:<axis>' to "
-                       f"the layout for FSDP) or use more devices.")
+                       f"the layout for FSDP) or use more devices (python main.py --model ... --auto_layout).")
+    if limit and total > limit:
+        log(f"neo: WARNING: the estimate (~{gib(total)}) exceeds the device's {gib(limit)}; if this run "
+            f"runs out of memory, set recompute_grad, tokens_per_mb_per_replica, or see --auto_layout.")
+
+
+def _activation_estimate(setup: Setup) -> float:
+    """Activation bytes per device from neo/auto_layout.py's estimator (fitted to XLA)."""
+    from neo.auto_layout import estimate
+
+    layout = setup.layout
+    mesh_shape = ",".join(f"{a}:{n}" for a, n in layout.mesh.shape.items())
+    rules = ",".join(f"{d}:{a}" for d, a in layout.rules)
+    e = estimate(setup.cfg, mesh_shape, rules, layout.mesh.size)
+    return e.activations_remat if setup.cfg.recompute_grad else e.activations
 
 
 def restore_or_init(setup: Setup, ckpt: Checkpointer, log: Callable[[str], None]) -> tuple[TrainState, dict]:
