@@ -101,12 +101,12 @@ def _run(argv: list[str]) -> None:
     initialize(FLAGS.tpu)
     layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
     if FLAGS.predict:
-        from neo.predict import SamplingOptions, predict
+        from neo.predict import SamplingOptions, predict, prompt_file
 
         opts = SamplingOptions.from_config(
             cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
             max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
-        predict(cfg, layout, FLAGS.prompt, opts, FLAGS.sacred_id)
+        predict(cfg, layout, prompt_file(FLAGS.prompt, cfg), opts, FLAGS.sacred_id)
         return
     if FLAGS.eval:
         from neo.eval_harness import HarnessOptions, evaluate_checkpoint
@@ -119,7 +119,7 @@ def _run(argv: list[str]) -> None:
         from neo.checkpoint import start_over
 
         start_over(cfg.model_path)
-    fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint)
+    fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint, prompt_path=FLAGS.prompt)
 
 
 def _gather_gpu_ids(args: list[str]) -> list[str]:

@@ -50,15 +50,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from neo.data.create_tfrecords import Options, create_tfrecords
-    from neo.errors import NeoError
+    from neo.errors import run_command
 
-    opts = Options(**{k: v for k, v in vars(args).items() if k != "no_progress"}, progress=not args.no_progress)
-    try:
-        create_tfrecords(opts)
-    except NeoError as e:
-        print(f"create_tfrecords: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    options = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    return run_command("create_tfrecords",
+                       lambda: create_tfrecords(Options(**options, progress=not args.no_progress)))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from neo.data.bpe import train_tokenizer
-    from neo.errors import NeoError
+    from neo.errors import run_command
 
-    try:
-        train_tokenizer(args.base_dir, args.output_dir, args.vocab_size, args.file_type)
-    except NeoError as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("train_tokenizer",
+                       lambda: train_tokenizer(args.base_dir, args.output_dir, args.vocab_size, args.file_type))
 
 
 if __name__ == "__main__":

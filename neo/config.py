@@ -148,6 +148,7 @@ class ModelConfig:
     predict_max_steps: Optional[int] = None
     remove_partial_sequences: bool = False
     temperature: float = 0.9
+    prompt_path: str = ""  # neo: prompt file used when --prompt is not given
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     iterations: int = 500

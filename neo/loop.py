@@ -45,12 +45,29 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
         f"{setup.num_microbatches} microbatch(es) of {cfg.train_batch_size // setup.num_microbatches} sequences")
     limit = device_memory(devices[0])
     need = 2 * p + o  # parameters, their gradients, optimizer state
-    log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}"
-        + (f" = {gib(need)} of {gib(limit)}" if limit else f" = {gib(need)} (+ activations)"))
+    activations = _activation_estimate(setup)
+    total = need + activations
+    log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}, "
+        f"activations ~{gib(activations)} (estimate{', with remat' if cfg.recompute_grad else ''}) = "
+        f"~{gib(total)}" + (f" of {gib(limit)} on a {devices[0].device_kind}" if limit else ""))
     if limit and need > limit:
         raise NeoError(f"parameters, gradients and optimizer state need {gib(need)} per device but a "
                        f"{devices[0].device_kind} has {gib(limit)}; shard them (e.g. add 'embd:<axis>' to "
-                       f"the layout for FSDP) or use more devices.")
+                       f"the layout for FSDP) or use more devices (python main.py --model ... --auto_layout).")
+    if limit and total > limit:
+        log(f"neo: WARNING: the estimate (~{gib(total)}) exceeds the device's {gib(limit)}; if this run "
+            f"runs out of memory, set recompute_grad, tokens_per_mb_per_replica, or see --auto_layout.")
+
+
+def _activation_estimate(setup: Setup) -> float:
+    """Activation bytes per device from neo/auto_layout.py's estimator (fitted to XLA)."""
+    from neo.auto_layout import estimate
+
+    layout = setup.layout
+    mesh_shape = ",".join(f"{a}:{n}" for a, n in layout.mesh.shape.items())
+    rules = ",".join(f"{d}:{a}" for d, a in layout.rules)
+    e = estimate(setup.cfg, mesh_shape, rules, layout.mesh.size)
+    return e.activations_remat if setup.cfg.recompute_grad else e.activations
 
 
 def restore_or_init(setup: Setup, ckpt: Checkpointer, log: Callable[[str], None]) -> tuple[TrainState, dict]:
@@ -92,9 +109,10 @@ class _Preemption:
 
 
 def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
-        log: Callable[[str], None] = print) -> dict:
-    """Train to `train_steps` from wherever model_path's checkpoints left off. Returns the last
-    logged train record."""
+        log: Callable[[str], None] = print, prompt_path: str = "") -> dict:
+    """Train to `train_steps` from wherever model_path's checkpoints left off; with
+    `predict_steps` > 0, print samples (prompts from `prompt_path`) after every checkpoint.
+    Returns the last logged train record."""
     from neo.data import make_source
     from neo.tracking import Tracker
 
@@ -104,6 +122,7 @@ def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
     describe(setup, log)
     source = make_source(cfg, "train", jax.process_index(), jax.process_count())
     validation = _Validation(cfg, setup) if cfg.eval_steps > 0 else None
+    samples = _Samples(cfg, setup, prompt_path) if cfg.predict_steps > 0 else None
 
     t0 = time.perf_counter()
     ckpt = Checkpointer(cfg.model_path, max_to_keep=cfg.keep_checkpoints)
@@ -146,6 +165,8 @@ def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
                 if validation is not None:
                     tracker.log({"kind": "eval", "step": done, **validation.run(state.params, log), "time": time.time()})
                 tracker.plot()
+                if samples is not None:
+                    samples.run(state.params, done, log)
                 tracker.sync()
                 interval_start += time.perf_counter() - pause  # saving and evaluating is not training time
             if preemption.requested:
@@ -207,3 +228,27 @@ class _Validation:
         log(f"eval | loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
             f"bits/byte {out['eval_bits_per_byte']:.4f}")
         return out
+
+
+class _Samples:
+    """GPT-Neo's `predict_steps`: sample from the model after every checkpoint (compiled once)."""
+
+    def __init__(self, cfg: ModelConfig, setup: Setup, prompt_path: str):
+        from neo.predict import Sampler, SamplingOptions
+
+        if cfg.tokenizer_path is None:
+            raise NeoError(f"{cfg.source}: predict_steps > 0 samples during training, which needs a tokenizer: "
+                           f"set 'tokenizer_path' (or the dataset config's).")
+        from neo.predict import prompt_file
+
+        self.cfg, self.layout, self.prompt_path = cfg, setup.layout, prompt_file(prompt_path, cfg)
+        self.opts = SamplingOptions.from_config(cfg)
+        self.sampler: Optional[Sampler] = None
+
+    def run(self, params, step: int, log: Callable[[str], None]) -> None:
+        from neo.predict import Sampler, write_samples
+
+        if self.sampler is None:
+            self.sampler = Sampler(self.cfg, params, self.layout)
+        write_samples(self.cfg, self.layout, params, step, self.prompt_path, self.opts, log=log,
+                      sampler=self.sampler)

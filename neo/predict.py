@@ -76,6 +76,16 @@ class SamplingOptions:
 # Prompts
 
 
+def prompt_file(flag: str, cfg: ModelConfig) -> str:
+    """--prompt if given, else the config's `prompt_path` (relative paths found like other
+    config paths), else "" (the original's unicorn prompt)."""
+    from neo.config import resolve_path
+
+    if flag or not cfg.prompt_path:
+        return flag
+    return resolve_path(cfg.prompt_path, Path(cfg.source).parent if cfg.source else "")
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts from a file: a .jsonl file holds one {"prompt": "..."} per line; any other file
     is one prompt, or several separated by lines reading exactly `<|endofprompt|>`.
@@ -279,7 +289,6 @@ def predict(cfg: ModelConfig, layout: Layout, prompt_path: str, opts: SamplingOp
     """Sample `opts.num_samples` continuations of every prompt in `prompt_path` from the latest
     checkpoint in model_path; print them and write <model_path>/predictions_<id>_<step>.txt."""
     from neo.checkpoint import load_params
-    from neo.data.tokenizer import load_tokenizer
     from neo.train import abstract_params
 
     if not cfg.model_path:
@@ -289,14 +298,27 @@ def predict(cfg: ModelConfig, layout: Layout, prompt_path: str, opts: SamplingOp
     if cfg.tokenizer_path is None:
         raise NeoError(f"{cfg.source}: no tokenizer for --predict: set 'tokenizer_path' in the model config "
                        f"or in its first dataset config.")
+    params, meta = load_params(cfg.model_path, abstract_params(cfg, layout))
+    return write_samples(cfg, layout, params, meta.get("step", 0), prompt_path, opts, sacred_id, log)
+
+
+def write_samples(cfg: ModelConfig, layout: Layout, params: Any, step: int, prompt_path: str,
+                  opts: SamplingOptions, sacred_id: str = "nosacred",
+                  log: Callable[[str], None] = print, sampler: Optional[Sampler] = None) -> Path:
+    """Sample from `params` (at training step `step`), print the samples and write
+    <model_path>/predictions_<id>_<step>.txt. Used by --predict and, with `predict_steps` > 0,
+    by the training loop after every checkpoint."""
+    from neo.data.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     prompts = read_prompts(prompt_path)
     encoded = [tokenizer.encode(p) if p else ([cfg.eos_id] if cfg.eos_id is not None else []) for p in prompts]
     too_long = [i for i, e in enumerate(encoded) if len(e) >= cfg.n_ctx]
     if too_long:
         log(f"neo: prompt(s) {too_long} are longer than the context; keeping their last {cfg.n_ctx - 1} tokens.")
-    params, meta = load_params(cfg.model_path, abstract_params(cfg, layout))
-    sampler = Sampler(cfg, params, layout)
+    if sampler is None:
+        sampler = Sampler(cfg, params, layout)
+    sampler.params = params
     rows = [e for e in encoded for _ in range(opts.num_samples)]
     new = sampler.generate(rows, opts, cfg.eos_id)
     texts = []
@@ -304,7 +326,7 @@ def predict(cfg: ModelConfig, layout: Layout, prompt_path: str, opts: SamplingOp
         ids = completion if cfg.remove_partial_sequences else row[-(cfg.n_ctx - 1):] + completion
         texts.append(tokenizer.decode(ids))
     report = format_samples(texts)
-    out = Path(cfg.model_path) / f"predictions_{sacred_id}_{meta.get('step', 0)}.txt"
+    out = Path(cfg.model_path) / f"predictions_{sacred_id}_{step}.txt"
     if jax.process_index() == 0:  # every host computed the same samples
         out.write_text(report, encoding="utf-8")
         log(report + f"neo: wrote {len(texts)} sample(s) to {out}")

@@ -65,6 +65,9 @@ def main() -> None:
         loop = record["tokens_per_sec"]
         print(f"bare step: {bare:,.0f} tok/s | training loop: {loop:,.0f} tok/s | overhead {100 * (1 - loop / bare):.1f}%")
 
+    if args.checkpoint_only:  # one real step, so the Adam moments are not all zeros (they compress)
+        batch = np.random.RandomState(0).randint(0, cfg.n_vocab, (cfg.train_batch_size, cfg.n_ctx + 1))
+        state, _ = setup.step(state, global_batch(setup, batch.astype(np.int32)))
     ckpt_dir = os.path.join(work, "ckpt")
     times = []
     for i in range(3):

@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from neo.errors import NeoError
+    from neo.errors import run_command
 
-    try:
+    def work() -> None:
         if args.command == "import":
             from neo.convert.hf import import_hf
 
@@ -45,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             from neo.convert.hf import export_hf
 
             export_hf(load_model_config(args.model), args.output, args.step, args.dtype)
-    except NeoError as e:
-        print(f"neo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command("convert_hf", work)
 
 
 if __name__ == "__main__":
