@@ -3,6 +3,10 @@
 Bits per byte uses the real byte count of the evaluated tokens (decoded with the dataset's
 tokenizer), not GPT-Neo's fixed 0.29335 tokens-per-byte constant for GPT-2 BPE on the Pile;
 the constant is the fallback when no tokenizer is configured.
+
+The lm-evaluation-harness side of evaluation lives beside this file: the `neo` lm-eval backend
+(`NeoLM`, neo/lm_eval_backend.py) and `main.py --eval` (neo/eval_harness.py). `NeoLM` is
+importable from here too, loaded on first use so validation never pays lm-eval's import.
 """
 
 from __future__ import annotations
@@ -89,3 +93,12 @@ def validate_checkpoint(cfg: ModelConfig, layout: Layout, log: Callable[[str], N
     log(f"eval at step {meta.get('step')}: loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
         f"bits/byte {out['eval_bits_per_byte']:.4f} ({cfg.eval_steps} batches of {rows[0].shape[0]})")
     return {"step": meta.get("step"), **out}
+
+
+def __getattr__(name: str) -> Any:
+    """`from neo.evaluate import NeoLM` (the lm-eval backend) without importing lm-eval eagerly."""
+    if name == "NeoLM":
+        from neo.lm_eval_backend import NeoLM
+
+        return NeoLM
+    raise AttributeError(f"module 'neo.evaluate' has no attribute {name!r}")

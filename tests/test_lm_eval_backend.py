@@ -173,6 +173,9 @@ def checkpoint(tmp_path):
 
 def test_registered_as_neo_and_loads_the_checkpoint(checkpoint, shared_data):
     assert lm_eval.api.registry.get_model("neo") is NeoLM
+    from neo.evaluate import NeoLM as from_evaluate
+
+    assert from_evaluate is NeoLM
     tm = task_manager(lambada_path=str(shared_data / "lambada_openai_test.jsonl"))
     out = lm_eval.simple_evaluate(model="neo", model_args=f"model={checkpoint}", tasks=["lambada_openai_local"],
                                   task_manager=tm, limit=4, bootstrap_iters=0, log_samples=False)
