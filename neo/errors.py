@@ -9,6 +9,19 @@ class NeoError(Exception):
     """A user-fixable problem; its message names the culprit and the fix."""
 
 
+def read_user_text(path: str, what: str) -> str:
+    """A user's UTF-8 text file (a prompt, a corpus); a missing or non-UTF-8 file is a NeoError
+    that starts with `what` and says how to fix it."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NeoError(f"{what}: no such file.") from None
+    except UnicodeDecodeError as e:
+        raise NeoError(f"{what}: not UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
+
+
 def run_command(name: str, work) -> int:
     """Run a command-line tool's work; a NeoError becomes one line on stderr and exit status 2
     (the user's mistake, not a crash), anything else stays a traceback (neo's bug)."""

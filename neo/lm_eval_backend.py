@@ -255,7 +255,7 @@ class NeoLM(TemplateLM):
         """"auto" rows for generation: as many as keep the float32 KV cache under 1 GiB."""
         cfg = self.cfg
         per_row = 2 * cfg.n_layer * cfg.n_ctx * cfg.n_embd * 4
-        return max(1, min(self._max_batch, 1 << max(0, (2 ** 30 // per_row).bit_length() - 1)))
+        return self._pow2_rows(2 ** 30 // per_row)
 
     # ------------------------------------------------------------------ the batched scorer
 
@@ -289,15 +289,15 @@ class NeoLM(TemplateLM):
         # The next batch is dispatched before the previous one is read back, so the host prepares
         # batch n + 1 while the devices compute batch n.
         pending: list[tuple] = []
+        seq_shards = self.layout.axis_size("sequence")
         start = 0
         while start < len(order):
             longest = len(rows[order[start]][0]) - 1
-            length = bucket(longest, self.max_length, self.layout.axis_size("sequence"))
+            length = bucket(longest, self.max_length, seq_shards)
             full = self._rows_per_batch(length)
             chunk = order[start:start + full]
             # A last, partial batch is padded to a power of two rows only (fewer shapes to compile).
             b = full if len(chunk) == full else min(full, 1 << (len(chunk) - 1).bit_length())
-            seq_shards = self.layout.axis_size("sequence")
             scored = max(rows[i][1] for i in chunk)
             k = min(-(-(1 << max(0, scored - 1).bit_length()) // seq_shards) * seq_shards, length)
             pending.append((chunk, k, *self._dispatch(chunk, rows, length, k, b)))
@@ -312,7 +312,10 @@ class NeoLM(TemplateLM):
     def _rows_per_batch(self, length: int) -> int:
         if self._batch_size is not None:
             return self._batch_size
-        fit = AUTO_LOGITS_BUDGET // (length * self.cfg.n_vocab)
+        return self._pow2_rows(AUTO_LOGITS_BUDGET // (length * self.cfg.n_vocab))
+
+    def _pow2_rows(self, fit: int) -> int:
+        """"auto" rows: the largest power of two <= fit, between 1 and max_batch_size."""
         return max(1, min(self._max_batch, 1 << max(0, fit.bit_length() - 1)))
 
     def _dispatch(self, chunk: list[int], rows: list[tuple[list[int], int]], length: int, k: int,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neo.config import ModelConfig
-from neo.errors import NeoError
+from neo.errors import NeoError, read_user_text
 from neo.mesh import Layout, constrain
 from neo.model import GPT, init_cache
 
@@ -92,12 +92,7 @@ def read_prompts(path: str) -> list[str]:
     No file: the original GPT-Neo's unicorn prompt."""
     if not path:
         return [UNICORNS]
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NeoError(f"--prompt {path}: no such file.") from None
-    except UnicodeDecodeError as e:
-        raise NeoError(f"--prompt {path}: not UTF-8 text (byte {e.start}).") from None
+    text = read_user_text(path, f"--prompt {path}")
     if path.endswith(".jsonl"):
         prompts = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -8,11 +8,9 @@ sees, on any number of hosts. The last `holdout` fraction of the tokens is the e
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from neo.errors import NeoError
+from neo.errors import NeoError, read_user_text
 
 
 class TextSource:
@@ -52,13 +50,7 @@ class TextSource:
 
 
 def read_text_tokens(path: str, tokenizer) -> np.ndarray:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NeoError(f"text file {path} does not exist.") from None
-    except UnicodeDecodeError as e:
-        raise NeoError(f"text file {path} is not UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
-    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+    return np.asarray(tokenizer.encode(read_user_text(path, f"text file {path}")), dtype=np.int32)
 
 
 def split_holdout(tokens: np.ndarray, holdout: float) -> tuple[np.ndarray, np.ndarray]:
