@@ -18,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.mesh import Layout
 from neo.model import GPT
 
 PILE_TOKENS_PER_BYTE = 0.29335  # GPT-Neo's constant (reference 1.17)
 
 
-def make_eval_step(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Callable:
+def make_eval_step(cfg: Config, layout: Layout, param_shardings: Any) -> Callable:
     """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count."""
-    model = GPT(cfg)
+    model = GPT(cfg.model)
 
     def step(params: Any, batch: jax.Array) -> dict:
         with layout.active():
@@ -68,7 +68,7 @@ def validate(eval_step: Callable, params: Any, batches: list[jax.Array], local_r
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_bits_per_byte": bpb}
 
 
-def validate_checkpoint(cfg: ModelConfig, layout: Layout, log: Callable[[str], None] = print) -> dict:
+def validate_checkpoint(cfg: Config, layout: Layout, log: Callable[[str], None] = print) -> dict:
     """`--eval`'s validation part: the latest checkpoint on `eval_steps` eval batches."""
     from neo.checkpoint import load_params
     from neo.data import make_source
@@ -76,22 +76,22 @@ def validate_checkpoint(cfg: ModelConfig, layout: Layout, log: Callable[[str], N
     from neo.errors import NeoError
     from neo.train import abstract_params
 
-    if cfg.eval_steps <= 0:
+    if cfg.run.eval_steps <= 0:
         raise NeoError(f"{cfg.source}: set 'eval_steps' > 0 (batches of the eval split) to validate.")
     abstract = abstract_params(cfg, layout)
-    params, meta = load_params(cfg.model_path, abstract)
+    params, meta = load_params(cfg.run.model_path, abstract)
     source = make_source(cfg, "eval", jax.process_index(), jax.process_count())
-    rows = [next(source) for _ in range(cfg.eval_steps)]
+    rows = [next(source) for _ in range(cfg.run.eval_steps)]
     sharding = layout.sharding(("batch", None))
     batches = [jax.make_array_from_process_local_data(sharding, r) for r in rows]
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
+        tokenizer = load_tokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
     except NeoError:
         tokenizer = None
     out = validate(make_eval_step(cfg, layout, shardings), params, batches, rows, tokenizer)
     log(f"eval at step {meta.get('step')}: loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
-        f"bits/byte {out['eval_bits_per_byte']:.4f} ({cfg.eval_steps} batches of {rows[0].shape[0]})")
+        f"bits/byte {out['eval_bits_per_byte']:.4f} ({cfg.run.eval_steps} batches of {rows[0].shape[0]})")
     return {"step": meta.get("step"), **out}
 
 

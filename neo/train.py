@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.errors import NeoError
 from neo.loss import lm_loss
 from neo.mesh import Layout, check_divisible, constrain
@@ -44,7 +44,7 @@ class TrainState:
 class Setup:
     """Everything compiled for one config on one layout."""
 
-    cfg: ModelConfig
+    cfg: Config
     layout: Layout
     model: GPT
     optimizer: optax.GradientTransformation
@@ -56,14 +56,14 @@ class Setup:
     param_count: int
 
 
-def num_microbatches(cfg: ModelConfig, layout: Layout) -> int:
+def num_microbatches(cfg: Config, layout: Layout) -> int:
     """GPT-Neo's rule: sequences per microbatch = tokens_per_mb_per_replica // n_ctx (at least 1),
     lowered until it divides the per-replica batch."""
     replicas = layout.axis_size("batch")
-    per_replica = cfg.train_batch_size // replicas
-    if not cfg.tokens_per_mb_per_replica:
+    per_replica = cfg.run.train_batch_size // replicas
+    if not cfg.run.tokens_per_mb_per_replica:
         return 1
-    mb = max(1, cfg.tokens_per_mb_per_replica // cfg.n_ctx)
+    mb = max(1, cfg.run.tokens_per_mb_per_replica // cfg.model.n_ctx)
     mb = min(mb, per_replica)
     while per_replica % mb:
         mb -= 1
@@ -97,10 +97,10 @@ def _check_param_divisibility(layout: Layout, boxed: Any) -> None:
         check_divisible(layout, sizes, f" in parameter {name}")
 
 
-def abstract_params(cfg: ModelConfig, layout: Layout) -> Any:
+def abstract_params(cfg: Config, layout: Layout) -> Any:
     """The model's parameters as ShapeDtypeStructs placed per the layout (nothing allocated):
     what checkpoints are restored into for sampling, evaluation and export."""
-    model = GPT(cfg)
+    model = GPT(cfg.model)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
     _check_param_divisibility(layout, boxed)
     abstract = nn.meta.unbox(boxed)
@@ -108,23 +108,23 @@ def abstract_params(cfg: ModelConfig, layout: Layout) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def build(cfg: ModelConfig, layout: Layout) -> Setup:
+def build(cfg: Config, layout: Layout) -> Setup:
     """Shardings, initializer and train step for `cfg` on `layout`. Fails before compiling if
     the layout does not fit the shapes."""
-    model = GPT(cfg)
-    optimizer = make_optimizer(cfg)
-    check_divisible(layout, {"batch": cfg.train_batch_size, "sequence": cfg.n_ctx,
-                             "memory_length": cfg.n_ctx, "heads": cfg.n_head}, " in the config")
+    model = GPT(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer, cfg.run.train_steps)
+    check_divisible(layout, {"batch": cfg.run.train_batch_size, "sequence": cfg.model.n_ctx,
+                             "memory_length": cfg.model.n_ctx, "heads": cfg.model.n_head}, " in the config")
     n_micro = num_microbatches(cfg, layout)
-    if (cfg.train_batch_size // n_micro) % layout.axis_size("batch"):
-        raise NeoError(f"train_batch_size {cfg.train_batch_size} in {n_micro} microbatches does not split "
+    if (cfg.run.train_batch_size // n_micro) % layout.axis_size("batch"):
+        raise NeoError(f"train_batch_size {cfg.run.train_batch_size} in {n_micro} microbatches does not split "
                        f"over {layout.axis_size('batch')} batch shards.")
 
     def init_boxed(rng: jax.Array) -> TrainState:
         params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    rng = jax.random.PRNGKey(cfg.seed)
+    rng = jax.random.PRNGKey(cfg.run.seed)
     boxed = jax.eval_shape(init_boxed, rng)
     _check_param_divisibility(layout, boxed.params)
     abstract = nn.meta.unbox(boxed)
@@ -141,20 +141,21 @@ def build(cfg: ModelConfig, layout: Layout) -> Setup:
     return Setup(cfg, layout, model, optimizer, shardings, batch_sharding, init, step, n_micro, param_count)
 
 
-def _train_step(cfg: ModelConfig, model: GPT, optimizer: optax.GradientTransformation,
+def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation,
                 layout: Layout, n_micro: int) -> Callable:
     # Stochastic train mode: dropout, and MoE routing (train capacity, random second expert).
-    dropout = bool(cfg.embed_dropout or cfg.attn_dropout or cfg.res_dropout or cfg.moe_layers)
-    schedule = lr_schedule(cfg)
+    m = cfg.model
+    dropout = bool(m.embed_dropout or m.attn_dropout or m.res_dropout or m.moe_layers)
+    schedule = lr_schedule(cfg.optimizer, cfg.run.train_steps)
 
     def loss_on(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
         inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], None
-        if cfg.mlm_training:
+        if cfg.model.mlm_training:
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
         logits, extra = model.apply({"params": params}, inputs, deterministic=not dropout,
                                     rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
-        objective, aux = lm_loss(logits, targets, cfg.z_loss, mask)
-        if cfg.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
+        objective, aux = lm_loss(logits, targets, cfg.run.z_loss, mask)
+        if cfg.model.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
             aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))
             objective = objective + aux["moe_loss"]
         return objective, aux
@@ -163,7 +164,7 @@ def _train_step(cfg: ModelConfig, model: GPT, optimizer: optax.GradientTransform
 
     def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         with layout.active():
-            rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.step)
+            rng = jax.random.fold_in(jax.random.PRNGKey(cfg.run.seed), state.step)
             if n_micro == 1:
                 (_, aux), grads = grad_fn(state.params, batch, rng)
             else:

@@ -83,9 +83,9 @@ def test_rows_stop_at_eos_and_at_the_context_end():
     for prompt, row in zip(PROMPTS[1:], rows[1:]):
         full = hf_greedy(model, prompt, 30)
         assert row == (full[:full.index(ref[k])] if ref[k] in full else full)
-    long = list(np.random.RandomState(0).randint(0, 203, cfg.n_ctx + 6))
+    long = list(np.random.RandomState(0).randint(0, 203, cfg.model.n_ctx + 6))
     (row,) = sampler.generate([long], GREEDY)
-    assert row == hf_greedy(model, long[-(cfg.n_ctx - 1):], 1)  # last n_ctx-1 tokens kept, room for one
+    assert row == hf_greedy(model, long[-(cfg.model.n_ctx - 1):], 1)  # last n_ctx-1 tokens kept, room for one
 
 
 def test_one_compilation_serves_prompt_lengths_and_settings():

@@ -12,7 +12,7 @@ from neo.train import build, global_batch, num_microbatches
 from tests.conftest import tiny_config
 
 CFG = parse_model_config(tiny_config())
-BATCH = np.random.RandomState(0).randint(0, CFG.n_vocab, (CFG.train_batch_size, CFG.n_ctx + 1)).astype(np.int32)
+BATCH = np.random.RandomState(0).randint(0, CFG.model.n_vocab, (CFG.run.train_batch_size, CFG.model.n_ctx + 1)).astype(np.int32)
 
 LAYOUTS = {
     "data": ("x:8", "batch:x"),
@@ -83,7 +83,7 @@ def test_compiled_step_shards_parameters_as_the_layout_says():
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(reference):
-    cfg = CFG.replace(tokens_per_mb_per_replica=2 * CFG.n_ctx)  # 2 sequences per microbatch
+    cfg = CFG.replace(tokens_per_mb_per_replica=2 * CFG.model.n_ctx)  # 2 sequences per microbatch
     setup = build(cfg, make_layout("x:2", "batch:x", jax.devices()[:2]))
     assert setup.num_microbatches == 2  # 4 sequences per replica / 2 per microbatch
     _, state, metrics = run(cfg, "x:2", "batch:x", jax.devices()[:2])
@@ -95,7 +95,7 @@ def test_gradient_accumulation_gives_the_full_batch_update(reference):
 
 def test_microbatch_count_follows_gpt_neo():
     layout = make_layout("x:8", "batch:x")
-    cfg = CFG.replace(train_batch_size=48, tokens_per_mb_per_replica=4 * CFG.n_ctx)
+    cfg = CFG.replace(train_batch_size=48, tokens_per_mb_per_replica=4 * CFG.model.n_ctx)
     assert num_microbatches(cfg, layout) == 2  # 6 per replica; 4 does not divide 6 -> 3 per microbatch
     assert num_microbatches(CFG, layout) == 1
 
