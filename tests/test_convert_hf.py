@@ -67,7 +67,7 @@ def test_gpt_neox_logits_match_transformers(parallel, act):
     cfg = parse_model_config(gpt_neox.config_from_hf(hfc.to_dict()), "hf")
     assert cfg.model.rotary_pct == 0.25 and cfg.model.parallel_residual == parallel
     assert cfg.model.activation_fn == ("gelu_exact" if act == "gelu" else "gelu")
-    params = gpt_neox.params_from_hf(state_dict(model), cfg)
+    params = gpt_neox.params_from_hf(state_dict(model), cfg.model)
     tokens = np.random.RandomState(1).randint(0, 203, (2, 40))
     ref = logits(model, tokens)
     out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
@@ -79,7 +79,7 @@ def test_gpt_neox_tied_head_without_attention_bias():
     hfc, model = hf_neox(tie=True, bias=False)
     cfg = parse_model_config(gpt_neox.config_from_hf(hfc.to_dict()), "hf")
     assert not cfg.model.no_weight_tie and not cfg.model.qkv_bias
-    params = gpt_neox.params_from_hf(state_dict(model), cfg)
+    params = gpt_neox.params_from_hf(state_dict(model), cfg.model)
     tokens = np.random.RandomState(2).randint(0, 203, (2, 17))
     out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
     np.testing.assert_allclose(out, logits(model, tokens), atol=2e-5, rtol=0)
