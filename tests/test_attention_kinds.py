@@ -10,7 +10,8 @@ import pytest
 from neo.config import parse_model_config
 from neo.errors import NeoError
 from neo.model import GPT, init_cache
-from neo.model.attention import Attention, attend, attend_local_blocked, visible
+from neo.model.attention import Attention
+from neo.model.attention_op import attend, attend_local_blocked, visible
 from neo.model.layers import LayerNorm
 from neo.model.linear_attention import causal_linear_attention, linear_attention
 from tests.conftest import tiny_config
@@ -103,7 +104,7 @@ def test_none_layer_is_feed_forward_only():
     x = params["wte"][tokens] + params["wpe"][jnp.arange(16)]
     for i in range(2):
         h = LayerNorm().apply({"params": params[f"h_{i}"]["ln_2"]}, x)
-        x = x + MLP(cfg).apply({"params": params[f"h_{i}"]["mlp"]}, h, True)
+        x = x + MLP(cfg).apply({"params": params[f"h_{i}"]["mlp"]}, h, deterministic=True)
     ref = LayerNorm().apply({"params": params["ln_f"]}, x) @ params["wte"].T
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 

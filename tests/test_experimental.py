@@ -13,7 +13,7 @@ from neo.config import parse_model_config
 from neo.model import GPT
 from neo.model.activations import ACTIVATIONS, PARAMETRIC, Activation
 from neo.model.attention import Attention, rotary
-from neo.model.gpt import MLP, Block
+from neo.model.gpt import MLP, Block, LayerSpec
 from neo.model.layers import LayerNorm, ScaleNorm
 from tests.conftest import tiny_config
 
@@ -44,13 +44,13 @@ def test_axial_position_embedding_is_the_mean_of_two_tables():
 def test_glu_mlp_gates_one_half_by_the_activation_of_the_other():
     cfg = parse_model_config(tiny_config(mlp_glu=True))
     x = jnp.asarray(RNG.randn(2, 5, 64).astype(np.float32))
-    params = unbox(MLP(cfg).init(jax.random.PRNGKey(0), x, True)["params"])
+    params = unbox(MLP(cfg).init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
     w = params["c_fc"]["kernel"]
     assert w.shape == (64, 2, 256)  # the original's 8 x n_embd, as two halves
     hg = jnp.einsum("btd,dkf->btkf", x, w) + params["c_fc"]["bias"]
     h = hg[..., 0, :] * jax.nn.gelu(hg[..., 1, :], approximate=True)
     ref = h @ params["c_proj"]["kernel"] + params["c_proj"]["bias"]
-    np.testing.assert_allclose(MLP(cfg).apply({"params": params}, x, True), ref, atol=1e-5)
+    np.testing.assert_allclose(MLP(cfg).apply({"params": params}, x, deterministic=True), ref, atol=1e-5)
 
 
 def test_scalenorm_normalises_with_one_scalar_gain():
@@ -75,10 +75,10 @@ def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches():
     block = {**params["h_0"], "rezero_1": jnp.float32(0.5), "rezero_2": jnp.float32(-2.0)}
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    out, _ = Block(cfg, "global").apply({"params": block}, x, pos)
+    out, _ = Block(cfg).apply({"params": block}, x, pos, spec=LayerSpec("global"))
     a, _ = Attention(cfg, "global").apply({"params": block["attn"]}, x, pos)
     h = x + 0.5 * a
-    ref = h - 2.0 * MLP(cfg).apply({"params": block["mlp"]}, h, True)
+    ref = h - 2.0 * MLP(cfg).apply({"params": block["mlp"]}, h, deterministic=True)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -87,9 +87,9 @@ def test_macaron_adds_a_half_step_mlp_before_attention_and_halves_the_main_mlp()
     block = init(cfg)["h_0"]
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    out, _ = Block(cfg, "global").apply({"params": block}, x, pos)
+    out, _ = Block(cfg).apply({"params": block}, x, pos, spec=LayerSpec("global"))
     ln = lambda name, h: LayerNorm().apply({"params": block[name]}, h)
-    mlp = lambda name, h: MLP(cfg).apply({"params": block[name]}, h, True)
+    mlp = lambda name, h: MLP(cfg).apply({"params": block[name]}, h, deterministic=True)
     h = x + 0.5 * mlp("mlp_macaron", ln("ln_macaron", x))
     h = h + Attention(cfg, "global").apply({"params": block["attn"]}, ln("ln_1", h), pos)[0]
     ref = h + 0.5 * mlp("mlp", ln("ln_2", h))
@@ -212,6 +212,6 @@ def test_shared_parameters_apply_one_block_at_every_layer():
     x = params["wte"][TOKENS] + params["wpe"][jnp.arange(16)]
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
     for kind in cfg.attention_types:
-        x, _ = Block(cfg, kind).apply({"params": params["h_0"]}, x, pos)
+        x, _ = Block(cfg).apply({"params": params["h_0"]}, x, pos, spec=LayerSpec(kind))
     ref = LayerNorm().apply({"params": params["ln_f"]}, x) @ params["wte"].T
     np.testing.assert_allclose(GPT(cfg).apply({"params": params}, TOKENS), ref, atol=1e-5)

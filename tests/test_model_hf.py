@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from neo.config import expand_attention_types, parse_model_config  # noqa: E402
 from neo.convert.gpt_neo import config_from_hf, params_from_hf  # noqa: E402
 from neo.model import GPT  # noqa: E402
-from neo.model.attention import attend, attend_local_blocked, visible  # noqa: E402
+from neo.model.attention_op import attend, attend_local_blocked, visible  # noqa: E402
 
 
 def hf_gpt_neo(attention_types, window, seed=0, **kw):

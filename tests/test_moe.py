@@ -44,14 +44,14 @@ def test_one_expert_with_room_for_every_token_is_a_plain_mlp():
     cfg = moe_config(moe_num_experts=1, moe_gating="top_1", moe_capacity_factor_eval=1.0)
     x = jnp.asarray(RNG.randn(2, 16, 32).astype(np.float32))
     layer = MoE(cfg)
-    params = layer.init(jax.random.PRNGKey(0), x, True)["params"]
+    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)["params"]
     params = jax.tree.map(lambda v: getattr(v, "value", v), params, is_leaf=lambda v: hasattr(v, "value"))
-    out = layer.apply({"params": params}, x, True)
+    out = layer.apply({"params": params}, x, deterministic=True)
     # the same weights in neo's MLP (zero biases, relu): identical output
     mlp_cfg = cfg.replace(activation_fn="relu", intermediate_size=48)
     mlp_params = {"c_fc": {"kernel": params["wi"][0], "bias": jnp.zeros(48)},
                   "c_proj": {"kernel": params["wo"][0], "bias": jnp.zeros(32)}}
-    ref = MLP(mlp_cfg).apply({"params": mlp_params}, x, True)
+    ref = MLP(mlp_cfg).apply({"params": mlp_params}, x, deterministic=True)
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
