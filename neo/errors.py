@@ -9,6 +9,20 @@ class NeoError(Exception):
     """A user-fixable problem; its message names the culprit and the fix."""
 
 
+def close_matches(word: str, options, n: int = 1) -> list[str]:
+    """The `n` known names nearest to a mistyped `word` (difflib's ratio >= 0.6), best first."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(options), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, options) -> str:
+    """" Did you mean 'x'?" for the known name nearest to `word`, or "" when none is near:
+    the tail of an error message about an unknown key, name or value."""
+    match = close_matches(word, options)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
 def read_user_text(path: str, what: str) -> str:
     """A user's UTF-8 text file (a prompt, a corpus); a missing or non-UTF-8 file is a NeoError
     that starts with `what` and says how to fix it."""

@@ -11,7 +11,6 @@ Hugging Face hub) are indexed only when a name is not found there. GPT-Neo's own
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from neo.config import ModelConfig
-from neo.errors import NeoError
+from neo.errors import NeoError, close_matches
 from neo.mesh import Layout
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -59,7 +58,7 @@ def resolve_tasks(names: Sequence[str], include_path: Optional[str] = None,
         manager = TaskManager(include_path=paths, include_defaults=True, metadata=metadata)
     missing = _missing(manager, names)
     if missing:
-        hints = {m: difflib.get_close_matches(m, manager.all_tasks, n=3, cutoff=0.6) for m in missing}
+        hints = {m: close_matches(m, manager.all_tasks, n=3) for m in missing}
         raise NeoError("unknown lm-eval task(s): " + "; ".join(
             f"'{m}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for m, h in hints.items())
             + ". Offline tasks shipped with neo: lambada_openai_local, text_perplexity_local (docs/evaluation.md).")

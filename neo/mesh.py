@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from neo.errors import NeoError
+from neo.errors import NeoError, did_you_mean
 
 # Every dimension name neo's tensors carry (GPT-Neo's names, plus `experts` for MoE).
 DIMENSIONS = (
@@ -130,11 +130,11 @@ def parse_layout(text: str, axis_names: Sequence[str]) -> tuple[tuple[str, str],
             raise NeoError(f"layout {text!r}: cannot read {part!r}; write dimension:mesh_axis pairs like \"batch:x,heads:y\".")
         dim, axis = m.groups()
         if dim not in DIMENSIONS:
-            raise NeoError(f"layout {text!r}: {dim!r} is not a tensor dimension name.{_suggest(dim, DIMENSIONS)} "
+            raise NeoError(f"layout {text!r}: {dim!r} is not a tensor dimension name.{did_you_mean(dim, DIMENSIONS)} "
                            f"Known dimensions: {', '.join(DIMENSIONS)}.")
         if axis not in axis_names:
             raise NeoError(f"layout {text!r} maps '{dim}' to mesh axis '{axis}', which is not in mesh_shape "
-                           f"(axes: {', '.join(axis_names)}).{_suggest(axis, axis_names)}")
+                           f"(axes: {', '.join(axis_names)}).{did_you_mean(axis, axis_names)}")
         for d, a in rules:
             if d == dim and a != axis:
                 raise NeoError(f"layout {text!r}: dimension '{dim}' is mapped to two mesh axes ('{a}' and "
@@ -197,11 +197,4 @@ def check_divisible(layout: Layout, sizes: dict[str, int], what: str = "") -> No
 
 def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
-
-
-def _suggest(word: str, options: Sequence[str]) -> str:
-    import difflib
-
-    m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{m[0]}'?" if m else ""
 
