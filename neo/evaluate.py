@@ -36,7 +36,7 @@ def make_eval_step(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Ca
             target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
             return {"nll": (log_z - target).sum(), "tokens": jnp.asarray(target.size, jnp.float32)}
 
-    return jax.jit(step, in_shardings=(param_shardings, layout.sharding(("batch", None))),
+    return jax.jit(step, in_shardings=(param_shardings, layout.rows),
                    out_shardings=layout.replicated)
 
 
@@ -70,21 +70,19 @@ def validate(eval_step: Callable, params: Any, batches: list[jax.Array], local_r
 
 def validate_checkpoint(cfg: ModelConfig, layout: Layout, log: Callable[[str], None] = print) -> dict:
     """`--eval`'s validation part: the latest checkpoint on `eval_steps` eval batches."""
-    from neo.checkpoint import load_params
+    from neo.checkpoint import load_for_inference
     from neo.data import make_source
     from neo.data.tokenizer import load_tokenizer
     from neo.errors import NeoError
-    from neo.train import abstract_params
+    from neo.mesh import shardings_of
 
     if cfg.eval_steps <= 0:
         raise NeoError(f"{cfg.source}: set 'eval_steps' > 0 (batches of the eval split) to validate.")
-    abstract = abstract_params(cfg, layout)
-    params, meta = load_params(cfg.model_path, abstract)
+    params, meta = load_for_inference(cfg, layout)
     source = make_source(cfg, "eval", jax.process_index(), jax.process_count())
     rows = [next(source) for _ in range(cfg.eval_steps)]
-    sharding = layout.sharding(("batch", None))
-    batches = [jax.make_array_from_process_local_data(sharding, r) for r in rows]
-    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    batches = [jax.make_array_from_process_local_data(layout.rows, r) for r in rows]
+    shardings = shardings_of(params)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
     except NeoError:

@@ -222,8 +222,7 @@ class _Validation:
     def run(self, params, log: Callable[[str], None]) -> dict:
         from neo.evaluate import validate
 
-        sharding = self.setup.layout.sharding(("batch", None))
-        batches = [jax.make_array_from_process_local_data(sharding, r) for r in self.rows]
+        batches = [jax.make_array_from_process_local_data(self.setup.layout.rows, r) for r in self.rows]
         out = validate(self.step, params, batches, self.rows, self.tokenizer)
         log(f"eval | loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
             f"bits/byte {out['eval_bits_per_byte']:.4f}")

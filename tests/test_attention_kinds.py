@@ -9,7 +9,7 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.errors import NeoError
-from neo.model import GPT, init_cache
+from neo.model import GPT, init_cache, init_params
 from neo.model.attention import Attention, attend, attend_local_blocked, visible
 from neo.model.layers import LayerNorm
 from neo.model.linear_attention import causal_linear_attention, linear_attention
@@ -32,7 +32,7 @@ def original_causal_linear(q, k, v):
 
 
 def params_of(cfg, seed=0):
-    return GPT(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_params(cfg, jax.random.PRNGKey(seed))
 
 
 def unbox(tree):

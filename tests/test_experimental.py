@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from neo.config import parse_model_config
-from neo.model import GPT
+from neo.model import GPT, init_params
 from neo.model.activations import ACTIVATIONS, PARAMETRIC, Activation
 from neo.model.attention import Attention, rotary
 from neo.model.gpt import MLP, Block
@@ -26,7 +26,7 @@ def unbox(tree):
 
 
 def init(cfg, seed=0):
-    return unbox(GPT(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+    return unbox(init_params(cfg, jax.random.PRNGKey(seed)))
 
 
 def test_axial_position_embedding_is_the_mean_of_two_tables():

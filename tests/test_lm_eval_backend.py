@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,7 +28,7 @@ from neo.errors import NeoError  # noqa: E402
 from neo.eval_harness import TASKS_DIR, resolve_tasks  # noqa: E402
 from neo.lm_eval_backend import NeoLM, bucket  # noqa: E402
 from neo.mesh import make_layout  # noqa: E402
-from neo.model import GPT  # noqa: E402
+from neo.model import init_params  # noqa: E402
 
 N_CTX = 64  # shorter than most LAMBADA passages in GPT-2 tokens: left truncation is exercised
 LAMBADA_DOCS = 40
@@ -52,7 +51,7 @@ def models(tmp_path_factory):
            "tokenizer_path": str(ROOT.parent / "shared" / "data" / "gpt2"), "eos_id": 50256,
            "model_path": str(root / "run")}
     cfg = parse_model_config(raw, "random-gpt-neo")
-    params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), params, is_leaf=lambda x: hasattr(x, "value"))
     rng = np.random.RandomState(0)
     params = jax.tree_util.tree_map_with_path(  # random norms and biases, not constants
@@ -163,7 +162,7 @@ def checkpoint(tmp_path):
     raw = tiny_config(n_vocab=256, n_ctx=64, tokenizer_path="bytes", eos_id=10,
                       model_path=str(tmp_path / "run"), eval_tasks=["lambada"])
     cfg = parse_model_config(raw, "tiny")
-    params = GPT(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = init_params(cfg, jax.random.PRNGKey(3))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     save_params(cfg.model_path, params, step=7)
     path = tmp_path / "tiny.json"
