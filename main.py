@@ -109,7 +109,7 @@ def _run(argv: list[str]) -> None:
         predict(cfg, layout, prompt_file(FLAGS.prompt, cfg), opts, FLAGS.sacred_id)
         return
     if FLAGS.eval:
-        from neo.eval_harness import HarnessOptions, evaluate_checkpoint
+        from neo.evaluate.harness import HarnessOptions, evaluate_checkpoint
 
         opts = HarnessOptions(tuple(FLAGS.eval_tasks), FLAGS.eval_limit, FLAGS.eval_batch_size,
                               FLAGS.eval_num_fewshot, FLAGS.eval_include_path)

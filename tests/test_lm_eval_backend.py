@@ -25,8 +25,8 @@ from neo.checkpoint import save_params  # noqa: E402
 from neo.config import parse_model_config  # noqa: E402
 from neo.data.tokenizer import load_tokenizer  # noqa: E402
 from neo.errors import NeoError  # noqa: E402
-from neo.eval_harness import TASKS_DIR, resolve_tasks  # noqa: E402
-from neo.lm_eval_backend import NeoLM, bucket  # noqa: E402
+from neo.evaluate.backend import NeoLM, bucket  # noqa: E402
+from neo.evaluate.harness import TASKS_DIR, resolve_tasks  # noqa: E402
 from neo.mesh import make_layout  # noqa: E402
 from neo.model import init_params  # noqa: E402
 
@@ -193,6 +193,17 @@ def test_scores_do_not_depend_on_batching_or_the_mesh(checkpoint, shared_data):
         sharded = lm.loglikelihood(instances, disable_tqdm=True)
         np.testing.assert_allclose([s[0] for s in sharded], [s[0] for s in single], atol=2e-5, rtol=0)
         assert [s[1] for s in sharded] == [s[1] for s in single]
+
+
+def test_the_entry_point_and_package_data_name_what_exists():
+    import importlib
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, name = meta["project"]["entry-points"]["lm_eval.models"]["neo"].split(":")
+    assert getattr(importlib.import_module(module), name) is NeoLM
+    for pattern in meta["tool"]["setuptools"]["package-data"]["neo"]:
+        assert list((ROOT / "neo").glob(pattern)), pattern
 
 
 def test_mistakes_are_explained(checkpoint):

@@ -3,7 +3,7 @@
     lm_eval.simple_evaluate(model="neo", model_args="model=runs/gpt-neo-125M/config.json", tasks=[...])
     python -m neo.lm_eval --model neo --model_args model=runs/gpt-neo-125M/config.json --tasks lambada_openai_local
 
-(`import neo.lm_eval_backend` registers the name; `python -m neo.lm_eval` is lm-eval's own
+(`import neo.evaluate.backend` registers the name; `python -m neo.lm_eval` is lm-eval's own
 command line with the backend registered and neo's offline tasks on the include path.)
 
 Requests are scored the way lm-eval's `hf` backend scores them, so the numbers are
