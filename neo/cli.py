@@ -77,7 +77,7 @@ def _run(argv: list[str]) -> None:
         raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
     if FLAGS.check_dataset:
-        from neo.inspect import check_dataset
+        from neo.data.check import check_dataset
 
         check_dataset(cfg)
         return
