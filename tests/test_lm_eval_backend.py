@@ -20,7 +20,6 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from conftest import ROOT, tiny_config  # noqa: E402
 from neo.checkpoint import save_params  # noqa: E402
 from neo.config import parse_model_config  # noqa: E402
 from neo.data.tokenizer import load_tokenizer  # noqa: E402
@@ -30,6 +29,7 @@ from neo.evaluate.harness import TASKS_DIR, resolve_tasks  # noqa: E402
 from neo.mesh import make_layout  # noqa: E402
 from neo.model import init_params  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 N_CTX = 64  # shorter than most LAMBADA passages in GPT-2 tokens: left truncation is exercised
 LAMBADA_DOCS = 40
 
@@ -40,7 +40,7 @@ def _offline_datasets(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, shared_data):
     """One random GPT-Neo with GPT-2's vocabulary as a neo checkpoint, and the same model exported
     to a Hugging Face folder (scripts/convert_hf.py export) loaded by lm-eval's hf backend."""
     from neo.convert.hf import export_hf
@@ -48,7 +48,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     raw = {"n_vocab": 50257, "n_ctx": N_CTX, "n_embd": 32, "n_layer": 2, "n_head": 4,
            "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
-           "tokenizer_path": str(ROOT.parent / "shared" / "data" / "gpt2"), "eos_id": 50256,
+           "tokenizer_path": str(shared_data / "gpt2"), "eos_id": 50256,
            "model_path": str(root / "run")}
     cfg = parse_model_config(raw, "random-gpt-neo")
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -157,7 +157,7 @@ def test_batches_are_padded_to_a_few_shapes():
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
+def checkpoint(tmp_path, tiny_config):
     """A byte-level tiny model saved as a neo checkpoint, and its config file."""
     raw = tiny_config(n_vocab=256, n_ctx=64, tokenizer_path="bytes", eos_id=10,
                       model_path=str(tmp_path / "run"), eval_tasks=["lambada"])
