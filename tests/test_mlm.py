@@ -11,7 +11,7 @@ from neo.errors import NeoError
 from neo.loss import lm_loss
 from neo.mesh import make_layout
 from neo.mlm import mask_tokens
-from neo.model import GPT
+from neo.model import GPT, init_params
 from neo.train import MLM_STREAM, build, global_batch
 
 MASK, CLS = 5, 6
@@ -60,8 +60,7 @@ def test_cls_is_prepended_and_never_masked(mlm_config):
 
 def test_shares_above_one_are_refused(mlm_config):
     with pytest.raises(NeoError, match="exceed 1"):
-        GPT(mlm_config(mlm_same_token_prob=0.6, mlm_random_token_prob=0.5)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+        init_params(mlm_config(mlm_same_token_prob=0.6, mlm_random_token_prob=0.5), jax.random.PRNGKey(0))
 
 
 def test_train_step_loss_is_on_the_masked_positions_only(mlm_config):
