@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from neo.checkpoint import Checkpointer, abstract_like
 from neo.config import ModelConfig

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
