@@ -9,7 +9,6 @@ are reported here, before anything is compiled, naming the key, the file and the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from neo.errors import NeoError
+from neo.errors import NeoError, did_you_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
@@ -235,7 +234,7 @@ def find_model_config(model: str) -> Path:
     if candidate.exists():
         return candidate
     names = sorted(q.stem for q in CONFIG_DIR.glob("*.json"))
-    hint = _suggest(model, names)
+    hint = did_you_mean(model, names)
     raise NeoError(
         f"--model {model}: no config named '{model}' in {CONFIG_DIR}.{hint} "
         f"Available: {', '.join(names) or '(none)'}; or pass a path to a .json file."
@@ -278,7 +277,7 @@ def parse_model_config(raw: dict, source: str = "<dict>") -> ModelConfig:
     settable = set(fields) - {"source"}
     for key in raw:
         if key not in settable:
-            hint = _suggest(key, sorted(settable | {"activation_function"}))
+            hint = did_you_mean(key, sorted(settable | {"activation_function"}))
             raise NeoError(f"{where}: unknown key '{key}'.{hint} (docs/configs.md lists every key.)")
     for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types"):
         if key not in raw:
@@ -327,11 +326,11 @@ def _validate(cfg: ModelConfig, where: str) -> ModelConfig:
         fail(f"'attention_types' expands to {len(cfg.attention_types)} layers but n_layer is "
              f"{cfg.n_layer}; make the repeat counts add up to n_layer.")
     if cfg.precision not in PRECISIONS:
-        fail(f"'precision' must be one of {PRECISIONS}, got {cfg.precision!r}.{_suggest(cfg.precision, PRECISIONS)}")
+        fail(f"'precision' must be one of {PRECISIONS}, got {cfg.precision!r}.{did_you_mean(cfg.precision, PRECISIONS)}")
     if cfg.lr_decay not in LR_DECAYS:
-        fail(f"'lr_decay' must be one of {LR_DECAYS}, got {cfg.lr_decay!r}.{_suggest(cfg.lr_decay, LR_DECAYS)}")
+        fail(f"'lr_decay' must be one of {LR_DECAYS}, got {cfg.lr_decay!r}.{did_you_mean(cfg.lr_decay, LR_DECAYS)}")
     if cfg.opt_name.lower() not in OPTIMIZERS:
-        fail(f"'opt_name' must be one of {OPTIMIZERS}, got {cfg.opt_name!r}.{_suggest(cfg.opt_name.lower(), OPTIMIZERS)}")
+        fail(f"'opt_name' must be one of {OPTIMIZERS}, got {cfg.opt_name!r}.{did_you_mean(cfg.opt_name.lower(), OPTIMIZERS)}")
     if cfg.model != "GPT":
         fail(f"'model' must be \"GPT\" (the only family GPT-Neo has), got {cfg.model!r}.")
     for key in ("embed_dropout", "attn_dropout", "res_dropout", "mlm_mask_prob",
@@ -399,7 +398,7 @@ def expand_attention_types(value: Any, where: str = "<config>") -> tuple[str, ..
     for kind in kinds:
         if kind not in ATTENTION_KINDS:
             raise NeoError(f"{where}: unknown attention kind {kind!r} in 'attention_types'; "
-                           f"valid kinds are {', '.join(ATTENTION_KINDS)}.{_suggest(str(kind), ATTENTION_KINDS)}")
+                           f"valid kinds are {', '.join(ATTENTION_KINDS)}.{did_you_mean(str(kind), ATTENTION_KINDS)}")
     return tuple(kinds)
 
 
@@ -419,7 +418,7 @@ def _resolve_datasets(entries: Any, where: str) -> tuple[DatasetEntry, ...]:
             raise NeoError(f"{where}: dataset '{ds_id}': stitch must be an integer or null, got {stitch!r}.")
         if mode is not None and mode not in SAMPLING_MODES:
             raise NeoError(f"{where}: dataset '{ds_id}': sampling mode {mode!r} is not one of "
-                           f"{', '.join(SAMPLING_MODES)}.{_suggest(str(mode), SAMPLING_MODES)}")
+                           f"{', '.join(SAMPLING_MODES)}.{did_you_mean(str(mode), SAMPLING_MODES)}")
         if weight is not None and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0):
             raise NeoError(f"{where}: dataset '{ds_id}': weight must be a positive number, got {weight!r}.")
         out.append(DatasetEntry(ds_id, stitch, mode, None if weight is None else float(weight),
@@ -452,7 +451,7 @@ def load_dataset_config(ds_id: str, base: Path, where: str = "<config>") -> Data
             known = sorted({p.stem for d in dirs for p in d.glob("*.json")})
             raise NeoError(
                 f"{where}: dataset id '{ds_id}' has no config; create "
-                f"{dirs[-1] / (ds_id + '.json')} (see docs/data.md).{_suggest(ds_id, known)} "
+                f"{dirs[-1] / (ds_id + '.json')} (see docs/data.md).{did_you_mean(ds_id, known)} "
                 f"Known ids: {', '.join(known) or '(none)'}."
             )
     raw = _read_json(path)
@@ -461,7 +460,7 @@ def load_dataset_config(ds_id: str, base: Path, where: str = "<config>") -> Data
     fields = {f.name for f in dataclasses.fields(DatasetConfig)} - {"id", "source"}
     for key in raw:
         if key not in fields:
-            raise NeoError(f"{path}: unknown dataset key '{key}'.{_suggest(key, sorted(fields))}")
+            raise NeoError(f"{path}: unknown dataset key '{key}'.{did_you_mean(key, sorted(fields))}")
     if "n_vocab" not in raw:
         raise NeoError(f"{path}: required key 'n_vocab' is missing (the vocabulary size the data was encoded with).")
     hints = typing.get_type_hints(DatasetConfig)
@@ -525,11 +524,6 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
             raise bad("a list")
         return tuple(_coerce(f"{key}[{i}]", v, elem, where) for i, v in enumerate(value))
     raise AssertionError(f"no coercion for {key}: {hint}")  # a bug in neo, not the user's
-
-
-def _suggest(word: str, options: Any) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{match[0]}'?" if match else ""
 
 
 def to_json_dict(cfg: ModelConfig) -> dict:

@@ -6,7 +6,6 @@ import pytest
 
 from neo.config import CONFIG_DIR, expand_attention_types, load_model_config, parse_model_config
 from neo.errors import NeoError
-from tests.conftest import tiny_config
 
 
 def test_every_shipped_config_loads():
@@ -24,7 +23,7 @@ def test_attention_types_expand_in_order():
     assert expand_attention_types(["local", "global"]) == ("local", "global")
 
 
-def test_defaults_and_aliases():
+def test_defaults_and_aliases(tiny_config):
     cfg = parse_model_config({**tiny_config(), "activation_function": "gelu"})
     assert cfg.activation_fn == "gelu"
     assert cfg.local_attention_radius == 8 and cfg.z_loss == 1e-4 and cfg.causal
@@ -33,7 +32,7 @@ def test_defaults_and_aliases():
         parse_model_config({**tiny_config(), "activation_function": "relu", "activation_fn": "gelu"})
 
 
-def test_config_is_frozen():
+def test_config_is_frozen(tiny_config):
     cfg = parse_model_config(tiny_config())
     with pytest.raises(Exception):
         cfg.n_layer = 3
@@ -54,12 +53,12 @@ def test_config_is_frozen():
     ({"lr_decay": "cosin"}, r"Did you mean 'cosine'"),
     ({"n_vocab": 100, "datasets": [["tinyshakespeare", None, None, None]]}, r"raise the model's 'n_vocab' to at least 256"),
 ])
-def test_bad_config_errors_name_the_key(change, message):
+def test_bad_config_errors_name_the_key(change, message, tiny_config):
     with pytest.raises(NeoError, match=message):
         parse_model_config({**tiny_config(), **change}, source="my.json")
 
 
-def test_missing_required_key():
+def test_missing_required_key(tiny_config):
     raw = tiny_config()
     del raw["n_ctx"]
     with pytest.raises(NeoError, match="required key 'n_ctx' is missing"):
@@ -75,7 +74,7 @@ def test_bad_json_and_unknown_model(tmp_path):
         load_model_config("tinyy")
 
 
-def test_dataset_config_beside_model_config(tmp_path):
+def test_dataset_config_beside_model_config(tmp_path, tiny_config):
     (tmp_path / "dataset_configs").mkdir()
     (tmp_path / "dataset_configs" / "mine.json").write_text(json.dumps(
         {"n_vocab": 100, "path": "x/*.tfrecords", "eos_id": 3, "padding_id": 4}))
@@ -91,6 +90,6 @@ def test_dataset_config_beside_model_config(tmp_path):
         load_model_config(str(path))
 
 
-def test_runtime_keys_of_saved_configs_are_ignored():
+def test_runtime_keys_of_saved_configs_are_ignored(tiny_config):
     cfg = parse_model_config({**tiny_config(), "num_cores": 8, "use_tpu": True, "mode": "train"})
     assert cfg.n_layer == 2

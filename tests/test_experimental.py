@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from neo.config import parse_model_config
-from neo.model import GPT
+from neo.model import GPT, init_params
 from neo.model.activations import ACTIVATIONS, PARAMETRIC, Activation
 from neo.model.attention import Attention, rotary
 from neo.model.gpt import MLP, Block, LayerSpec
 from neo.model.layers import LayerNorm, ScaleNorm
-from tests.conftest import tiny_config
 
 RNG = np.random.RandomState(0)
 TOKENS = jnp.asarray(RNG.randint(0, 128, (2, 16)))
@@ -26,10 +25,10 @@ def unbox(tree):
 
 
 def init(cfg, seed=0):
-    return unbox(GPT(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+    return unbox(init_params(cfg, jax.random.PRNGKey(seed)))
 
 
-def test_axial_position_embedding_is_the_mean_of_two_tables():
+def test_axial_position_embedding_is_the_mean_of_two_tables(tiny_config):
     cfg = parse_model_config(tiny_config(axial_pos_emb=[4, 9]))  # 36 >= n_ctx 32
     params = init(cfg)
     a1, a2 = params["axial_wpe_1"], params["axial_wpe_2"]
@@ -41,7 +40,7 @@ def test_axial_position_embedding_is_the_mean_of_two_tables():
                                GPT(plain).apply({"params": ref_params}, TOKENS), atol=1e-6)
 
 
-def test_glu_mlp_gates_one_half_by_the_activation_of_the_other():
+def test_glu_mlp_gates_one_half_by_the_activation_of_the_other(tiny_config):
     cfg = parse_model_config(tiny_config(mlp_glu=True))
     x = jnp.asarray(RNG.randn(2, 5, 64).astype(np.float32))
     params = unbox(MLP(cfg).init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
@@ -53,7 +52,7 @@ def test_glu_mlp_gates_one_half_by_the_activation_of_the_other():
     np.testing.assert_allclose(MLP(cfg).apply({"params": params}, x, deterministic=True), ref, atol=1e-5)
 
 
-def test_scalenorm_normalises_with_one_scalar_gain():
+def test_scalenorm_normalises_with_one_scalar_gain(tiny_config):
     x = jnp.asarray(RNG.randn(3, 64).astype(np.float32) * 3 + 1)
     params = {"scale": jnp.float32(1.7)}
     centred = x - x.mean(-1, keepdims=True)
@@ -64,7 +63,7 @@ def test_scalenorm_normalises_with_one_scalar_gain():
     assert init(cfg)["ln_f"]["scale"].shape == (64,)  # the final norm stays a LayerNorm, as in GPT-Neo
 
 
-def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches():
+def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches(tiny_config):
     cfg = parse_model_config(tiny_config(rezero=True))
     params = init(cfg)
     assert "ln_1" not in params["h_0"] and params["h_0"]["rezero_1"] == 0
@@ -82,7 +81,7 @@ def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_macaron_adds_a_half_step_mlp_before_attention_and_halves_the_main_mlp():
+def test_macaron_adds_a_half_step_mlp_before_attention_and_halves_the_main_mlp(tiny_config):
     cfg = parse_model_config(tiny_config(macaron=True))
     block = init(cfg)["h_0"]
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
@@ -154,7 +153,7 @@ def test_fixed_activations_stay_finite_where_the_original_broke():
         assert np.isfinite(layer.apply(params, x)).all() and np.isfinite(grads).all(), name
 
 
-def test_untied_head_replaces_the_embedding_in_the_output_only():
+def test_untied_head_replaces_the_embedding_in_the_output_only(tiny_config):
     cfg = parse_model_config(tiny_config(no_weight_tie=True))
     params = init(cfg)
     assert params["lm_head"].shape == (64, 128) and "ln_f" in params
@@ -191,7 +190,7 @@ def test_rotary_rotates_feature_pairs_by_position_times_frequency():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_rotary_attention_sees_only_relative_positions():
+def test_rotary_attention_sees_only_relative_positions(tiny_config):
     cfg = parse_model_config(tiny_config(rotary_emb=True, attention_types=[[["global"], 2]]))
     params = init(cfg)
     assert "wpe" not in params
@@ -204,7 +203,7 @@ def test_rotary_attention_sees_only_relative_positions():
     assert np.abs(GPT(learned).apply({"params": lp}, TOKENS, pos) - GPT(learned).apply({"params": lp}, TOKENS, pos + 11)).max() > 1e-3
 
 
-def test_shared_parameters_apply_one_block_at_every_layer():
+def test_shared_parameters_apply_one_block_at_every_layer(tiny_config):
     cfg = parse_model_config(tiny_config(share_parameters=True, n_layer=3,
                                          attention_types=[[["global", "local", "global"], 1]]))
     params = init(cfg)

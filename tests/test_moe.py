@@ -13,17 +13,20 @@ from neo.mesh import make_layout
 from neo.model.gpt import MLP
 from neo.model.moe import MoE, MoEParams, capacity, group_size, moe_params, route
 from neo.train import build, global_batch
-from tests.conftest import tiny_config
 
 RNG = np.random.RandomState(0)
 
 
-def moe_config(**moe):
-    return parse_model_config(tiny_config(n_embd=32, n_head=4, moe_layers=[1], moe_activation="relu",
-                                          moe_params={"moe_hidden_size": 48, **moe}))
+@pytest.fixture
+def moe_config(tiny_config):
+    def make(**moe):
+        return parse_model_config(tiny_config(n_embd=32, n_head=4, moe_layers=[1], moe_activation="relu",
+                                              moe_params={"moe_hidden_size": 48, **moe}))
+
+    return make
 
 
-def test_defaults_are_the_originals():
+def test_defaults_are_the_originals(moe_config):
     p = moe_params(moe_config())
     assert (p.moe_num_experts, p.moe_gating, p.moe_loss_coef, p.moe_capacity_factor_train,
             p.moe_capacity_factor_eval, p.moe_group_size, p.moe_second_policy_train,
@@ -33,14 +36,14 @@ def test_defaults_are_the_originals():
     assert group_size(2048, 1024) == 1024 and group_size(96, 1024) == 96 and group_size(3000, 1024) == 1000
 
 
-def test_bad_moe_params_are_named():
+def test_bad_moe_params_are_named(moe_config):
     with pytest.raises(NeoError, match="unknown moe_params key 'moe_num_expert'.*moe_num_experts"):
         moe_params(moe_config(moe_num_expert=4))
     with pytest.raises(NeoError, match="top_1, top_2"):
         moe_params(moe_config(moe_gating="softmax"))
 
 
-def test_one_expert_with_room_for_every_token_is_a_plain_mlp():
+def test_one_expert_with_room_for_every_token_is_a_plain_mlp(moe_config):
     cfg = moe_config(moe_num_experts=1, moe_gating="top_1", moe_capacity_factor_eval=1.0)
     x = jnp.asarray(RNG.randn(2, 16, 32).astype(np.float32))
     layer = MoE(cfg)
@@ -98,7 +101,7 @@ def train(cfg, mesh_shape, layout, devices=None, steps=2):
     return state, jax.device_get(metrics)
 
 
-def test_expert_parallel_training_gives_the_unsharded_loss():
+def test_expert_parallel_training_gives_the_unsharded_loss(moe_config):
     cfg = moe_config(moe_num_experts=8, moe_capacity_factor_train=1.0)
     _, ref = train(cfg, "", "", jax.devices()[:1])
     state, got = train(cfg, "x:8", "experts:x,batch:x")
@@ -110,7 +113,7 @@ def test_expert_parallel_training_gives_the_unsharded_loss():
     assert float(jnp.abs(state.params["h_1"]["moe"]["gate"]).sum()) > 0
 
 
-def test_flops_count_the_active_experts():
+def test_flops_count_the_active_experts(moe_config):
     cfg = moe_config(moe_num_experts=8)
     dense = cfg.replace(moe_layers=None)
     d, h = cfg.n_embd, 48

@@ -2,13 +2,11 @@
 converters read, so it must not move when the network's code is reorganised. Pinned here for
 a model with every option, unshared and shared."""
 
-import jax
-import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
 from neo.config import parse_model_config
-from neo.model import GPT
+from neo.model import abstract_init
 
 EVERY_OPTION = dict(
     n_embd=8, n_head=2, n_layer=4, n_ctx=16, n_vocab=11, local_attention_radius=4,
@@ -32,8 +30,7 @@ def under(prefix: str, tree: dict) -> dict:
 
 def param_tree(raw: dict) -> dict:
     cfg = parse_model_config(raw)
-    init = lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    flat = traverse_util.flatten_dict(meta.unbox(jax.eval_shape(init)["params"]), sep="/")
+    flat = traverse_util.flatten_dict(meta.unbox(abstract_init(cfg)), sep="/")
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neo.errors import NeoError
+from neo.errors import NeoError, did_you_mean
 from neo.model.layers import named
 
 
@@ -118,9 +118,6 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        import difflib
-
         known = list(ACTIVATIONS) + list(PARAMETRIC)
-        m = difflib.get_close_matches(name, known, n=1)
-        hint = f" Did you mean '{m[0]}'?" if m else ""
-        raise NeoError(f"unknown activation_fn {name!r}.{hint} Known: {', '.join(sorted(known))}.") from None
+        raise NeoError(f"unknown activation_fn {name!r}.{did_you_mean(name, known)} "
+                       f"Known: {', '.join(sorted(known))}.") from None

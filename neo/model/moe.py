@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from neo.config import ModelConfig
-from neo.errors import NeoError
+from neo.errors import NeoError, did_you_mean
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.layers import named, normal
@@ -73,11 +73,8 @@ def moe_params(cfg: ModelConfig) -> MoEParams:
         if name in _IGNORED:
             continue
         if name not in fields:
-            import difflib
-
-            m = difflib.get_close_matches(name, list(fields), n=1)
             raise NeoError(f"{cfg.source or 'config'}: unknown moe_params key {key!r}."
-                           f"{f' Did you mean {m[0]!r}?' if m else ''} Known: {', '.join(fields)}.")
+                           f"{did_you_mean(name, fields)} Known: {', '.join(fields)}.")
         kind = type(getattr(MoEParams(), name))
         if kind is bool:
             ok = isinstance(value, bool) or value in (0, 1)
