@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 from neo.config import Config, ModelConfig
 from neo.errors import NeoError
-from neo.mesh import parse_layout, parse_mesh_shape
+from neo.mesh import num_microbatches, parameter_name, parse_layout, parse_mesh_shape, resolve
 
 GiB = 1024 ** 3
 TOLERANCE = 0.25  # |estimate / compiled - 1| on simulated devices (tests/test_auto_layout.py)
@@ -91,16 +91,6 @@ class Estimate:
 # Shapes and shardings without devices
 
 
-def _rules_spec(rules: Sequence[tuple[str, str]], names: Sequence[Optional[str]]) -> list[Optional[str]]:
-    """neo.mesh.Layout.spec without a mesh: the mesh axis each dimension is split over."""
-    used, out = set(), [None] * len(names)
-    for dim, axis in rules:
-        if dim in names and axis not in used:
-            out[list(names).index(dim)] = axis
-            used.add(axis)
-    return out
-
-
 @dataclass(frozen=True)
 class _Plan:
     axes: dict
@@ -108,17 +98,17 @@ class _Plan:
 
     def local(self, names: Sequence[Optional[str]], sizes: Sequence[float]) -> float:
         """Elements of one device's shard of a tensor with these dimension names."""
-        spec = _rules_spec(self.rules, names)
+        spec = resolve(self.rules, names)
         return math.prod(s / (self.axes[a] if a else 1) for s, a in zip(sizes, spec))
 
     def split(self, dim: str, names: Sequence[Optional[str]]) -> int:
         """How many ways `dim` is split within a tensor whose dimensions are `names`."""
-        spec = _rules_spec(self.rules, names)
+        spec = resolve(self.rules, names)
         axis = spec[list(names).index(dim)] if dim in names else None
         return self.axes[axis] if axis else 1
 
     def axis_of(self, dim: str, names: Sequence[Optional[str]]) -> Optional[str]:
-        spec = _rules_spec(self.rules, names)
+        spec = resolve(self.rules, names)
         return spec[list(names).index(dim)] if dim in names else None
 
 
@@ -126,17 +116,16 @@ def parameter_shapes(cfg: Config) -> list[tuple[str, tuple[int, ...], tuple[Opti
     """(path, shape, dimension names) of every parameter, from an abstract init (no memory)."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    from neo.model import GPT
+    from neo.model import abstract_init
 
-    boxed = jax.eval_shape(lambda: GPT(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    boxed = abstract_init(cfg.model)
     specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
     out = []
     for (path, leaf), spec in zip(flat, specs):
         names = tuple(spec) if len(tuple(spec)) == leaf.ndim else (None,) * leaf.ndim
-        out.append(("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.shape), names))
+        out.append((parameter_name(path), tuple(leaf.shape), names))
     return out
 
 
@@ -147,17 +136,6 @@ def parameter_count(cfg: Config) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # The estimate
-
-
-def _microbatches(cfg: Config, batch_shards: int) -> int:
-    """neo.train.num_microbatches, for a layout that exists only on paper."""
-    per_replica = cfg.run.train_batch_size // batch_shards
-    if not cfg.run.tokens_per_mb_per_replica:
-        return 1
-    mb = min(max(1, cfg.run.tokens_per_mb_per_replica // cfg.model.n_ctx), per_replica)
-    while per_replica % mb:
-        mb -= 1
-    return per_replica // mb
 
 
 def _keys(cfg: ModelConfig, kind: str) -> float:
@@ -225,14 +203,15 @@ def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
         update_temp = ADAFACTOR_TEMP * p_bytes
 
     batch_shards = plan.split("batch", ("batch", "sequence"))
-    n_micro = _microbatches(cfg, batch_shards)
+    r = cfg.run
+    n_micro = num_microbatches(r.train_batch_size, cfg.model.n_ctx, r.tokens_per_mb_per_replica, batch_shards)
     # Weights as the backward pass sees them: FSDP gathers them over the batch axis. Without
     # remat XLA keeps every gathered weight from the forward pass; with remat each block
     # gathers again when it is recomputed, so one block's worth is gathered at a time.
     data_axis = plan.axis_of("batch", ("batch", "sequence", "embd"))
     gathered, per_block = 0.0, {}
     for path, shape, names in params:
-        n = plan.axes[data_axis] if data_axis and data_axis in _rules_spec(plan.rules, names) else 1
+        n = plan.axes[data_axis] if data_axis and data_axis in resolve(plan.rules, names) else 1
         extra = 4 * plan.local(names, shape) * (n - 1)
         gathered += extra
         block = path.split("/")[0]
@@ -274,7 +253,7 @@ def _communication(cfg: Config, plan: _Plan, params: list, tokens: float, width:
             n = plan.axes[a]
             if n == 1:
                 continue
-            if a in _rules_spec(plan.rules, names):  # FSDP: gather for forward and backward, reduce-scatter
+            if a in resolve(plan.rules, names):  # FSDP: gather for forward and backward, reduce-scatter
                 total += n_micro * 2 * _ring(n) * local * n + _ring(n) * local * n
             else:  # data parallel: all-reduce the gradient (inside every microbatch's backward)
                 total += n_micro * 2 * _ring(n) * local
@@ -375,7 +354,8 @@ def fits_shapes(cfg: Config, mesh_shape: str, layout: str, num_devices: int) -> 
     for dim, axis in rules:
         if dim in sizes and sizes[dim] % axes[axis]:
             return f"{dim} ({sizes[dim]}) does not split {axes[axis]} ways"
-    mb = _microbatches(cfg, axes[dict(rules)["batch"]] if "batch" in dict(rules) else 1)
+    batch_shards = axes[dict(rules)["batch"]] if "batch" in dict(rules) else 1
+    mb = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica, batch_shards)
     if "batch" in dict(rules) and (cfg.run.train_batch_size // mb) % axes[dict(rules)["batch"]]:
         return f"microbatches of {cfg.run.train_batch_size // mb} rows do not split over the batch axis"
     return None

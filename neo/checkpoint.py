@@ -88,14 +88,22 @@ def save_params(model_path: str, params: Any, step: int = 0, meta: Optional[dict
     ckpt.close()
 
 
-def load_params(model_path: str, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """Read the parameters of the latest (or given) checkpoint into `abstract_params`' shardings."""
-    ckpt = Checkpointer(model_path, async_save=False)
+def load_for_inference(cfg: Any, layout: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """(parameters, meta) of the latest (or given) checkpoint in cfg's model_path, read straight
+    into their shardings under `layout` (checked against the parameter shapes first): what
+    sampling, evaluation and export start from. meta["step"] is the checkpoint's step."""
+    from neo.mesh import place
+    from neo.model import abstract_init
+
+    if not cfg.run.model_path:
+        raise NeoError(f"{cfg.source}: 'model_path' is empty; it must name the folder holding the checkpoints.")
+    abstract = place(layout, abstract_init(cfg.model))
+    ckpt = Checkpointer(cfg.run.model_path, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise NeoError(f"no checkpoint in {ckpt.directory}: train first, or import weights with "
                        f"scripts/convert_hf.py import.")
-    params, _, meta = ckpt.restore(step, abstract_params)
+    params, _, meta = ckpt.restore(step, abstract)
     ckpt.close()
     return params, meta
 

@@ -1,12 +1,26 @@
 """The one exception type for mistakes a user can fix (config, data, flags, checkpoints).
 
-main.py prints these as a message, never as a traceback: the message must name the field or
-file at fault and say what to do about it.
+The command line (neo/cli.py) prints these as a message, never as a traceback: the message must
+name the field or file at fault and say what to do about it.
 """
 
 
 class NeoError(Exception):
     """A user-fixable problem; its message names the culprit and the fix."""
+
+
+def close_matches(word: str, options, n: int = 1) -> list[str]:
+    """The `n` known names nearest to a mistyped `word` (difflib's ratio >= 0.6), best first."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(options), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, options) -> str:
+    """" Did you mean 'x'?" for the known name nearest to `word`, or "" when none is near:
+    the tail of an error message about an unknown key, name or value."""
+    match = close_matches(word, options)
+    return f" Did you mean '{match[0]}'?" if match else ""
 
 
 def read_user_text(path: str, what: str) -> str:

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from neo.checkpoint import Checkpointer, abstract_like
 from neo.config import Config
@@ -114,6 +113,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     `predict_steps` > 0, print samples (prompts from `prompt_path`) after every checkpoint.
     Returns the last logged train record."""
     from neo.data import make_source
+    from neo.evaluate.validation import Validation, summary
     from neo.tracking import Tracker
 
     if not cfg.run.model_path:
@@ -121,7 +121,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     setup = build(cfg, layout)
     describe(setup, log)
     source = make_source(cfg, "train", jax.process_index(), jax.process_count())
-    validation = _Validation(cfg, setup) if cfg.run.eval_steps > 0 else None
+    validation = Validation(cfg, layout, setup.state_shardings.params) if cfg.run.eval_steps > 0 else None
     samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
     t0 = time.perf_counter()
@@ -163,7 +163,9 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
                 pause = time.perf_counter()
                 ckpt.save(done, state.params, state.opt_state, {"data": source.state(), "seed": cfg.run.seed})
                 if validation is not None:
-                    tracker.log({"kind": "eval", "step": done, **validation.run(state.params, log), "time": time.time()})
+                    out = validation.run(state.params)
+                    log(f"eval | {summary(out)}")
+                    tracker.log({"kind": "eval", "step": done, **out, "time": time.time()})
                 tracker.plot()
                 if samples is not None:
                     samples.run(state.params, done, log)
@@ -200,34 +202,6 @@ def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_s
         f"grad_norm {m['grad_norm']:.3f}{speed} | ETA {format_eta(eta)}")
     tracker.log(record)
     return record
-
-
-class _Validation:
-    """`eval_steps` batches of the eval split, the same ones at every checkpoint."""
-
-    def __init__(self, cfg: Config, setup: Setup):
-        from neo.data import make_source
-        from neo.data.tokenizer import load_tokenizer
-        from neo.evaluate import make_eval_step
-
-        source = make_source(cfg, "eval", jax.process_index(), jax.process_count())
-        self.rows = [next(source) for _ in range(cfg.run.eval_steps)]
-        self.setup = setup
-        self.step = make_eval_step(cfg, setup.layout, setup.state_shardings.params)
-        try:
-            self.tokenizer = load_tokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
-        except NeoError:
-            self.tokenizer = None
-
-    def run(self, params, log: Callable[[str], None]) -> dict:
-        from neo.evaluate import validate
-
-        sharding = self.setup.layout.sharding(("batch", None))
-        batches = [jax.make_array_from_process_local_data(sharding, r) for r in self.rows]
-        out = validate(self.step, params, batches, self.rows, self.tokenizer)
-        log(f"eval | loss {out['eval_loss']:.4f} | perplexity {out['eval_perplexity']:.2f} | "
-            f"bits/byte {out['eval_bits_per_byte']:.4f}")
-        return out
 
 
 class _Samples:

@@ -8,7 +8,13 @@ dimension names as flax logical-axis metadata, activations are constrained by na
 Rule semantics (as in mesh-tensorflow and flax): a dimension is split over a mesh axis iff the
 layout maps it there; one dimension may not map to two axes; within one tensor a mesh axis is
 used at most once, and the pair written first in `layout` wins (so `batch:x,embd:x` is FSDP:
-parameters split along embd, activations along batch).
+parameters split along embd, activations along batch; `embd:x,batch:x` splits the activations
+along embd instead, which `parse_layout` warns about).
+
+Here too, because they are the same question asked of a whole tree: the shardings of a state
+(`place`: parameters and optimizer state, from their logical names), of batch rows
+(`Layout.rows`), and how many microbatches a batch is cut into (`num_microbatches`). The planner
+(neo/auto_layout.py) resolves layouts on paper with the same `resolve`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import contextvars
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -25,7 +32,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from neo.errors import NeoError
+from neo.errors import NeoError, did_you_mean
 
 # Every dimension name neo's tensors carry (GPT-Neo's names, plus `experts` for MoE).
 DIMENSIONS = (
@@ -33,7 +40,27 @@ DIMENSIONS = (
     "features_per_head", "intermediate_expanded", "experts", "expert_capacity",
     "mem_kv_sequence", "axial_dim",
 )
+# Dimensions of weights that activations split along `batch` carry too: a layout that puts one
+# of them before `batch` on the same mesh axis takes that axis from the activations' batch.
+# `experts` is left out: `experts:x,batch:x` is the expert-parallel recipe (docs/layouts.md).
+WEIGHT_DIMENSIONS = ("embd", "vocab", "heads", "features_per_head", "intermediate_expanded")
 _SEPARATORS = r"[,.;\s]+"
+
+
+class LayoutOrderWarning(UserWarning):
+    """A layout whose pair order changes what is split (the pair written first wins)."""
+
+
+def resolve(rules: Sequence[tuple[str, str]], names: Sequence[Optional[str]]) -> tuple[Optional[str], ...]:
+    """The mesh axis each dimension of a tensor called `names` is split over (None: whole): the
+    layout's pairs in order, each mesh axis used at most once per tensor."""
+    used: set[str] = set()
+    out: list[Optional[str]] = [None] * len(names)
+    for dim, axis in rules:  # layout order = priority
+        if dim in names and axis not in used:
+            out[list(names).index(dim)] = axis
+            used.add(axis)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -45,16 +72,16 @@ class Layout:
 
     def spec(self, names: Sequence[Optional[str]]) -> P:
         """PartitionSpec for a tensor whose dimensions are called `names`."""
-        used: set[str] = set()
-        out: list[Optional[str]] = [None] * len(names)
-        for dim, axis in self.rules:  # layout order = priority
-            if dim in names and axis not in used:
-                out[list(names).index(dim)] = axis
-                used.add(axis)
-        return P(*out)
+        return P(*resolve(self.rules, names))
 
     def sharding(self, names: Sequence[Optional[str]]) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names))
+
+    @property
+    def rows(self) -> NamedSharding:
+        """Arrays of [batch rows, ...] (token batches, prompts, scores): rows split as `batch`,
+        every other dimension whole, whatever the rank."""
+        return self.sharding(("batch",))
 
     def axis_size(self, dim: str) -> int:
         """How many ways dimension `dim` is split (1 if it is not in the layout)."""
@@ -130,18 +157,35 @@ def parse_layout(text: str, axis_names: Sequence[str]) -> tuple[tuple[str, str],
             raise NeoError(f"layout {text!r}: cannot read {part!r}; write dimension:mesh_axis pairs like \"batch:x,heads:y\".")
         dim, axis = m.groups()
         if dim not in DIMENSIONS:
-            raise NeoError(f"layout {text!r}: {dim!r} is not a tensor dimension name.{_suggest(dim, DIMENSIONS)} "
+            raise NeoError(f"layout {text!r}: {dim!r} is not a tensor dimension name.{did_you_mean(dim, DIMENSIONS)} "
                            f"Known dimensions: {', '.join(DIMENSIONS)}.")
         if axis not in axis_names:
             raise NeoError(f"layout {text!r} maps '{dim}' to mesh axis '{axis}', which is not in mesh_shape "
-                           f"(axes: {', '.join(axis_names)}).{_suggest(axis, axis_names)}")
+                           f"(axes: {', '.join(axis_names)}).{did_you_mean(axis, axis_names)}")
         for d, a in rules:
             if d == dim and a != axis:
                 raise NeoError(f"layout {text!r}: dimension '{dim}' is mapped to two mesh axes ('{a}' and "
                                f"'{axis}'); a dimension can be split over one axis only.")
         if (dim, axis) not in rules:
             rules.append((dim, axis))
+    _warn_weight_before_batch(text, rules)
     return tuple(rules)
+
+
+def _warn_weight_before_batch(text: str, rules: Sequence[tuple[str, str]]) -> None:
+    """`embd:x,batch:x` reads like FSDP but is not: the pair written first wins, so activations
+    [batch, sequence, embd] are split along embd and not along batch."""
+    batch_axis = dict(rules).get("batch")
+    if batch_axis is None:
+        return
+    before = rules[:list(rules).index(("batch", batch_axis))]
+    first = [d for d, a in before if a == batch_axis and d in WEIGHT_DIMENSIONS]
+    if first:
+        pairs = ",".join(f"{d}:{batch_axis}" for d in first)
+        warnings.warn(f"layout {text!r}: {pairs} is written before batch:{batch_axis}, so activations that carry "
+                      f"{' or '.join(first)} are split along it instead of along batch (the pair written first "
+                      f"wins). For FSDP write batch:{batch_axis} first: \"batch:{batch_axis},{pairs}\".",
+                      LayoutOrderWarning, stacklevel=3)
 
 
 def suggest_mesh_shape(axes: Sequence[tuple[str, int]], rules: Sequence[tuple[str, str]], n_devices: int) -> str:
@@ -199,9 +243,47 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def _suggest(word: str, options: Sequence[str]) -> str:
-    import difflib
 
-    m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{m[0]}'?" if m else ""
+def place(layout: Layout, boxed: Any) -> Any:
+    """A state tree (parameters, optimizer state, a whole train state) as jax.ShapeDtypeStructs
+    carrying their shardings under `layout`, from an abstract init whose leaves carry flax
+    logical names (nn.Partitioned; see neo.model.abstract_init). A leaf whose names do not fit
+    its shape (Adafactor's factored statistics) is replicated. Every split dimension must divide
+    by its mesh axis, checked here before anything compiles; the error names the parameter (an
+    optimizer moment by its parameter's path)."""
+    import flax.linen as nn
 
+    names = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
+    placed = []
+    for (path, leaf), spec in zip(leaves, names):
+        sharding = layout.replicated
+        if len(spec) == leaf.ndim:
+            sizes = {n: s for n, s in zip(spec, leaf.shape) if n}
+            check_divisible(layout, sizes, f" in parameter {parameter_name(path)}")
+            sharding = layout.sharding(tuple(spec))
+        placed.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding))
+    return jax.tree.unflatten(treedef, placed)
+
+
+def shardings_of(tree: Any) -> Any:
+    """The shardings of a tree of arrays or placed ShapeDtypeStructs."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def parameter_name(path: Sequence[Any]) -> str:
+    """"h_0/attn/q/kernel": the dictionary keys of a leaf's path (a train state's fields and an
+    optimizer state's tuples are not part of a parameter's name)."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def num_microbatches(batch_size: int, n_ctx: int, tokens_per_mb_per_replica: int, batch_shards: int) -> int:
+    """GPT-Neo's rule: sequences per microbatch = tokens_per_mb_per_replica // n_ctx (at least 1),
+    lowered until it divides the per-replica batch; 0 tokens means one microbatch."""
+    per_replica = batch_size // batch_shards
+    if not tokens_per_mb_per_replica:
+        return 1
+    mb = min(max(1, tokens_per_mb_per_replica // n_ctx), per_replica)
+    while per_replica % mb:
+        mb -= 1
+    return per_replica // mb

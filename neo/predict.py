@@ -256,7 +256,7 @@ class Sampler:
         for i, r in enumerate(rows):
             tokens[i, p - len(r):] = r
             pad[i], limit[i] = p - len(r), limits[i]
-        put = lambda x: jax.device_put(x, self.layout.sharding(("batch",) + (None,) * (x.ndim - 1)))
+        put = lambda x: jax.device_put(x, self.layout.rows)
         out, length = self._generate(
             self.params, put(tokens), put(pad), put(limit), jax.random.PRNGKey(opts.seed),
             jnp.float32(opts.temperature), jnp.int32(opts.top_k), jnp.float32(opts.top_p),
@@ -283,17 +283,14 @@ def predict(cfg: Config, layout: Layout, prompt_path: str, opts: SamplingOptions
             sacred_id: str = "nosacred", log: Callable[[str], None] = print) -> Path:
     """Sample `opts.num_samples` continuations of every prompt in `prompt_path` from the latest
     checkpoint in model_path; print them and write <model_path>/predictions_<id>_<step>.txt."""
-    from neo.checkpoint import load_params
-    from neo.train import abstract_params
+    from neo.checkpoint import load_for_inference
 
-    if not cfg.run.model_path:
-        raise NeoError(f"{cfg.source}: 'model_path' is empty; it must name the folder holding the checkpoints.")
     if not cfg.model.causal:
         raise NeoError(f"{cfg.source}: --predict needs a causal model; this config has mlm_training on.")
     if cfg.data.tokenizer_path is None:
         raise NeoError(f"{cfg.source}: no tokenizer for --predict: set 'tokenizer_path' in the model config "
                        f"or in its first dataset config.")
-    params, meta = load_params(cfg.run.model_path, abstract_params(cfg, layout))
+    params, meta = load_for_inference(cfg, layout)
     return write_samples(cfg, layout, params, meta.get("step", 0), prompt_path, opts, sacred_id, log)
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -19,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from neo.config import Config
 from neo.errors import NeoError
 from neo.loss import lm_loss
-from neo.mesh import Layout, check_divisible, constrain
+from neo.mesh import Layout, check_divisible, constrain, num_microbatches, place, shardings_of
 from neo.mlm import mask_tokens
-from neo.model import GPT
+from neo.model import GPT, init_params
 from neo.optim import lr_schedule, make_optimizer
 
 
@@ -56,58 +55,6 @@ class Setup:
     param_count: int
 
 
-def num_microbatches(cfg: Config, layout: Layout) -> int:
-    """GPT-Neo's rule: sequences per microbatch = tokens_per_mb_per_replica // n_ctx (at least 1),
-    lowered until it divides the per-replica batch."""
-    replicas = layout.axis_size("batch")
-    per_replica = cfg.run.train_batch_size // replicas
-    if not cfg.run.tokens_per_mb_per_replica:
-        return 1
-    mb = max(1, cfg.run.tokens_per_mb_per_replica // cfg.model.n_ctx)
-    mb = min(mb, per_replica)
-    while per_replica % mb:
-        mb -= 1
-    return per_replica // mb
-
-
-def _logical_to_shardings(layout: Layout, boxed: Any, abstract: Any) -> Any:
-    """Mesh shardings for a state whose parameters carry dimension names. Leaves whose names
-    do not fit their shape (Adafactor's factored statistics) are replicated."""
-    logical = nn.get_partition_spec(boxed)
-
-    def one(spec: P, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
-        names = tuple(spec)
-        if len(names) != leaf.ndim:
-            return layout.replicated
-        return layout.sharding(names)
-
-    return jax.tree.map(one, logical, abstract, is_leaf=lambda x: isinstance(x, P))
-
-
-def _check_param_divisibility(layout: Layout, boxed: Any) -> None:
-    logical = nn.get_partition_spec(boxed)
-    flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
-    specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
-    for (path, leaf), spec in zip(flat, specs):
-        names = tuple(spec)
-        if len(names) != leaf.ndim:
-            continue
-        sizes = {n: s for n, s in zip(names, leaf.shape) if n}
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        check_divisible(layout, sizes, f" in parameter {name}")
-
-
-def abstract_params(cfg: Config, layout: Layout) -> Any:
-    """The model's parameters as ShapeDtypeStructs placed per the layout (nothing allocated):
-    what checkpoints are restored into for sampling, evaluation and export."""
-    model = GPT(cfg.model)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    _check_param_divisibility(layout, boxed)
-    abstract = nn.meta.unbox(boxed)
-    shardings = _logical_to_shardings(layout, boxed, abstract)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
 def build(cfg: Config, layout: Layout) -> Setup:
     """Shardings, initializer and train step for `cfg` on `layout`. Fails before compiling if
     the layout does not fit the shapes."""
@@ -115,30 +62,27 @@ def build(cfg: Config, layout: Layout) -> Setup:
     optimizer = make_optimizer(cfg.optimizer, cfg.run.train_steps)
     check_divisible(layout, {"batch": cfg.run.train_batch_size, "sequence": cfg.model.n_ctx,
                              "memory_length": cfg.model.n_ctx, "heads": cfg.model.n_head}, " in the config")
-    n_micro = num_microbatches(cfg, layout)
+    n_micro = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica,
+                               layout.axis_size("batch"))
     if (cfg.run.train_batch_size // n_micro) % layout.axis_size("batch"):
         raise NeoError(f"train_batch_size {cfg.run.train_batch_size} in {n_micro} microbatches does not split "
                        f"over {layout.axis_size('batch')} batch shards.")
 
     def init_boxed(rng: jax.Array) -> TrainState:
-        params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        params = init_params(cfg.model, rng)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     rng = jax.random.PRNGKey(cfg.run.seed)
-    boxed = jax.eval_shape(init_boxed, rng)
-    _check_param_divisibility(layout, boxed.params)
-    abstract = nn.meta.unbox(boxed)
-    shardings = _logical_to_shardings(layout, boxed, abstract)
+    abstract = place(layout, jax.eval_shape(init_boxed, rng))
+    shardings = shardings_of(abstract)
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    init = jax.jit(lambda: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
     # Batches hold n_ctx + 1 tokens per row (inputs and shifted targets), so only rows are split
     # here; the model splits `sequence` after the shift if the layout says so.
-    batch_sharding = layout.sharding(("batch", None))
-    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
-
-    init = jax.jit(lambda: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
     step = jax.jit(_train_step(cfg, model, optimizer, layout, n_micro),
-                   in_shardings=(shardings, batch_sharding),
+                   in_shardings=(shardings, layout.rows),
                    out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
-    return Setup(cfg, layout, model, optimizer, shardings, batch_sharding, init, step, n_micro, param_count)
+    return Setup(cfg, layout, model, optimizer, shardings, layout.rows, init, step, n_micro, param_count)
 
 
 def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation,

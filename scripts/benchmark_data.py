@@ -27,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def create_speed(tmp: Path, processes: int) -> list[dict]:
-    from neo.data.create_tfrecords import Options, create_tfrecords
+    from neo.data.prep.create_tfrecords import Options, create_tfrecords
     from neo.data.tfrecords import tensorflow
 
     t = time.perf_counter()
@@ -51,7 +51,7 @@ def pipeline_speed(tmp: Path, model: str, steps: int) -> list[dict]:
     (documents_random, stitched just enough to fill a context)."""
     from neo.config import load_model_config, parse_model_config, to_json_dict
     from neo.data import make_source
-    from neo.data.create_tfrecords import Options, create_tfrecords
+    from neo.data.prep.create_tfrecords import Options, create_tfrecords
 
     base = load_model_config(model)
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text()

@@ -32,15 +32,14 @@ def prompts(cfg, batch: int, length: int):
 
 def bench_neo(args, batch: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from neo.config import load_model_config
     from neo.mesh import make_layout
-    from neo.model import GPT
+    from neo.model import init_params
     from neo.predict import Sampler, SamplingOptions
 
     cfg = load_model_config(args.model)
-    init = jax.jit(lambda: GPT(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    init = jax.jit(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda x: getattr(x, "value", x), init(), is_leaf=lambda x: hasattr(x, "value"))
     sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
     rows = prompts(cfg, batch, args.prompt)

@@ -60,7 +60,7 @@ def run_backend(args: argparse.Namespace) -> dict:
         (lambda lm: lm.loglikelihood(reqs, disable_tqdm=True))
     out = {"backend": args.backend, "requests": len(reqs)}
     if args.backend == "neo":
-        from neo.lm_eval_backend import NeoLM
+        from neo.evaluate.backend import NeoLM
 
         lm = NeoLM(cfg, params=params, batch_size=args.batch)
         del hf_model

@@ -17,18 +17,24 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"{SHARED_DATA} is missing: tests read the real data kept in ../shared/data")
     return SHARED_DATA
 
 
-def tiny_config(**overrides):
-    """A small GPT-Neo config dict (global + local layers, window shorter than n_ctx)."""
+def _tiny_config(**overrides) -> dict:
     raw = dict(n_embd=64, n_head=8, n_layer=2, n_ctx=32, n_vocab=128,
                attention_types=[[["global", "local"], 1]], local_attention_radius=8,
                train_batch_size=8, train_steps=4, lr=1e-4, weight_decay=0.1, gradient_clipping=1.0,
                iterations=1)
     raw.update(overrides)
     return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(**overrides) -> a small GPT-Neo config dict (global + local layers, window
+    shorter than n_ctx), with the given keys changed."""
+    return _tiny_config

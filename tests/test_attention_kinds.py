@@ -9,11 +9,11 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.errors import NeoError
-from neo.model import GPT, init_cache
-from neo.model.attention import Attention, attend, attend_local_blocked, visible
+from neo.model import GPT, init_cache, init_params
+from neo.model.attention import Attention
+from neo.model.attention_op import attend, attend_local_blocked, visible
 from neo.model.layers import LayerNorm
 from neo.model.linear_attention import causal_linear_attention, linear_attention
-from tests.conftest import tiny_config
 
 RNG = np.random.RandomState(0)
 
@@ -32,7 +32,7 @@ def original_causal_linear(q, k, v):
 
 
 def params_of(cfg, seed=0):
-    return GPT(cfg.model).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_params(cfg.model, jax.random.PRNGKey(seed))
 
 
 def unbox(tree):
@@ -52,7 +52,7 @@ def test_noncausal_linear_attention_is_the_originals_formula():
     np.testing.assert_allclose(linear_attention(q, k, v), ref, atol=2e-6)
 
 
-def test_linear_attention_never_builds_a_sequence_by_sequence_matrix():
+def test_linear_attention_never_builds_a_sequence_by_sequence_matrix(tiny_config):
     t = 512
     cfg = parse_model_config(tiny_config(n_ctx=t, attention_types=[[["linear"], 2]]))
     params = params_of(cfg)
@@ -76,7 +76,7 @@ def test_linear_attention_never_builds_a_sequence_by_sequence_matrix():
     assert [s for s in shapes if sum(d == t for d in s) >= 2]
 
 
-def test_linear_layers_decode_with_a_running_state():
+def test_linear_layers_decode_with_a_running_state(tiny_config):
     cfg = parse_model_config(tiny_config(attention_types=[[["linear", "global"], 1]]))
     params = params_of(cfg)
     tokens = jnp.asarray(RNG.randint(0, cfg.model.n_vocab, (2, 12)))
@@ -91,7 +91,7 @@ def test_linear_layers_decode_with_a_running_state():
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
 
 
-def test_none_layer_is_feed_forward_only():
+def test_none_layer_is_feed_forward_only(tiny_config):
     cfg = parse_model_config(tiny_config(attention_types=[[["none"], 2]], n_layer=2))
     params = unbox(params_of(cfg))
     assert "attn" not in params["h_0"] and "ln_1" not in params["h_0"]
@@ -103,13 +103,13 @@ def test_none_layer_is_feed_forward_only():
     x = params["wte"][tokens] + params["wpe"][jnp.arange(16)]
     for i in range(2):
         h = LayerNorm().apply({"params": params[f"h_{i}"]["ln_2"]}, x)
-        x = x + MLP(cfg.model).apply({"params": params[f"h_{i}"]["mlp"]}, h, True)
+        x = x + MLP(cfg.model).apply({"params": params[f"h_{i}"]["mlp"]}, h, deterministic=True)
     ref = LayerNorm().apply({"params": params["ln_f"]}, x) @ params["wte"].T
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["global", "local", "linear"])
-def test_masked_lm_attention_is_bidirectional(kind):
+def test_masked_lm_attention_is_bidirectional(kind, tiny_config):
     raw = tiny_config(attention_types=[[[kind], 2]], local_attention_radius=4)
     tokens = jnp.asarray(RNG.randint(0, 128, (1, 32)))
     changed = tokens.at[0, 20].set((tokens[0, 20] + 1) % 128)
@@ -136,7 +136,7 @@ def test_bidirectional_blocked_local_attention_equals_the_dense_mask():
     np.testing.assert_allclose(attend_local_blocked(q, k, v, 6, 1.0, causal=False), dense, atol=1e-6)
 
 
-def test_memory_key_values_are_prepended_in_global_layers_only():
+def test_memory_key_values_are_prepended_in_global_layers_only(tiny_config):
     cfg = parse_model_config(tiny_config(num_mem_kv=3))
     params = unbox(params_of(cfg))
     attn = params["h_0"]["attn"]
@@ -156,7 +156,7 @@ def test_memory_key_values_are_prepended_in_global_layers_only():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_masked_lm_model_refuses_a_kv_cache():
+def test_masked_lm_model_refuses_a_kv_cache(tiny_config):
     cfg = parse_model_config(tiny_config(mlm_training=True, mlm_mask_id=1))
     with pytest.raises(NeoError, match="masked-LM"):
         GPT(cfg.model).apply({"params": params_of(cfg)}, jnp.zeros((1, 4), jnp.int32),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from neo.auto_layout import GiB, TOLERANCE, Target, candidates, estimate, rank, 
 from neo.config import load_model_config, parse_model_config
 from neo.mesh import make_layout
 from neo.train import build
-from tests.conftest import ROOT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 BASE = dict(n_embd=256, n_head=8, n_layer=2, n_ctx=256, n_vocab=2048, attention_types=[[["global"], 2]],
             train_batch_size=16)

@@ -10,7 +10,6 @@ from neo.config import (
     parse_model_config, to_json_dict,
 )
 from neo.errors import NeoError
-from tests.conftest import tiny_config
 
 
 def test_every_shipped_config_loads():
@@ -28,7 +27,7 @@ def test_attention_types_expand_in_order():
     assert expand_attention_types(["local", "global"]) == ("local", "global")
 
 
-def test_defaults_and_aliases():
+def test_defaults_and_aliases(tiny_config):
     cfg = parse_model_config({**tiny_config(), "activation_function": "gelu"})
     assert cfg.model.activation_fn == "gelu"
     assert cfg.model.local_attention_radius == 8 and cfg.run.z_loss == 1e-4 and cfg.model.causal
@@ -37,7 +36,7 @@ def test_defaults_and_aliases():
         parse_model_config({**tiny_config(), "activation_function": "relu", "activation_fn": "gelu"})
 
 
-def test_config_is_frozen():
+def test_config_is_frozen(tiny_config):
     cfg = parse_model_config(tiny_config())
     with pytest.raises(Exception):
         cfg.model.n_layer = 3
@@ -72,12 +71,12 @@ def test_config_is_frozen():
     ({"model": "BERT"}, r"'model' must be \"GPT\""),
     ({"n_vocab": 50304, "datasets": ["tinyshakespeare", "pile"]}, r"'tinyshakespeare'\) cannot be mixed with others"),
 ])
-def test_bad_config_errors_name_the_key(change, message):
+def test_bad_config_errors_name_the_key(change, message, tiny_config):
     with pytest.raises(NeoError, match=message):
         parse_model_config({**tiny_config(), **change}, source="my.json")
 
 
-def test_missing_required_key():
+def test_missing_required_key(tiny_config):
     raw = tiny_config()
     del raw["n_ctx"]
     with pytest.raises(NeoError, match="required key 'n_ctx' is missing"):
@@ -93,7 +92,7 @@ def test_bad_json_and_unknown_model(tmp_path):
         load_model_config("tinyy")
 
 
-def test_dataset_config_beside_model_config(tmp_path):
+def test_dataset_config_beside_model_config(tmp_path, tiny_config):
     (tmp_path / "dataset_configs").mkdir()
     (tmp_path / "dataset_configs" / "mine.json").write_text(json.dumps(
         {"n_vocab": 100, "path": "x/*.tfrecords", "eos_id": 3, "padding_id": 4}))
@@ -109,12 +108,12 @@ def test_dataset_config_beside_model_config(tmp_path):
         load_model_config(str(path))
 
 
-def test_runtime_keys_of_saved_configs_are_ignored():
+def test_runtime_keys_of_saved_configs_are_ignored(tiny_config):
     cfg = parse_model_config({**tiny_config(), "num_cores": 8, "use_tpu": True, "mode": "train"})
     assert cfg.model.n_layer == 2
 
 
-def test_sections_hold_every_key_once_and_the_model_only_the_architecture():
+def test_sections_hold_every_key_once_and_the_model_only_the_architecture(tiny_config):
     cfg = parse_model_config(tiny_config(n_vocab=256, datasets=["tinyshakespeare"], model_path="runs/x"))
     assert isinstance(cfg.model, ModelConfig)
     assert (cfg.optimizer.lr, cfg.run.model_path, cfg.data.eos_id, cfg.sampling.temperature) == (1e-4, "runs/x", 0, 0.9)
@@ -134,7 +133,7 @@ def test_saved_json_reloads_to_the_same_config():
         assert parse_model_config(json.loads(json.dumps(flat)), source=str(path)) == cfg, path.name
 
 
-def test_replace_routes_flat_keys_and_checks_again():
+def test_replace_routes_flat_keys_and_checks_again(tiny_config):
     cfg = parse_model_config(tiny_config(), source="my.json")
     changed = cfg.replace(lr=0.5, n_layer=1, attention_types=["local"], model_path="runs/y")
     assert (changed.optimizer.lr, changed.model.n_layer, changed.model.attention_types) == (0.5, 1, ("local",))

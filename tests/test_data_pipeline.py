@@ -7,7 +7,6 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.errors import NeoError
-from tests.conftest import tiny_config
 
 N_CTX = 8
 
@@ -34,13 +33,17 @@ def dataset(tmp_path, name, files, **keys):
     return folder
 
 
-def model(tmp_path, datasets, **overrides):
-    raw = tiny_config(**{"n_ctx": N_CTX, "n_vocab": 1000, "train_batch_size": 4, "datasets": datasets, **overrides})
-    path = tmp_path / "model.json"
-    path.write_text(json.dumps(raw))
-    from neo.config import load_model_config
+@pytest.fixture
+def model(tiny_config):
+    def make(tmp_path, datasets, **overrides):
+        raw = tiny_config(**{"n_ctx": N_CTX, "n_vocab": 1000, "train_batch_size": 4, "datasets": datasets, **overrides})
+        path = tmp_path / "model.json"
+        path.write_text(json.dumps(raw))
+        from neo.config import load_model_config
 
-    return load_model_config(str(path))
+        return load_model_config(str(path))
+
+    return make
 
 
 def chunk_records(n, start=0, length=N_CTX + 1):
@@ -57,7 +60,7 @@ def batches(source, n):
     return [next(source).copy() for _ in range(n)]
 
 
-def test_chunks_visit_every_record_once_per_epoch(tmp_path):
+def test_chunks_visit_every_record_once_per_epoch(tmp_path, model):
     from neo.data import make_source
 
     recs = [chunk_records(7, 0), chunk_records(5, 7), chunk_records(8, 12)]
@@ -70,7 +73,7 @@ def test_chunks_visit_every_record_once_per_epoch(tmp_path):
     assert not np.array_equal(rows[:7], np.array(recs[0]))  # shuffled, not file order
 
 
-def test_chunks_longer_records_give_windows_sharing_one_token(tmp_path):
+def test_chunks_longer_records_give_windows_sharing_one_token(tmp_path, model):
     from neo.data import make_source
 
     rec = list(range(2 * N_CTX + 1))
@@ -80,7 +83,7 @@ def test_chunks_longer_records_give_windows_sharing_one_token(tmp_path):
     assert {tuple(r) for r in rows} == {tuple(rec[:N_CTX + 1]), tuple(rec[N_CTX:])}
 
 
-def test_documents_fixed_stitches_with_eos_and_pads(tmp_path):
+def test_documents_fixed_stitches_with_eos_and_pads(tmp_path, model):
     from neo.data import make_source
 
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 999], [9]]
@@ -95,7 +98,7 @@ def test_documents_fixed_stitches_with_eos_and_pads(tmp_path):
     assert sorted(flat) == sorted(list(range(1, 10)) * 2)  # two groups per epoch, batch of 4 = 2 epochs
 
 
-def test_documents_random_windows_come_from_stitched_documents(tmp_path):
+def test_documents_random_windows_come_from_stitched_documents(tmp_path, model):
     from neo.data import make_source
 
     docs = [list(range(100 + 20 * i, 110 + 20 * i)) for i in range(6)]  # 10 tokens each
@@ -114,13 +117,13 @@ def test_documents_random_windows_come_from_stitched_documents(tmp_path):
     assert any(999 in row for row in rows)  # and some windows cross from one document into the next
 
 
-def test_documents_random_stitch_too_small_is_a_config_error(tmp_path):
+def test_documents_random_stitch_too_small_is_a_config_error(tmp_path, model):
     dataset(tmp_path, "r", [doc_records(4)], minimum_size=3)
     with pytest.raises(NeoError, match=r"stitch x minimum_size >= n_ctx \+ 1.*1 x 3 = 3 < 9; set stitch to at least 3"):
         model(tmp_path, [["r", 1, "documents_random", None]])
 
 
-def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
+def test_same_seed_same_batches_other_seed_other_batches(tmp_path, model):
     from neo.data import make_source
 
     dataset(tmp_path, "c", [chunk_records(30)])
@@ -144,13 +147,17 @@ def test_mixture_follows_the_weights(tmp_path):
     assert tiny.counts(PERIOD) == [PERIOD - 1, 1]  # every dataset is sampled
 
 
-def mixed_config(tmp_path):
-    dataset(tmp_path, "c", [chunk_records(6), chunk_records(5, 6)])
-    dataset(tmp_path, "d", [doc_records(9), doc_records(4, 9)], minimum_size=3)
-    return model(tmp_path, [["c", None, "chunks", 2.0], ["d", 3, "documents_random", 1.0]])
+@pytest.fixture
+def mixed_config(model):
+    def make(tmp_path):
+        dataset(tmp_path, "c", [chunk_records(6), chunk_records(5, 6)])
+        dataset(tmp_path, "d", [doc_records(9), doc_records(4, 9)], minimum_size=3)
+        return model(tmp_path, [["c", None, "chunks", 2.0], ["d", 3, "documents_random", 1.0]])
+
+    return make
 
 
-def test_mixed_batches_draw_from_both_datasets(tmp_path):
+def test_mixed_batches_draw_from_both_datasets(tmp_path, mixed_config):
     from neo.data import make_source
 
     rows = np.concatenate(batches(make_source(mixed_config(tmp_path)), 10))
@@ -159,7 +166,7 @@ def test_mixed_batches_draw_from_both_datasets(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["chunks", "mixed"])
-def test_restore_continues_exactly(tmp_path, which):
+def test_restore_continues_exactly(tmp_path, which, mixed_config, model):
     """Batches after restore(state after k) equal batches k, k+1, ... of an uninterrupted run,
     including across epoch boundaries (11 and 13 records: several epochs in 30 batches)."""
     from neo.data import make_source
@@ -182,7 +189,7 @@ def test_restore_continues_exactly(tmp_path, which):
         assert fresh.state()["step"] == k + len(got)
 
 
-def test_resume_after_a_block_boundary(tmp_path, monkeypatch):
+def test_resume_after_a_block_boundary(tmp_path, monkeypatch, model):
     """Resuming in the middle of a shuffle block re-reads that block and continues exactly."""
     from neo.data import make_source, sampling
 
@@ -197,7 +204,7 @@ def test_resume_after_a_block_boundary(tmp_path, monkeypatch):
         np.testing.assert_array_equal(next(fresh), expected[k])
 
 
-def test_hosts_read_disjoint_shards(tmp_path):
+def test_hosts_read_disjoint_shards(tmp_path, model):
     from neo.data import make_source
 
     recs = [chunk_records(4, 0), chunk_records(4, 4), chunk_records(4, 8), chunk_records(4, 12)]
@@ -213,7 +220,7 @@ def test_hosts_read_disjoint_shards(tmp_path):
     assert seen[0] | seen[1] == {tuple(r) for f in recs for r in f}
 
 
-def test_fewer_files_than_hosts_shards_records(tmp_path):
+def test_fewer_files_than_hosts_shards_records(tmp_path, model):
     from neo.data import make_source
 
     recs = chunk_records(8)
@@ -224,7 +231,7 @@ def test_fewer_files_than_hosts_shards_records(tmp_path):
     assert not a & b and a | b == {tuple(r) for r in recs}
 
 
-def test_rows_become_the_global_sharded_batch(tmp_path):
+def test_rows_become_the_global_sharded_batch(tmp_path, model):
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -239,7 +246,7 @@ def test_rows_become_the_global_sharded_batch(tmp_path):
     np.testing.assert_array_equal(np.asarray(batch), local)
 
 
-def test_eval_split_reads_eval_path(tmp_path):
+def test_eval_split_reads_eval_path(tmp_path, model):
     from neo.data import make_source
 
     folder = dataset(tmp_path, "c", [chunk_records(8)])
@@ -254,7 +261,7 @@ def test_eval_split_reads_eval_path(tmp_path):
 # --- bad data: clear errors naming the file
 
 
-def test_token_ids_outside_the_model_vocabulary_are_refused(tmp_path):
+def test_token_ids_outside_the_model_vocabulary_are_refused(tmp_path, model):
     from neo.data import make_source
 
     folder = dataset(tmp_path, "c", [chunk_records(3)])
@@ -264,7 +271,7 @@ def test_token_ids_outside_the_model_vocabulary_are_refused(tmp_path):
             next(make_source(model(tmp_path, [["c", None, "chunks", None]])))
 
 
-def test_empty_glob_names_the_glob_and_dataset(tmp_path):
+def test_empty_glob_names_the_glob_and_dataset(tmp_path, model):
     from neo.data import make_source
 
     (tmp_path / "dataset_configs").mkdir()
@@ -273,7 +280,7 @@ def test_empty_glob_names_the_glob_and_dataset(tmp_path):
         make_source(model(tmp_path, [["gone", None, "chunks", None]]))
 
 
-def test_truncated_file_names_the_file(tmp_path):
+def test_truncated_file_names_the_file(tmp_path, model):
     from neo.data import make_source
 
     folder = dataset(tmp_path, "c", [chunk_records(6)])
@@ -283,7 +290,7 @@ def test_truncated_file_names_the_file(tmp_path):
         next(make_source(model(tmp_path, [["c", None, "chunks", None]])))
 
 
-def test_record_without_text_feature_names_the_file(tmp_path):
+def test_record_without_text_feature_names_the_file(tmp_path, model):
     from neo.data import make_source
     from neo.data.tfrecords import tensorflow
 
@@ -298,7 +305,7 @@ def test_record_without_text_feature_names_the_file(tmp_path):
         batches(src, 2)
 
 
-def test_a_wrong_count_in_the_name_is_caught(tmp_path):
+def test_a_wrong_count_in_the_name_is_caught(tmp_path, model):
     from neo.data import make_source
 
     folder = dataset(tmp_path, "c", [chunk_records(4)])
@@ -308,7 +315,7 @@ def test_a_wrong_count_in_the_name_is_caught(tmp_path):
         batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 2)
 
 
-def test_short_chunk_records_are_a_clear_error(tmp_path):
+def test_short_chunk_records_are_a_clear_error(tmp_path, model):
     from neo.data import make_source
 
     dataset(tmp_path, "c", [chunk_records(4, length=5)])
@@ -316,7 +323,7 @@ def test_short_chunk_records_are_a_clear_error(tmp_path):
         make_source(model(tmp_path, [["c", None, "chunks", None]]))
 
 
-def test_text_dataset_still_works():
+def test_text_dataset_still_works(tiny_config):
     from neo.config import load_model_config
     from neo.data import make_source
 

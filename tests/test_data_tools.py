@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from neo.errors import NeoError
-from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = "20B_tokenizer.json"
@@ -29,7 +28,7 @@ def records_of(folder, pattern="*.tfrecords"):
 
 
 def create(tmp_path, input_dir, **kw):
-    from neo.data.create_tfrecords import Options, create_tfrecords
+    from neo.data.prep.create_tfrecords import Options, create_tfrecords
 
     opts = dict(input_dir=str(input_dir), output_dir=str(tmp_path / "out"), name="t", processes=1, progress=False,
                 minimum_size=1)
@@ -38,11 +37,10 @@ def create(tmp_path, input_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def lambada(tmp_path_factory):
+def lambada(tmp_path_factory, shared_data):
     """LAMBADA (5,153 documents) as document-mode tfrecords with the GPT-NeoX-20B tokenizer."""
-    shared_data = SHARED_DATA
     out = tmp_path_factory.mktemp("lambada")
-    from neo.data.create_tfrecords import Options, create_tfrecords
+    from neo.data.prep.create_tfrecords import Options, create_tfrecords
 
     stats = create_tfrecords(Options(input_dir=str(shared_data / "lambada_openai_test.jsonl"), output_dir=str(out),
                                      name="lambada", encoder_path=str(shared_data / TOKENIZER), mode="documents",
@@ -96,7 +94,7 @@ def test_check_dataset_counts_lambada_exactly(lambada, shared_data, tmp_path):
 def test_check_dataset_refuses_out_of_vocabulary_ids(tmp_path):
     from neo.config import load_model_config
     from neo.data.tfrecords import RecordWriter
-    from neo.inspect import check_dataset
+    from neo.data.check import check_dataset
 
     (tmp_path / "d").mkdir()
     for i, top in enumerate((50, 70)):
@@ -188,7 +186,7 @@ def test_minimum_size_drops_short_documents(tmp_path):
 
 
 def test_failure_leaves_no_complete_looking_file(tmp_path, monkeypatch):
-    from neo.data import create_tfrecords
+    from neo.data.prep import create_tfrecords
 
     monkeypatch.setattr(create_tfrecords, "BATCH_CHARS", 100)  # write while still reading
     src = tmp_path / "in"
@@ -251,8 +249,17 @@ def test_train_tokenizer_round_trips_and_has_the_special_tokens(tmp_path, shared
     assert tok.decode(ids) == sample and len(ids) < len(sample.encode()) / 1.5
 
 
+@pytest.mark.parametrize("tool,flag", [("create_tfrecords", "--input_dir"), ("train_tokenizer", "--base_dir")])
+def test_prep_tools_run_as_modules(tool, flag):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", f"neo.data.prep.{tool}", "--help"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage:") and flag in run.stdout
+
+
 def test_train_tokenizer_errors(tmp_path):
-    from neo.data.bpe import train_tokenizer
+    from neo.data.prep.train_tokenizer import train_tokenizer
 
     (tmp_path / "in").mkdir()
     with pytest.raises(NeoError, match=r"no input files \(\*.txt\)"):
@@ -262,7 +269,7 @@ def test_train_tokenizer_errors(tmp_path):
 
 
 def test_wikitext_detokenizer_and_ftfy():
-    from neo.data.cleaning import fix_text, wikitext_detokenize
+    from neo.data.prep.cleaning import fix_text, wikitext_detokenize
 
     assert wikitext_detokenize(" = = Career = = \n He scored 1 @,@ 000 runs @-@ a record ( he said ) .") == \
         " == Career ==\nHe scored 1,000 runs-a record (he said) ."

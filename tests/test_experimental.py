@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from neo.config import parse_model_config
-from neo.model import GPT
+from neo.model import GPT, init_params
 from neo.model.activations import ACTIVATIONS, PARAMETRIC, Activation
 from neo.model.attention import Attention, rotary
-from neo.model.gpt import MLP, Block
+from neo.model.gpt import MLP, Block, LayerSpec
 from neo.model.layers import LayerNorm, ScaleNorm
-from tests.conftest import tiny_config
 
 RNG = np.random.RandomState(0)
 TOKENS = jnp.asarray(RNG.randint(0, 128, (2, 16)))
@@ -26,10 +25,10 @@ def unbox(tree):
 
 
 def init(cfg, seed=0):
-    return unbox(GPT(cfg.model).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+    return unbox(init_params(cfg.model, jax.random.PRNGKey(seed)))
 
 
-def test_axial_position_embedding_is_the_mean_of_two_tables():
+def test_axial_position_embedding_is_the_mean_of_two_tables(tiny_config):
     cfg = parse_model_config(tiny_config(axial_pos_emb=[4, 9]))  # 36 >= n_ctx 32
     params = init(cfg)
     a1, a2 = params["axial_wpe_1"], params["axial_wpe_2"]
@@ -41,19 +40,19 @@ def test_axial_position_embedding_is_the_mean_of_two_tables():
                                GPT(plain.model).apply({"params": ref_params}, TOKENS), atol=1e-6)
 
 
-def test_glu_mlp_gates_one_half_by_the_activation_of_the_other():
+def test_glu_mlp_gates_one_half_by_the_activation_of_the_other(tiny_config):
     cfg = parse_model_config(tiny_config(mlp_glu=True))
     x = jnp.asarray(RNG.randn(2, 5, 64).astype(np.float32))
-    params = unbox(MLP(cfg.model).init(jax.random.PRNGKey(0), x, True)["params"])
+    params = unbox(MLP(cfg.model).init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
     w = params["c_fc"]["kernel"]
     assert w.shape == (64, 2, 256)  # the original's 8 x n_embd, as two halves
     hg = jnp.einsum("btd,dkf->btkf", x, w) + params["c_fc"]["bias"]
     h = hg[..., 0, :] * jax.nn.gelu(hg[..., 1, :], approximate=True)
     ref = h @ params["c_proj"]["kernel"] + params["c_proj"]["bias"]
-    np.testing.assert_allclose(MLP(cfg.model).apply({"params": params}, x, True), ref, atol=1e-5)
+    np.testing.assert_allclose(MLP(cfg.model).apply({"params": params}, x, deterministic=True), ref, atol=1e-5)
 
 
-def test_scalenorm_normalises_with_one_scalar_gain():
+def test_scalenorm_normalises_with_one_scalar_gain(tiny_config):
     x = jnp.asarray(RNG.randn(3, 64).astype(np.float32) * 3 + 1)
     params = {"scale": jnp.float32(1.7)}
     centred = x - x.mean(-1, keepdims=True)
@@ -64,7 +63,7 @@ def test_scalenorm_normalises_with_one_scalar_gain():
     assert init(cfg)["ln_f"]["scale"].shape == (64,)  # the final norm stays a LayerNorm, as in GPT-Neo
 
 
-def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches():
+def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches(tiny_config):
     cfg = parse_model_config(tiny_config(rezero=True))
     params = init(cfg)
     assert "ln_1" not in params["h_0"] and params["h_0"]["rezero_1"] == 0
@@ -75,21 +74,21 @@ def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches():
     block = {**params["h_0"], "rezero_1": jnp.float32(0.5), "rezero_2": jnp.float32(-2.0)}
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    out, _ = Block(cfg.model, "global").apply({"params": block}, x, pos)
+    out, _ = Block(cfg.model).apply({"params": block}, x, pos, spec=LayerSpec("global"))
     a, _ = Attention(cfg.model, "global").apply({"params": block["attn"]}, x, pos)
     h = x + 0.5 * a
-    ref = h - 2.0 * MLP(cfg.model).apply({"params": block["mlp"]}, h, True)
+    ref = h - 2.0 * MLP(cfg.model).apply({"params": block["mlp"]}, h, deterministic=True)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_macaron_adds_a_half_step_mlp_before_attention_and_halves_the_main_mlp():
+def test_macaron_adds_a_half_step_mlp_before_attention_and_halves_the_main_mlp(tiny_config):
     cfg = parse_model_config(tiny_config(macaron=True))
     block = init(cfg)["h_0"]
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    out, _ = Block(cfg.model, "global").apply({"params": block}, x, pos)
+    out, _ = Block(cfg.model).apply({"params": block}, x, pos, spec=LayerSpec("global"))
     ln = lambda name, h: LayerNorm().apply({"params": block[name]}, h)
-    mlp = lambda name, h: MLP(cfg.model).apply({"params": block[name]}, h, True)
+    mlp = lambda name, h: MLP(cfg.model).apply({"params": block[name]}, h, deterministic=True)
     h = x + 0.5 * mlp("mlp_macaron", ln("ln_macaron", x))
     h = h + Attention(cfg.model, "global").apply({"params": block["attn"]}, ln("ln_1", h), pos)[0]
     ref = h + 0.5 * mlp("mlp", ln("ln_2", h))
@@ -154,7 +153,7 @@ def test_fixed_activations_stay_finite_where_the_original_broke():
         assert np.isfinite(layer.apply(params, x)).all() and np.isfinite(grads).all(), name
 
 
-def test_untied_head_replaces_the_embedding_in_the_output_only():
+def test_untied_head_replaces_the_embedding_in_the_output_only(tiny_config):
     cfg = parse_model_config(tiny_config(no_weight_tie=True))
     params = init(cfg)
     assert params["lm_head"].shape == (64, 128) and "ln_f" in params
@@ -191,7 +190,7 @@ def test_rotary_rotates_feature_pairs_by_position_times_frequency():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_rotary_attention_sees_only_relative_positions():
+def test_rotary_attention_sees_only_relative_positions(tiny_config):
     cfg = parse_model_config(tiny_config(rotary_emb=True, attention_types=[[["global"], 2]]))
     params = init(cfg)
     assert "wpe" not in params
@@ -204,7 +203,7 @@ def test_rotary_attention_sees_only_relative_positions():
     assert np.abs(GPT(learned.model).apply({"params": lp}, TOKENS, pos) - GPT(learned.model).apply({"params": lp}, TOKENS, pos + 11)).max() > 1e-3
 
 
-def test_shared_parameters_apply_one_block_at_every_layer():
+def test_shared_parameters_apply_one_block_at_every_layer(tiny_config):
     cfg = parse_model_config(tiny_config(share_parameters=True, n_layer=3,
                                          attention_types=[[["global", "local", "global"], 1]]))
     params = init(cfg)
@@ -212,6 +211,6 @@ def test_shared_parameters_apply_one_block_at_every_layer():
     x = params["wte"][TOKENS] + params["wpe"][jnp.arange(16)]
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
     for kind in cfg.model.attention_types:
-        x, _ = Block(cfg.model, kind).apply({"params": params["h_0"]}, x, pos)
+        x, _ = Block(cfg.model).apply({"params": params["h_0"]}, x, pos, spec=LayerSpec(kind))
     ref = LayerNorm().apply({"params": params["ln_f"]}, x) @ params["wte"].T
     np.testing.assert_allclose(GPT(cfg.model).apply({"params": params}, TOKENS), ref, atol=1e-5)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,16 +20,16 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from conftest import ROOT, tiny_config  # noqa: E402
 from neo.checkpoint import save_params  # noqa: E402
 from neo.config import parse_model_config  # noqa: E402
 from neo.data.tokenizer import load_tokenizer  # noqa: E402
 from neo.errors import NeoError  # noqa: E402
-from neo.eval_harness import TASKS_DIR, resolve_tasks  # noqa: E402
-from neo.lm_eval_backend import NeoLM, bucket  # noqa: E402
+from neo.evaluate.backend import NeoLM, bucket  # noqa: E402
+from neo.evaluate.harness import TASKS_DIR, resolve_tasks  # noqa: E402
 from neo.mesh import make_layout  # noqa: E402
-from neo.model import GPT  # noqa: E402
+from neo.model import init_params  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 N_CTX = 64  # shorter than most LAMBADA passages in GPT-2 tokens: left truncation is exercised
 LAMBADA_DOCS = 40
 
@@ -41,7 +40,7 @@ def _offline_datasets(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, shared_data):
     """One random GPT-Neo with GPT-2's vocabulary as a neo checkpoint, and the same model exported
     to a Hugging Face folder (scripts/convert_hf.py export) loaded by lm-eval's hf backend."""
     from neo.convert.hf import export_hf
@@ -49,10 +48,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     raw = {"n_vocab": 50257, "n_ctx": N_CTX, "n_embd": 32, "n_layer": 2, "n_head": 4,
            "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
-           "tokenizer_path": str(ROOT.parent / "shared" / "data" / "gpt2"), "eos_id": 50256,
+           "tokenizer_path": str(shared_data / "gpt2"), "eos_id": 50256,
            "model_path": str(root / "run")}
     cfg = parse_model_config(raw, "random-gpt-neo")
-    params = GPT(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), params, is_leaf=lambda x: hasattr(x, "value"))
     rng = np.random.RandomState(0)
     params = jax.tree_util.tree_map_with_path(  # random norms and biases, not constants
@@ -158,12 +157,12 @@ def test_batches_are_padded_to_a_few_shapes():
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
+def checkpoint(tmp_path, tiny_config):
     """A byte-level tiny model saved as a neo checkpoint, and its config file."""
     raw = tiny_config(n_vocab=256, n_ctx=64, tokenizer_path="bytes", eos_id=10,
                       model_path=str(tmp_path / "run"), eval_tasks=["lambada"])
     cfg = parse_model_config(raw, "tiny")
-    params = GPT(cfg.model).init(jax.random.PRNGKey(3), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = init_params(cfg.model, jax.random.PRNGKey(3))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     save_params(cfg.run.model_path, params, step=7)
     path = tmp_path / "tiny.json"
@@ -194,6 +193,17 @@ def test_scores_do_not_depend_on_batching_or_the_mesh(checkpoint, shared_data):
         sharded = lm.loglikelihood(instances, disable_tqdm=True)
         np.testing.assert_allclose([s[0] for s in sharded], [s[0] for s in single], atol=2e-5, rtol=0)
         assert [s[1] for s in sharded] == [s[1] for s in single]
+
+
+def test_the_entry_point_and_package_data_name_what_exists():
+    import importlib
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, name = meta["project"]["entry-points"]["lm_eval.models"]["neo"].split(":")
+    assert getattr(importlib.import_module(module), name) is NeoLM
+    for pattern in meta["tool"]["setuptools"]["package-data"]["neo"]:
+        assert list((ROOT / "neo").glob(pattern)), pattern
 
 
 def test_mistakes_are_explained(checkpoint):

@@ -1,11 +1,14 @@
 """mesh_shape / layout -> Mesh and PartitionSpecs, and the errors for layouts that cannot work."""
 
+import warnings
+
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from neo.errors import NeoError
-from neo.mesh import make_layout, parse_layout, parse_mesh_shape, suggest_mesh_shape
+from neo.mesh import LayoutOrderWarning, make_layout, parse_layout, parse_mesh_shape, suggest_mesh_shape
 
 
 def test_parse_mesh_shape_separators_and_fill():
@@ -42,6 +45,27 @@ def test_spec_priority_gives_fsdp():
     assert layout.spec(("vocab", "embd")) == P(None, "x")  # parameters: sharded along embd
     layout = make_layout("x:2,y:4", "batch:x,embd:y,heads:y")
     assert layout.spec(("embd", "heads", "features_per_head")) == P("y", None, None)
+
+
+def test_a_weight_dimension_before_batch_on_its_axis_warns():
+    # embd:x,batch:x reads like FSDP but splits the activations along embd, not batch
+    with pytest.warns(LayoutOrderWarning, match=r"embd:x,heads:x is written before batch:x.*\"batch:x,embd:x,heads:x\""):
+        parse_layout("embd:x,heads:x,batch:x,vocab:y", ["x", "y"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_layout("batch:x,embd:x", ["x"])  # FSDP
+        parse_layout("experts:x,batch:x", ["x"])  # expert parallelism: experts first on purpose
+        parse_layout("embd:y,batch:x", ["x", "y"])  # another axis: nothing taken from batch
+        parse_layout("heads:y,vocab:y", ["x", "y"])  # no batch at all
+
+
+def test_rows_split_batch_rows_whatever_the_rank():
+    layout = make_layout("x:2,y:4", "batch:x,heads:y")
+    assert layout.rows.spec == P("x")
+    for shape in ((8,), (8, 5), (8, 3, 2)):
+        x = jax.device_put(np.zeros(shape, np.int32), layout.rows)
+        assert x.addressable_shards[0].data.shape == (4,) + shape[1:]
+    assert make_layout("x:8", "heads:x").rows.spec == P(None)  # batch not split: rows whole
 
 
 def test_gpu_ids_on_cpu_is_a_clear_error():

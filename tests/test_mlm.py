@@ -13,19 +13,22 @@ from neo.mesh import make_layout
 from neo.mlm import mask_tokens
 from neo.model import GPT
 from neo.train import MLM_STREAM, build, global_batch
-from tests.conftest import tiny_config
 
 MASK, CLS = 5, 6
 
 
-def mlm_config(**kw):
-    raw = dict(mlm_training=True, mlm_mask_id=MASK, mlm_mask_prob=0.15, mlm_same_token_prob=0.1,
-               mlm_random_token_prob=0.1, mlm_mask_ignore_ids=[7, 8])
-    raw.update(kw)
-    return parse_model_config(tiny_config(**raw))
+@pytest.fixture
+def mlm_config(tiny_config):
+    def make(**kw):
+        raw = dict(mlm_training=True, mlm_mask_id=MASK, mlm_mask_prob=0.15, mlm_same_token_prob=0.1,
+                   mlm_random_token_prob=0.1, mlm_mask_ignore_ids=[7, 8])
+        raw.update(kw)
+        return parse_model_config(tiny_config(**raw))
+
+    return make
 
 
-def test_masking_follows_bert():
+def test_masking_follows_bert(mlm_config):
     cfg = mlm_config()
     batch = jnp.asarray(np.random.RandomState(0).randint(0, 128, (512, 33)))
     inputs, labels, selected = (np.asarray(a) for a in mask_tokens(cfg, batch, jax.random.PRNGKey(0)))
@@ -46,7 +49,7 @@ def test_masking_follows_bert():
     np.testing.assert_array_equal(inputs[~selected], tokens[~selected])  # the rest untouched
 
 
-def test_cls_is_prepended_and_never_masked():
+def test_cls_is_prepended_and_never_masked(mlm_config):
     cfg = mlm_config(mlm_cls_token_id=CLS, mlm_mask_prob=0.5)
     batch = jnp.asarray(np.random.RandomState(1).randint(10, 128, (64, 33)))
     inputs, labels, selected = mask_tokens(cfg, batch, jax.random.PRNGKey(1))
@@ -55,14 +58,14 @@ def test_cls_is_prepended_and_never_masked():
     np.testing.assert_array_equal(labels[:, 1:], batch[:, :31])
 
 
-def test_shares_above_one_are_refused_when_the_config_loads():
+def test_shares_above_one_are_refused_when_the_config_loads(mlm_config):
     with pytest.raises(NeoError, match="exceed 1"):
         mlm_config(mlm_same_token_prob=0.6, mlm_random_token_prob=0.5)
     with pytest.raises(NeoError, match="nothing could be masked"):
         mlm_config(mlm_mask_ignore_ids=list(range(128)))
 
 
-def test_train_step_loss_is_on_the_masked_positions_only():
+def test_train_step_loss_is_on_the_masked_positions_only(mlm_config):
     # global layers: the original crashed here (undefined bias for non-causal global attention)
     cfg = mlm_config(attention_types=[[["global", "local"], 1]])
     batch = np.random.RandomState(2).randint(10, 128, (8, 33)).astype(np.int32)

@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from neo.config import expand_attention_types, parse_model_config  # noqa: E402
 from neo.convert.gpt_neo import config_from_hf, params_from_hf  # noqa: E402
-from neo.model import GPT  # noqa: E402
-from neo.model.attention import attend, attend_local_blocked, visible  # noqa: E402
+from neo.model import GPT, init_params  # noqa: E402
+from neo.model.attention_op import attend, attend_local_blocked, visible  # noqa: E402
 
 
 def hf_gpt_neo(attention_types, window, seed=0, **kw):
@@ -86,7 +86,7 @@ def test_bfloat16_forward_stays_close_to_float32():
 def test_initialisation_follows_mesh_tensorflow():
     cfg = parse_model_config(dict(n_embd=256, n_head=4, n_layer=4, n_ctx=64, n_vocab=1000,
                                   attention_types=[[["global"], 4]], scale_by_depth=True))
-    params = GPT(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     std = lambda x: float(np.std(np.asarray(x)))
     d, dh = 256, 64

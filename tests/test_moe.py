@@ -13,17 +13,20 @@ from neo.mesh import make_layout
 from neo.model.gpt import MLP
 from neo.model.moe import MoE, capacity, group_size, route
 from neo.train import build, global_batch
-from tests.conftest import tiny_config
 
 RNG = np.random.RandomState(0)
 
 
-def moe_config(**moe):
-    return parse_model_config(tiny_config(n_embd=32, n_head=4, moe_layers=[1], moe_activation="relu",
-                                          moe_params={"moe_hidden_size": 48, **moe}))
+@pytest.fixture
+def moe_config(tiny_config):
+    def make(**moe):
+        return parse_model_config(tiny_config(n_embd=32, n_head=4, moe_layers=[1], moe_activation="relu",
+                                              moe_params={"moe_hidden_size": 48, **moe}))
+
+    return make
 
 
-def test_defaults_are_the_originals():
+def test_defaults_are_the_originals(moe_config):
     p = moe_config().model.moe_params
     assert (p.moe_num_experts, p.moe_gating, p.moe_loss_coef, p.moe_capacity_factor_train,
             p.moe_capacity_factor_eval, p.moe_group_size, p.moe_second_policy_train,
@@ -33,7 +36,7 @@ def test_defaults_are_the_originals():
     assert group_size(2048, 1024) == 1024 and group_size(96, 1024) == 96 and group_size(3000, 1024) == 1000
 
 
-def test_bad_moe_params_are_named_when_the_config_loads():
+def test_bad_moe_params_are_named_when_the_config_loads(moe_config):
     with pytest.raises(NeoError, match="unknown moe_params key 'moe_num_expert'.*moe_num_experts"):
         moe_config(moe_num_expert=4)
     with pytest.raises(NeoError, match="top_1, top_2"):
@@ -42,18 +45,18 @@ def test_bad_moe_params_are_named_when_the_config_loads():
         moe_config(moe_hidden_size=0)
 
 
-def test_one_expert_with_room_for_every_token_is_a_plain_mlp():
+def test_one_expert_with_room_for_every_token_is_a_plain_mlp(moe_config):
     cfg = moe_config(moe_num_experts=1, moe_gating="top_1", moe_capacity_factor_eval=1.0)
     x = jnp.asarray(RNG.randn(2, 16, 32).astype(np.float32))
     layer = MoE(cfg.model)
-    params = layer.init(jax.random.PRNGKey(0), x, True)["params"]
+    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)["params"]
     params = jax.tree.map(lambda v: getattr(v, "value", v), params, is_leaf=lambda v: hasattr(v, "value"))
-    out = layer.apply({"params": params}, x, True)
+    out = layer.apply({"params": params}, x, deterministic=True)
     # the same weights in neo's MLP (zero biases, relu): identical output
     mlp_cfg = cfg.replace(activation_fn="relu", intermediate_size=48)
     mlp_params = {"c_fc": {"kernel": params["wi"][0], "bias": jnp.zeros(48)},
                   "c_proj": {"kernel": params["wo"][0], "bias": jnp.zeros(32)}}
-    ref = MLP(mlp_cfg.model).apply({"params": mlp_params}, x, True)
+    ref = MLP(mlp_cfg.model).apply({"params": mlp_params}, x, deterministic=True)
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
@@ -100,7 +103,7 @@ def train(cfg, mesh_shape, layout, devices=None, steps=2):
     return state, jax.device_get(metrics)
 
 
-def test_expert_parallel_training_gives_the_unsharded_loss():
+def test_expert_parallel_training_gives_the_unsharded_loss(moe_config):
     cfg = moe_config(moe_num_experts=8, moe_capacity_factor_train=1.0)
     _, ref = train(cfg, "", "", jax.devices()[:1])
     state, got = train(cfg, "x:8", "experts:x,batch:x")
@@ -112,7 +115,7 @@ def test_expert_parallel_training_gives_the_unsharded_loss():
     assert float(jnp.abs(state.params["h_1"]["moe"]["gate"]).sum()) > 0
 
 
-def test_flops_count_the_active_experts():
+def test_flops_count_the_active_experts(moe_config):
     cfg = moe_config(moe_num_experts=8)
     dense = cfg.replace(moe_layers=None)
     d, h = cfg.model.n_embd, 48

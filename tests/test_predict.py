@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 
 from neo.convert.hf import hf_to_neo  # noqa: E402
 from neo.errors import NeoError  # noqa: E402
-from neo.mesh import make_layout  # noqa: E402
+from neo.mesh import make_layout, place, shardings_of  # noqa: E402
 from neo.predict import PROMPT_SEPARATOR, Sampler, SamplingOptions, filter_logits, read_prompts  # noqa: E402
-from neo.train import abstract_params  # noqa: E402
+from neo.model import abstract_init  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 17, 33, 2, 9], [100, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
@@ -50,7 +50,7 @@ def neo_sampler(hfc, model, layout=None, on_trace=None):
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     _, cfg, params = hf_to_neo(hfc.to_dict(), sd)
     layout = layout or make_layout("", "", jax.devices()[:1])
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(cfg, layout))
+    shardings = shardings_of(place(layout, abstract_init(cfg.model)))
     return cfg, Sampler(cfg, jax.device_put(params, shardings), layout, on_trace)
 
 

@@ -16,6 +16,7 @@ import pytest
 from neo.config import load_model_config
 from neo.loop import fit
 from neo.mesh import make_layout
+from tests.test_data_pipeline import model  # noqa: F401  (a fixture: tfrecord model configs)
 
 ROOT = Path(__file__).resolve().parent.parent
 # dropout on, so the resumed run must also repeat its random numbers
@@ -114,10 +115,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert records[-1]["step"] == 6 and records[-1]["loss"] == "nan"
 
 
-def test_resume_with_mixed_tfrecord_datasets_repeats_the_data_exactly(tmp_path):
+def test_resume_with_mixed_tfrecord_datasets_repeats_the_data_exactly(tmp_path, model):
     """The checkpoint carries the tfrecord pipeline's position: stopping at step 5 and resuming
     gives the losses of the run that went straight to step 10 (epochs wrap in between)."""
-    from tests.test_data_pipeline import dataset, doc_records, model
+    from tests.test_data_pipeline import dataset, doc_records
 
     dataset(tmp_path, "docs", [doc_records(9), doc_records(7, 9)])
     dataset(tmp_path, "chunks", [[list(range(i, i + 9)) for i in range(6)]])

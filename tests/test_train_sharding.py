@@ -7,12 +7,8 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.errors import NeoError
-from neo.mesh import make_layout
-from neo.train import build, global_batch, num_microbatches
-from tests.conftest import tiny_config
-
-CFG = parse_model_config(tiny_config())
-BATCH = np.random.RandomState(0).randint(0, CFG.model.n_vocab, (CFG.run.train_batch_size, CFG.model.n_ctx + 1)).astype(np.int32)
+from neo.mesh import make_layout, num_microbatches
+from neo.train import build, global_batch
 
 LAYOUTS = {
     "data": ("x:8", "batch:x"),
@@ -23,24 +19,35 @@ LAYOUTS = {
 }
 
 
-def run(cfg, mesh_shape, layout, devices=None, steps=2):
+@pytest.fixture(scope="module")
+def base_cfg(tiny_config):
+    return parse_model_config(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def tokens(base_cfg):
+    shape = (base_cfg.run.train_batch_size, base_cfg.model.n_ctx + 1)
+    return np.random.RandomState(0).randint(0, base_cfg.model.n_vocab, shape).astype(np.int32)
+
+
+def run(cfg, batch, mesh_shape, layout, devices=None, steps=2):
     setup = build(cfg, make_layout(mesh_shape, layout, devices))
     state = setup.init()
     for _ in range(steps):
-        state, metrics = setup.step(state, global_batch(setup, BATCH))
+        state, metrics = setup.step(state, global_batch(setup, batch))
     return setup, state, jax.device_get(metrics)
 
 
 @pytest.fixture(scope="module")
-def reference():
-    _, state, metrics = run(CFG, "", "", jax.devices()[:1])
+def reference(base_cfg, tokens):
+    _, state, metrics = run(base_cfg, tokens, "", "", jax.devices()[:1])
     return jax.device_get(state.params), metrics
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_eight_devices_equal_one(name, reference):
+def test_eight_devices_equal_one(name, reference, base_cfg, tokens):
     ref_params, ref_metrics = reference
-    _, state, metrics = run(CFG, *LAYOUTS[name])
+    _, state, metrics = run(base_cfg, tokens, *LAYOUTS[name])
     assert abs(metrics["loss"] - ref_metrics["loss"]) < 2e-6
     assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 2e-6 * ref_metrics["grad_norm"]
     params = jax.device_get(state.params)
@@ -50,10 +57,10 @@ def test_eight_devices_equal_one(name, reference):
     assert max(jax.tree.leaves(diffs)) < 3e-6, diffs
 
 
-def test_compiled_step_shards_parameters_as_the_layout_says():
-    setup = build(CFG, make_layout("x:2,y:4", "batch:x,heads:y,vocab:y,intermediate_expanded:y"))
+def test_compiled_step_shards_parameters_as_the_layout_says(base_cfg, tokens):
+    setup = build(base_cfg, make_layout("x:2,y:4", "batch:x,heads:y,vocab:y,intermediate_expanded:y"))
     state = setup.init()
-    compiled = setup.step.lower(state, global_batch(setup, BATCH)).compile()
+    compiled = setup.step.lower(state, global_batch(setup, tokens)).compile()
     state_in = compiled.input_shardings[0][0]
     params_in, params_out = state_in.params, compiled.output_shardings[0].params
     expect = {
@@ -82,26 +89,28 @@ def test_compiled_step_shards_parameters_as_the_layout_says():
         assert mu["h_0"]["mlp"]["c_fc"]["kernel"].sharding.spec == state.params["h_0"]["mlp"]["c_fc"]["kernel"].sharding.spec
 
 
-def test_gradient_accumulation_gives_the_full_batch_update(reference):
-    cfg = CFG.replace(tokens_per_mb_per_replica=2 * CFG.model.n_ctx)  # 2 sequences per microbatch
+def test_gradient_accumulation_gives_the_full_batch_update(reference, base_cfg, tokens):
+    cfg = base_cfg.replace(tokens_per_mb_per_replica=2 * base_cfg.model.n_ctx)  # 2 sequences per microbatch
     setup = build(cfg, make_layout("x:2", "batch:x", jax.devices()[:2]))
     assert setup.num_microbatches == 2  # 4 sequences per replica / 2 per microbatch
-    _, state, metrics = run(cfg, "x:2", "batch:x", jax.devices()[:2])
+    _, state, metrics = run(cfg, tokens, "x:2", "batch:x", jax.devices()[:2])
     ref_params, ref_metrics = reference
     assert abs(metrics["loss"] - ref_metrics["loss"]) < 2e-6
     diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params), ref_params)
     assert max(jax.tree.leaves(diffs)) < 3e-6
 
 
-def test_microbatch_count_follows_gpt_neo():
+def test_microbatch_count_follows_gpt_neo(base_cfg):
     layout = make_layout("x:8", "batch:x")
-    cfg = CFG.replace(train_batch_size=48, tokens_per_mb_per_replica=4 * CFG.model.n_ctx)
-    assert num_microbatches(cfg, layout) == 2  # 6 per replica; 4 does not divide 6 -> 3 per microbatch
-    assert num_microbatches(CFG, layout) == 1
+    cfg = base_cfg.replace(train_batch_size=48, tokens_per_mb_per_replica=4 * base_cfg.model.n_ctx)
+    count = lambda c: num_microbatches(c.run.train_batch_size, c.model.n_ctx, c.run.tokens_per_mb_per_replica,
+                                       layout.axis_size("batch"))
+    assert count(cfg) == 2  # 6 per replica; 4 does not divide 6 -> 3 per microbatch
+    assert count(base_cfg) == 1
 
 
-def test_layout_that_cannot_split_fails_before_compiling():
+def test_layout_that_cannot_split_fails_before_compiling(base_cfg):
     with pytest.raises(NeoError, match=r"'vocab' \(size 130 in parameter wte\).*pad n_vocab to"):
-        build(CFG.replace(n_vocab=130), make_layout("x:2,y:4", "batch:x,vocab:y"))
+        build(base_cfg.replace(n_vocab=130), make_layout("x:2,y:4", "batch:x,vocab:y"))
     with pytest.raises(NeoError, match=r"'batch' \(size 4 in the config\).*multiple of 8"):
-        build(CFG.replace(train_batch_size=4), make_layout("x:8", "batch:x"))
+        build(base_cfg.replace(train_batch_size=4), make_layout("x:8", "batch:x"))

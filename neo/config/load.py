@@ -21,8 +21,8 @@ from typing import Any, Optional
 from neo.config.sections import (
     ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODES, SECTIONS, Config, DatasetConfig, DatasetEntry, MoEParams,
 )
-from neo.config.validate import suggest, validate
-from neo.errors import NeoError
+from neo.config.validate import validate
+from neo.errors import NeoError, did_you_mean
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG_DIR = ROOT / "configs"
@@ -82,7 +82,7 @@ def find_model_config(model: str) -> Path:
     if candidate.exists():
         return candidate
     names = sorted(q.stem for q in CONFIG_DIR.glob("*.json"))
-    hint = suggest(model, names)
+    hint = did_you_mean(model, names)
     raise NeoError(
         f"--model {model}: no config named '{model}' in {CONFIG_DIR}.{hint} "
         f"Available: {', '.join(names) or '(none)'}; or pass a path to a .json file."
@@ -125,7 +125,7 @@ def parse_model_config(raw: dict, source: str = "<dict>") -> Config:
     settable = set(KEY_SECTION) | {"model"}
     for key in raw:
         if key not in settable:
-            hint = suggest(key, sorted(settable | {"activation_function"}))
+            hint = did_you_mean(key, sorted(settable | {"activation_function"}))
             raise NeoError(f"{where}: unknown key '{key}'.{hint} (docs/configs.md lists every key.)")
     for key in REQUIRED:
         if key not in raw:
@@ -152,7 +152,7 @@ def replace_keys(cfg: Config, changes: dict) -> Config:
     grouped: dict[str, dict] = {}
     for key, value in changes.items():
         if key not in KEY_SECTION:
-            raise NeoError(f"{where}: unknown key '{key}'.{suggest(key, sorted(KEY_SECTION))} "
+            raise NeoError(f"{where}: unknown key '{key}'.{did_you_mean(key, sorted(KEY_SECTION))} "
                            f"(docs/configs.md lists every key.)")
         grouped.setdefault(KEY_SECTION[key], {})[key] = _read_value(key, value, where, base)
     sections = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in grouped.items()}
@@ -218,7 +218,7 @@ def expand_attention_types(value: Any, where: str = "<config>") -> tuple[str, ..
     for kind in kinds:
         if kind not in ATTENTION_KINDS:
             raise NeoError(f"{where}: unknown attention kind {kind!r} in 'attention_types'; "
-                           f"valid kinds are {', '.join(ATTENTION_KINDS)}.{suggest(str(kind), ATTENTION_KINDS)}")
+                           f"valid kinds are {', '.join(ATTENTION_KINDS)}.{did_you_mean(str(kind), ATTENTION_KINDS)}")
     return tuple(kinds)
 
 
@@ -235,7 +235,7 @@ def parse_moe_params(value: Any, where: str) -> MoEParams:
         if name in MOE_IGNORED:
             continue
         if name not in known:
-            raise NeoError(f"{where}: unknown moe_params key {key!r}.{suggest(name, known)} "
+            raise NeoError(f"{where}: unknown moe_params key {key!r}.{did_you_mean(name, known)} "
                            f"Known: {', '.join(known)}.")
         kind = type(getattr(defaults, name))
         if kind is bool:
@@ -265,7 +265,7 @@ def _resolve_datasets(entries: Any, where: str, base: Path) -> tuple[DatasetEntr
             raise NeoError(f"{where}: dataset '{ds_id}': stitch must be an integer or null, got {stitch!r}.")
         if mode is not None and mode not in SAMPLING_MODES:
             raise NeoError(f"{where}: dataset '{ds_id}': sampling mode {mode!r} is not one of "
-                           f"{', '.join(SAMPLING_MODES)}.{suggest(str(mode), SAMPLING_MODES)}")
+                           f"{', '.join(SAMPLING_MODES)}.{did_you_mean(str(mode), SAMPLING_MODES)}")
         if weight is not None and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0):
             raise NeoError(f"{where}: dataset '{ds_id}': weight must be a positive number, got {weight!r}.")
         out.append(DatasetEntry(ds_id, stitch, mode, None if weight is None else float(weight),
@@ -298,7 +298,7 @@ def load_dataset_config(ds_id: str, base: Path, where: str = "<config>") -> Data
             known = sorted({p.stem for d in dirs for p in d.glob("*.json")})
             raise NeoError(
                 f"{where}: dataset id '{ds_id}' has no config; create "
-                f"{dirs[-1] / (ds_id + '.json')} (see docs/data.md).{suggest(ds_id, known)} "
+                f"{dirs[-1] / (ds_id + '.json')} (see docs/data.md).{did_you_mean(ds_id, known)} "
                 f"Known ids: {', '.join(known) or '(none)'}."
             )
     raw = _read_json(path)
@@ -307,7 +307,7 @@ def load_dataset_config(ds_id: str, base: Path, where: str = "<config>") -> Data
     fields = {f.name for f in dataclasses.fields(DatasetConfig)} - {"id", "source"}
     for key in raw:
         if key not in fields:
-            raise NeoError(f"{path}: unknown dataset key '{key}'.{suggest(key, sorted(fields))}")
+            raise NeoError(f"{path}: unknown dataset key '{key}'.{did_you_mean(key, sorted(fields))}")
     if "n_vocab" not in raw:
         raise NeoError(f"{path}: required key 'n_vocab' is missing (the vocabulary size the data was encoded with).")
     values = {k: _coerce(k, v, _hints(DatasetConfig)[k], str(path)) for k, v in raw.items()}

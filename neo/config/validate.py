@@ -10,16 +10,15 @@ a tokenizer to sample, tasks to evaluate).
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-from typing import Any, Callable, NoReturn
+from typing import Callable, NoReturn
 
 from neo.config.sections import (
     ACTIVATION_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config, ModelConfig, MoEParams,
     OptimizerConfig, RunConfig, mlm_excluded_ids, mlm_vocab,
 )
-from neo.errors import NeoError
+from neo.errors import NeoError, did_you_mean
 
 Fail = Callable[[str], NoReturn]
 
@@ -45,12 +44,6 @@ def validate(cfg: Config, family: str = "GPT") -> Config:
     return cfg
 
 
-def suggest(word: str, options: Any) -> str:
-    """" Did you mean 'x'?" for the closest option, or ""."""
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{match[0]}'?" if match else ""
-
-
 def _positive(cfg: Config, fail: Fail) -> None:
     m, r, s = cfg.model, cfg.run, cfg.sampling
     for key, v in (("n_embd", m.n_embd), ("n_head", m.n_head), ("n_layer", m.n_layer), ("n_ctx", m.n_ctx),
@@ -72,11 +65,11 @@ def _check_model(m: ModelConfig, fail: Fail) -> None:
         fail(f"'attention_types' expands to {len(m.attention_types)} layers but n_layer is "
              f"{m.n_layer}; make the repeat counts add up to n_layer.")
     if m.precision not in PRECISIONS:
-        fail(f"'precision' must be one of {PRECISIONS}, got {m.precision!r}.{suggest(m.precision, PRECISIONS)}")
+        fail(f"'precision' must be one of {PRECISIONS}, got {m.precision!r}.{did_you_mean(m.precision, PRECISIONS)}")
     for key in ("activation_fn", "moe_activation"):
         name = getattr(m, key)
         if name not in ACTIVATION_FNS:
-            fail(f"unknown {key} {name!r}.{suggest(name, ACTIVATION_FNS)} Known: {', '.join(sorted(ACTIVATION_FNS))}.")
+            fail(f"unknown {key} {name!r}.{did_you_mean(name, ACTIVATION_FNS)} Known: {', '.join(sorted(ACTIVATION_FNS))}.")
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         _fraction(key, getattr(m, key), fail)
     if not 0.0 < m.rotary_pct <= 1.0:
@@ -115,9 +108,9 @@ def _check_moe(p: MoEParams, where: str) -> None:
 
 def _check_optimizer(o: OptimizerConfig, fail: Fail) -> None:
     if o.lr_decay not in LR_DECAYS:
-        fail(f"'lr_decay' must be one of {LR_DECAYS}, got {o.lr_decay!r}.{suggest(o.lr_decay, LR_DECAYS)}")
+        fail(f"'lr_decay' must be one of {LR_DECAYS}, got {o.lr_decay!r}.{did_you_mean(o.lr_decay, LR_DECAYS)}")
     if o.opt_name.lower() not in OPTIMIZERS:
-        fail(f"'opt_name' must be one of {OPTIMIZERS}, got {o.opt_name!r}.{suggest(o.opt_name.lower(), OPTIMIZERS)}")
+        fail(f"'opt_name' must be one of {OPTIMIZERS}, got {o.opt_name!r}.{did_you_mean(o.opt_name.lower(), OPTIMIZERS)}")
     if o.gradient_clipping is not None and o.gradient_clipping <= 0:
         fail("'gradient_clipping' must be > 0 (or absent for no clipping).")
     if o.warmup_steps < 0:

@@ -143,12 +143,11 @@ def hf_to_neo(hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: st
 def _check_shapes(cfg, params: Any, where: str) -> None:
     """The converted tree must be exactly the tree the model builds for this config."""
     import jax
-    import jax.numpy as jnp
 
-    from neo.model import GPT
+    from neo.model import abstract_init
 
-    want = jax.eval_shape(lambda: GPT(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    want = jax.tree.map(lambda x: tuple(getattr(x, "value", x).shape), want, is_leaf=lambda x: hasattr(x, "value"))
+    want = jax.tree.map(lambda x: tuple(getattr(x, "value", x).shape), abstract_init(cfg.model),
+                        is_leaf=lambda x: hasattr(x, "value"))
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
         flat_w = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0])
@@ -263,17 +262,14 @@ def export_hf(cfg, output: str, step: Optional[int] = None, dtype: str = "float3
     """Write the latest (or given) checkpoint of `cfg` as an HF model folder `output`."""
     import jax
 
-    from neo.checkpoint import load_params
+    from neo.checkpoint import load_for_inference
     from neo.mesh import make_layout
-    from neo.train import abstract_params
 
-    if not cfg.run.model_path:
-        raise NeoError(f"{cfg.source}: 'model_path' is empty; it must name the folder holding the checkpoints.")
     dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": __import__("ml_dtypes").bfloat16}
     if dtype not in dtypes:
         raise NeoError(f"--dtype {dtype}: choose one of {', '.join(dtypes)}.")
     layout = make_layout("", "", jax.devices("cpu")[:1])  # host memory: export never needs an accelerator
-    params, meta = load_params(cfg.run.model_path, abstract_params(cfg, layout), step)
+    params, meta = load_for_inference(cfg, layout, step)
     params = jax.tree.map(lambda x: np.asarray(x).astype(dtypes[dtype]), params)
     hf_cfg, sd = neo_to_hf(cfg, params)
     folder = Path(output)

@@ -3,6 +3,8 @@
 Every source yields this process's rows of the global batch as numpy int32, and exposes
 `state()` / `restore(state)` so a checkpoint can resume it exactly. A dataset whose `path` is a
 .txt file is read by neo/data/text.py; tfrecord globs by tfrecords.py -> sampling.py -> mixture.py.
+check.py is `--check_dataset`; the offline corpus tools (tfrecords and tokenizers from raw text)
+are in prep/.
 """
 
 from __future__ import annotations

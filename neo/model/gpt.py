@@ -6,6 +6,9 @@
                      (parallel residual: h = h + Attn(LN1(h)) + MLP(LN2(h)))
     logits = LN_f(h) @ wte^T                                (untied: @ lm_head)
 
+A layer's kind is a `LayerSpec`: its attention (`global`, `local`: attention.py; `linear`:
+linear_attention.py; `none`) and whether a mixture of experts replaces its MLP.
+
 GPT-Neo's experimental block options: `scalenorm` (ScaleNorm for LN1/LN2), `rezero` (no
 pre-norm; each branch scaled by a learned scalar initialised to 0), `macaron` (a half-step
 MLP before attention, and the main MLP halved), `mlp_glu` (gated MLP), `moe_layers` (a
@@ -19,6 +22,7 @@ by 1/sqrt(fan_in) with scale_by_in; attention initialisers in attention.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import flax.linen as nn
@@ -26,11 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from neo.config import ModelConfig
+from neo.errors import NeoError
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.attention import Attention
 from neo.model.layers import Dense, LayerNorm, ScaleNorm, named, normal
-from neo.model.linear_attention import init_state
+from neo.model.linear_attention import LinearAttention, init_state
 from neo.model.moe import MoE
 
 ACT = ("batch", "sequence", "embd")
@@ -48,7 +53,7 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.cfg
         d, f = cfg.n_embd, cfg.intermediate_expanded
         fc_std = 0.02 * (d ** -0.5 if cfg.scale_by_in else 1.0)
@@ -65,17 +70,74 @@ class MLP(nn.Module):
         return nn.Dropout(cfg.res_dropout)(h, deterministic=deterministic)
 
 
-class Block(nn.Module):
-    """One transformer layer: pre-norm attention and MLP (or MoE), sequential or parallel
-    residual, with GPT-Neo's scalenorm / rezero / macaron options. `kind` and `moe` may be
-    given per call, so that with `share_parameters` one Block serves every layer."""
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer is: its attention kind (`global`, `local`, `linear` or `none`) and whether
+    its MLP is a mixture of experts (`moe_layers`)."""
 
-    cfg: ModelConfig
-    kind: str
-    dtype: jnp.dtype = jnp.float32
+    attention: str
     moe: bool = False
 
-    def _norm(self, name: str):
+
+def layer_specs(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
+    moe = set(cfg.moe_layers or ())
+    return tuple(LayerSpec(kind, i in moe) for i, kind in enumerate(cfg.attention_types))
+
+
+class Block(nn.Module):
+    """One transformer layer: pre-norm attention and MLP (or MoE), sequential or parallel
+    residual, with GPT-Neo's scalenorm / rezero / macaron options. The layer's `spec` is given
+    per call, so that with `share_parameters` one Block serves layers of every kind."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, *, spec: LayerSpec, deterministic: bool = True,
+                 cache: Optional[dict] = None, cache_index: Optional[jax.Array] = None,
+                 key_valid: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[dict]]:
+        """x [batch, sequence, embd] -> (same shape, the layer's updated cache or None)."""
+        if self.cfg.macaron:
+            x = x + self.macaron(x, deterministic)
+        a, cache = self.attention(x, positions, kind=spec.attention, deterministic=deterministic,
+                                  cache=cache, cache_index=cache_index, key_valid=key_valid)
+        if self.cfg.parallel_residual:
+            x = x + a + self.feed_forward(x, moe=spec.moe, deterministic=deterministic)
+        else:
+            x = x + a
+            x = x + self.feed_forward(x, moe=spec.moe, deterministic=deterministic)
+        return constrain(x, ACT), cache
+
+    def attention(self, x: jax.Array, positions: jax.Array, *, kind: str, deterministic: bool,
+                  **decoding) -> tuple[jax.Array, Optional[dict]]:
+        """The attention branch, dropout(Attn(LN1(x))). A `none` layer has none (the original
+        added x to itself there; docs/differences.md)."""
+        if kind == "none":
+            return jnp.zeros_like(x), None
+        if kind == "linear":
+            attn = LinearAttention(self.cfg, self.dtype, name="attn")
+        else:
+            attn = Attention(self.cfg, kind, self.dtype, name="attn")
+        a, cache = attn(self.norm("ln_1")(x), positions, deterministic=deterministic, **decoding)
+        return self.gate("rezero_1", nn.Dropout(self.cfg.res_dropout)(a, deterministic=deterministic)), cache
+
+    def feed_forward(self, x: jax.Array, *, moe: bool, deterministic: bool) -> jax.Array:
+        """The MLP branch, MLP(LN2(x)) (halved with macaron); a mixture of experts in MoE layers."""
+        h = self.norm("ln_2")(x)
+        if moe:
+            m = MoE(self.cfg, self.dtype, name="moe")(h, deterministic=deterministic)
+            m = nn.Dropout(self.cfg.res_dropout)(m, deterministic=deterministic)
+        else:
+            m = MLP(self.cfg, self.dtype, name="mlp")(h, deterministic=deterministic)
+        return self.gate("rezero_2", (0.5 if self.cfg.macaron else 1.0) * m)
+
+    def macaron(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        """Macaron: a half-step MLP before attention. The original fed it the raw residual
+        stream; neo pre-normalises it like every other branch (docs/differences.md)."""
+        m = MLP(self.cfg, self.dtype, name="mlp_macaron")(self.norm("ln_macaron")(x), deterministic=deterministic)
+        return self.gate("rezero_macaron", 0.5 * m)
+
+    def norm(self, name: str):
         cfg = self.cfg
         if cfg.rezero:
             return lambda x: x
@@ -83,50 +145,21 @@ class Block(nn.Module):
             return ScaleNorm(cfg.layer_norm_epsilon, self.dtype, name=name)
         return LayerNorm(cfg.layer_norm_epsilon, self.dtype, name=name)
 
-    def _gate(self, name: str, branch: jax.Array) -> jax.Array:
+    def gate(self, name: str, branch: jax.Array) -> jax.Array:
         """ReZero: the branch times a learned scalar that starts at 0."""
         if not self.cfg.rezero:
             return branch
         g = self.param(name, named(nn.initializers.zeros, ()), (), jnp.float32)
         return branch * g.astype(branch.dtype)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool = True,
-                 cache: Optional[dict] = None, cache_index: Optional[jax.Array] = None,
-                 key_valid: Optional[jax.Array] = None, kind: Optional[str] = None,
-                 moe: Optional[bool] = None) -> tuple[jax.Array, Optional[dict]]:
-        cfg = self.cfg
-        kind = self.kind if kind is None else kind
-        moe = self.moe if moe is None else moe
-        new_cache = None
-        half = 0.5 if cfg.macaron else 1.0
-        if cfg.macaron:
-            # Macaron: x + 1/2 MLP(x) before attention. The original fed it the raw residual
-            # stream; neo pre-normalises it like every other branch (docs/differences.md).
-            m0 = MLP(cfg, self.dtype, name="mlp_macaron")(self._norm("ln_macaron")(x), deterministic)
-            x = x + self._gate("rezero_macaron", half * m0)
-        if kind == "none":
-            # A feed-forward-only layer (the original added x to itself here; docs/differences.md).
-            a = jnp.zeros_like(x)
-        else:
-            a, new_cache = Attention(cfg, kind, self.dtype, name="attn")(
-                self._norm("ln_1")(x), positions, deterministic=deterministic,
-                cache=cache, cache_index=cache_index, key_valid=key_valid)
-            a = self._gate("rezero_1", nn.Dropout(cfg.res_dropout)(a, deterministic=deterministic))
-        ffn = MoE(cfg, self.dtype, name="moe") if moe else MLP(cfg, self.dtype, name="mlp")
 
-        def feed_forward(h: jax.Array) -> jax.Array:
-            m = ffn(self._norm("ln_2")(h), deterministic)
-            if moe:
-                m = nn.Dropout(cfg.res_dropout)(m, deterministic=deterministic)
-            return self._gate("rezero_2", half * m)
-
-        if cfg.parallel_residual:
-            x = x + a + feed_forward(x)
-        else:
-            x = x + a
-            x = x + feed_forward(x)
-        return constrain(x, ACT), new_cache
+def apply_block(block: Block, x: jax.Array, *, spec: LayerSpec, deterministic: bool, remat: bool,
+                **arrays) -> tuple[jax.Array, Optional[dict]]:
+    """Run one layer. With `remat` (`recompute_grad`) its activations are recomputed in the
+    backward pass instead of kept: jax.checkpoint traces every argument it is handed, so the
+    static ones (spec, deterministic) are closed over and only arrays pass through it."""
+    call = lambda block, x, arrays: block(x, spec=spec, deterministic=deterministic, **arrays)
+    return (nn.remat(call) if remat else call)(block, x, arrays)
 
 
 class GPT(nn.Module):
@@ -147,14 +180,11 @@ class GPT(nn.Module):
         elif not cfg.rotary_emb:
             self.wpe = self.param("wpe", named(normal(0.01), ("embed_sequence", "embd")),
                                   (cfg.n_ctx, cfg.n_embd), jnp.float32)
-        block = nn.remat(Block, static_argnums=(3, 7, 8)) if cfg.recompute_grad else Block
-        moe = set(cfg.moe_layers or ())
-        if cfg.share_parameters:  # one Block (variables under h_0) called for every layer
-            shared = block(cfg, cfg.attention_types[0], compute_dtype(cfg), moe=0 in moe, name="h_0")
-            self.blocks = [shared] * cfg.n_layer
+        self.specs = layer_specs(cfg)
+        if cfg.share_parameters:  # one Block (variables under h_0) serves every layer
+            self.blocks = [Block(cfg, compute_dtype(cfg), name="h_0")] * cfg.n_layer
         else:
-            self.blocks = [block(cfg, kind, compute_dtype(cfg), moe=i in moe, name=f"h_{i}")
-                           for i, kind in enumerate(cfg.attention_types)]
+            self.blocks = [Block(cfg, compute_dtype(cfg), name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, compute_dtype(cfg))
         if cfg.no_weight_tie:
             self.lm_head = self.param("lm_head", named(normal(0.02), ("embd", "vocab")),
@@ -177,11 +207,15 @@ class GPT(nn.Module):
                  key_valid: Optional[jax.Array] = None, last_only: bool = False,
                  logits_at: Optional[jax.Array] = None):
         """tokens, positions: [batch, sequence] int. With `cache` (from `init_cache`), the
-        tokens are written at slot `cache_index` and (logits, new_cache) is returned.
+        tokens are written at slot `cache_index` and (logits, new_cache) is returned;
+        `key_valid` [batch, cache length] marks the slots that hold real tokens (left padding).
         `last_only`: logits for the last position only (a sampler's prompt pass).
         `logits_at` [batch, k]: logits at these positions only (a scorer that needs a few
         positions per row skips most of the vocabulary projection)."""
         cfg = self.cfg
+        if cache is not None and not cfg.causal:
+            raise NeoError("a masked-LM model (mlm_training) sees the whole sequence at once; it "
+                           "cannot decode token by token with a KV cache.")
         dtype = compute_dtype(cfg)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -194,10 +228,10 @@ class GPT(nn.Module):
             h = h + self.pos_drop(p, deterministic=deterministic)
         h = constrain(h, ACT)
         new_cache = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache[i]
-            h, c = block(h, positions, deterministic, layer_cache, cache_index, key_valid,
-                         cfg.attention_types[i], i in set(cfg.moe_layers or ()))
+        for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
+            h, c = apply_block(block, h, spec=spec, deterministic=deterministic, remat=cfg.recompute_grad,
+                               positions=positions, cache=None if cache is None else cache[i],
+                               cache_index=cache_index, key_valid=key_valid)
             new_cache.append(c)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)

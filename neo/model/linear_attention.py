@@ -16,18 +16,48 @@ causal mask, across chunks through a running d_head x d_head state. Memory is O(
 d_head)) per head and no T x T matrix ever exists. All in float32.
 
 The causal form is a recurrence, so decoding keeps a per-layer state {"s": sum k~ (x) v,
-"z": sum k~} instead of a key/value cache.
+"z": sum k~} instead of a key/value cache. `LinearAttention` wraps it in the same q/k/v/o
+projections as softmax attention (attention.py), so a `linear` layer has the same parameters.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from neo.config import ModelConfig
+from neo.model.attention import Projections
+
 EPS = 1e-6
 CHUNK = 64
+
+
+class LinearAttention(Projections, nn.Module):
+    """An attention layer of kind `linear`."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool = True,
+                 cache: Optional[dict] = None, cache_index: Optional[jax.Array] = None,
+                 key_valid: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[dict]]:
+        """x [b, t, embd], positions [b, t] -> ([b, t, embd], the updated state or None).
+        cache: the running sums (`init_state`), advanced over the t tokens; key_valid
+        [b, keys]: False drops a position (a cache slot when decoding, from `cache_index`).
+        `deterministic` is taken for the common interface: linear attention has no dropout."""
+        q, k, v = self.project_qkv(x, positions)
+        if not self.cfg.causal:
+            out = linear_attention(q, k, v)
+        else:
+            if cache is not None and key_valid is not None:
+                key_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, x.shape[1], axis=1)
+            out, state = causal_linear_attention(q, k, v, cache, key_valid)
+            cache = None if cache is None else state
+        return self.project_out(out.astype(self.dtype)), cache
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

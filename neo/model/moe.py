@@ -107,7 +107,7 @@ class MoE(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg, p = self.cfg, self.cfg.moe_params
         train = not deterministic
         b, t, d = x.shape

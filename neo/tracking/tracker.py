@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from neo.config import Config, to_json_dict
-from neo.metrics import MetricsLog
+from neo.tracking.metrics import MetricsLog
 
 
 class Tracker:
@@ -41,7 +41,7 @@ class Tracker:
         if self.remote:
             self._download("metrics.jsonl")
         self._truncate(resume_step)
-        from neo.tensorboard import EventWriter
+        from neo.tracking.tensorboard import EventWriter
 
         self.tb = EventWriter(os.path.join(self.dir, "tensorboard"))
         if resume_step:

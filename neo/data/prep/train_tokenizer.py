@@ -1,4 +1,5 @@
-"""Training a byte-level BPE tokenizer on a folder of text (what data/train_tokenizer.py runs).
+"""Training a byte-level BPE tokenizer on a folder of text: `python -m neo.data.prep.train_tokenizer
+--help` (or data/train_tokenizer.py, the script GPT-Neo's README names; docs/data.md).
 
 The recipe is GPT-Neo's: BPE over bytes (ByteLevel pre-tokenizer and decoder), NFKC normalised,
 min_frequency 2, special tokens `<|endoftext|>` (id 0) and `<|padding|>` (id 1). Unlike the
@@ -9,11 +10,13 @@ gives back exactly the text that was encoded.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from typing import Iterator
 
-from neo.data.documents import Skipped, iter_documents, list_inputs
-from neo.errors import NeoError
+from neo.data.prep.documents import Skipped, iter_documents, list_inputs
+from neo.errors import NeoError, run_command
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|padding|>")
 OUTPUT_NAME = "byte-level-bpe.tokenizer.json"
@@ -57,3 +60,20 @@ def train_tokenizer(base_dir: str, output_dir: str, vocab_size: int, file_type: 
     log(f"  dataset config: \"tokenizer_path\": \"{os.path.abspath(path)}\", \"n_vocab\": "
         f"{tokenizer.get_vocab_size()}, \"eos_id\": {ids['<|endoftext|>']}, \"padding_id\": {ids['<|padding|>']}")
     return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on a folder of text.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base_dir", required=True, help="folder of training text")
+    p.add_argument("--output_dir", default="tokenizers", help="where the tokenizer JSON goes (other files are kept)")
+    p.add_argument("--file_type", default="txt", help="extension of the input files: txt, jsonl, jsonl.zst, xz, ...")
+    p.add_argument("--vocab_size", type=int, required=True, help="vocabulary size, special tokens included")
+    args = p.parse_args(argv)
+
+    return run_command("train_tokenizer",
+                       lambda: train_tokenizer(args.base_dir, args.output_dir, args.vocab_size, args.file_type))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

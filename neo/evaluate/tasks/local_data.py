@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository, three levels above neo/evaluate/tasks/
 
 
 def lambada_openai(**metadata: Any) -> dict:

@@ -1,7 +1,8 @@
 """`main.py --eval`: the config's `eval_tasks` through lm-evaluation-harness on the latest
-checkpoint, then validation when `eval_steps > 0` (the original's order).
+checkpoint, then validation when `eval_steps > 0` (the original's order); and
+`python -m neo.lm_eval`, lm-eval's own command line with neo's backend and tasks.
 
-Task names are lm-eval's. neo's offline tasks (neo/tasks/: `lambada_openai_local`,
+Task names are lm-eval's. neo's offline tasks (neo/evaluate/tasks/: `lambada_openai_local`,
 `text_perplexity_local`) and any `--eval_include_path` folder are indexed first, which takes
 no time; lm-eval's ~15,000 built-in tasks (11 s to index, and their data comes from the
 Hugging Face hub) are indexed only when a name is not found there. GPT-Neo's own task name
@@ -11,16 +12,16 @@ Hugging Face hub) are indexed only when a name is not found there. GPT-Neo's own
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 
 from neo.config import Config
-from neo.errors import NeoError
+from neo.errors import NeoError, close_matches
 from neo.mesh import Layout
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -59,7 +60,7 @@ def resolve_tasks(names: Sequence[str], include_path: Optional[str] = None,
         manager = TaskManager(include_path=paths, include_defaults=True, metadata=metadata)
     missing = _missing(manager, names)
     if missing:
-        hints = {m: difflib.get_close_matches(m, manager.all_tasks, n=3, cutoff=0.6) for m in missing}
+        hints = {m: close_matches(m, manager.all_tasks, n=3) for m in missing}
         raise NeoError("unknown lm-eval task(s): " + "; ".join(
             f"'{m}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for m, h in hints.items())
             + ". Offline tasks shipped with neo: lambada_openai_local, text_perplexity_local (docs/evaluation.md).")
@@ -77,7 +78,7 @@ def run_tasks(cfg: Config, layout: Layout, opts: HarnessOptions, sacred_id: str 
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from neo.lm_eval_backend import NeoLM
+    from neo.evaluate.backend import NeoLM
 
     names = list(opts.tasks or cfg.run.eval_tasks)
     if not names:
@@ -104,7 +105,7 @@ def run_tasks(cfg: Config, layout: Layout, opts: HarnessOptions, sacred_id: str 
 def evaluate_checkpoint(cfg: Config, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
                         log: Callable[[str], None] = print) -> dict:
     """`--eval`: the tasks (config or flags), then validation if eval_steps > 0."""
-    from neo.evaluate import validate_checkpoint
+    from neo.evaluate.validation import validate_checkpoint
 
     if not (opts.tasks or cfg.run.eval_tasks or cfg.run.eval_steps > 0):
         raise NeoError(f"{cfg.source}: nothing to evaluate: set 'eval_tasks' (lm-eval tasks, e.g. [\"lambada\"]) "
@@ -115,3 +116,32 @@ def evaluate_checkpoint(cfg: Config, layout: Layout, opts: HarnessOptions, sacre
     if cfg.run.eval_steps > 0:
         out["validation"] = validate_checkpoint(cfg, layout, log)
     return out
+
+
+def lm_eval_command() -> None:
+    """`python -m neo.lm_eval ARGS`: lm-eval's own command line, with exactly its arguments,
+    plus the `neo` model backend and neo's offline tasks on the task include path:
+
+        python -m neo.lm_eval --model neo --model_args model=runs/gpt-neo-125M/config.json --tasks lambada_openai_local
+
+    lm-eval 0.4.13 only knows the backends in its source tree, so its `lm_eval` command cannot
+    see `neo`; releases that discover installed plugins (the `lm_eval.models` entry point, which
+    pyproject.toml declares) run `lm_eval --model neo ...` directly."""
+    from lm_eval._cli import HarnessCLI  # lm-eval's cli_evaluate(), with one step added
+    from lm_eval.utils import setup_logging
+
+    import neo.evaluate.backend  # noqa: F401  (registers the `neo` backend)
+    from neo.distributed import initialize
+
+    setup_logging()
+    parser = HarnessCLI()
+    args = parser.parse_args()
+    # A --config YAML may name its own include_path; the command line would override it.
+    if hasattr(args, "include_path") and not getattr(args, "config", None):
+        args.include_path = [p for p in (args.include_path,) if p] + [str(TASKS_DIR)]
+    try:
+        initialize()
+        parser.execute(args)
+    except NeoError as e:
+        print(f"neo: error: {e}", file=sys.stderr)
+        sys.exit(2)

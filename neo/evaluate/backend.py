@@ -3,7 +3,7 @@
     lm_eval.simple_evaluate(model="neo", model_args="model=runs/gpt-neo-125M/config.json", tasks=[...])
     python -m neo.lm_eval --model neo --model_args model=runs/gpt-neo-125M/config.json --tasks lambada_openai_local
 
-(`import neo.lm_eval_backend` registers the name; `python -m neo.lm_eval` is lm-eval's own
+(`import neo.evaluate.backend` registers the name; `python -m neo.lm_eval` is lm-eval's own
 command line with the backend registered and neo's offline tasks on the include path.)
 
 Requests are scored the way lm-eval's `hf` backend scores them, so the numbers are
@@ -47,7 +47,7 @@ def make_score_fn(cfg: Config, layout: Layout, param_shardings: Any) -> Callable
     """jit(params, inputs [b, t], at [b, k], targets [b, k]) -> (log p(target), target == argmax),
     both [b, k]: the model's prediction after input position at[r, i] scored against targets[r, i]."""
     model = GPT(cfg.model)
-    rows = layout.sharding(("batch", None))
+    rows = layout.rows
 
     def score(params: Any, inputs: jax.Array, at: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         with layout.active():
@@ -104,10 +104,10 @@ class NeoLM(TemplateLM):
             cfg = cfg.replace(**overrides)
         if not cfg.model.causal:
             raise NeoError(f"{cfg.source}: lm-eval scores causal language models; this config has mlm_training on.")
-        from neo.checkpoint import load_params
+        from neo.checkpoint import load_for_inference
         from neo.data.tokenizer import load_tokenizer
-        from neo.mesh import make_layout
-        from neo.train import abstract_params
+        from neo.mesh import make_layout, place, shardings_of
+        from neo.model import abstract_init
 
         # Arguments and tokenizer first: mistakes are found before a large checkpoint is read.
         self._max_length = max_length or cfg.model.n_ctx
@@ -135,14 +135,15 @@ class NeoLM(TemplateLM):
         # `device` (lm-eval's --device) is not used: the config's mesh_shape and layout place the model.
         self.cfg = cfg
         self.layout = layout or make_layout(cfg.run.mesh_shape, cfg.run.layout)
-        abstract = abstract_params(cfg, self.layout)
         self.step = step
         if params is None:
-            params, meta = load_params(cfg.run.model_path, abstract, step)
+            params, meta = load_for_inference(cfg, self.layout, step)
             self.step = meta.get("step", step)
-        self.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+        else:
+            params = jax.device_put(params, shardings_of(place(self.layout, abstract_init(cfg.model))))
+        self.params = params
         self._sampler = None  # built on the first generate_until
-        self._score = make_score_fn(cfg, self.layout, jax.tree.map(lambda x: x.sharding, abstract))
+        self._score = make_score_fn(cfg, self.layout, shardings_of(params))
 
     @staticmethod
     def _parse_batch_size(batch_size: int | str | None) -> Optional[int]:
@@ -335,6 +336,5 @@ class NeoLM(TemplateLM):
             inputs[j, :len(seq) - 1] = seq[:-1]
             at[j] = np.maximum(np.arange(len(seq) - 1 - k, len(seq) - 1), 0)
             targets[j] = seq[at[j] + 1]
-        sharding = self.layout.sharding(("batch", None))
-        put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        put = lambda x: jax.make_array_from_callback(x.shape, self.layout.rows, lambda idx: x[idx])
         return self._score(self.params, put(inputs), put(at), put(targets))
