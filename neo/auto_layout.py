@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from neo.config import ModelConfig
+from neo.config import Config, ModelConfig
 from neo.errors import NeoError
 from neo.mesh import num_microbatches, parameter_name, parse_layout, parse_mesh_shape, resolve
 
@@ -112,14 +112,14 @@ class _Plan:
         return spec[list(names).index(dim)] if dim in names else None
 
 
-def parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], tuple[Optional[str], ...]]]:
+def parameter_shapes(cfg: Config) -> list[tuple[str, tuple[int, ...], tuple[Optional[str], ...]]]:
     """(path, shape, dimension names) of every parameter, from an abstract init (no memory)."""
     import flax.linen as nn
     import jax
 
     from neo.model import abstract_init
 
-    boxed = abstract_init(cfg)
+    boxed = abstract_init(cfg.model)
     specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
     out = []
@@ -129,7 +129,7 @@ def parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], tuple
     return out
 
 
-def parameter_count(cfg: ModelConfig) -> int:
+def parameter_count(cfg: Config) -> int:
     """Number of parameters, computed abstractly (nothing allocated)."""
     return sum(math.prod(shape) for _, shape, _ in parameter_shapes(cfg))
 
@@ -165,9 +165,9 @@ def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
             floats += ACT_LINEAR * hd
     n_mlp = 2 if cfg.macaron else 1
     if moe:
-        from neo.model.moe import capacity, group_size, moe_params
+        from neo.model.moe import capacity, group_size
 
-        p = moe_params(cfg)
+        p = cfg.moe_params
         s = group_size(cfg.n_ctx, p.moe_group_size)
         slots = p.moe_num_experts * capacity(s, p, train=True)  # expert slots per group
         ex = ("experts", "batch", None, "expert_capacity", "embd")
@@ -180,7 +180,7 @@ def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
     return floats
 
 
-def estimate(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int,
+def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
              params: Optional[list] = None) -> Estimate:
     """Per-device memory (bytes) and communication (bytes per step) of `cfg` under a layout.
     `params`: parameter_shapes(cfg), when already at hand."""
@@ -193,17 +193,18 @@ def estimate(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int,
     param_local = sum(plan.local(names, shape) for _, shape, names in params)
     p_bytes = 4 * param_local
 
-    if cfg.opt_name.lower() == "adam":
+    if cfg.optimizer.opt_name.lower() == "adam":
         opt = 2 * p_bytes
         update_temp = 0.0
     else:  # factored second moments are replicated (their shapes carry no names); momentum
         factored = sum((math.prod(s[:-1]) + math.prod(s[:-2] + s[-1:])) if len(s) >= 2 else math.prod(s)
                        for _, s, _ in params)
-        opt = 4 * factored + (p_bytes if cfg.beta1 else 0.0)
+        opt = 4 * factored + (p_bytes if cfg.optimizer.beta1 else 0.0)
         update_temp = ADAFACTOR_TEMP * p_bytes
 
     batch_shards = plan.split("batch", ("batch", "sequence"))
-    n_micro = num_microbatches(cfg.train_batch_size, cfg.n_ctx, cfg.tokens_per_mb_per_replica, batch_shards)
+    r = cfg.run
+    n_micro = num_microbatches(r.train_batch_size, cfg.model.n_ctx, r.tokens_per_mb_per_replica, batch_shards)
     # Weights as the backward pass sees them: FSDP gathers them over the batch axis. Without
     # remat XLA keeps every gathered weight from the forward pass; with remat each block
     # gathers again when it is recomputed, so one block's worth is gathered at a time.
@@ -215,31 +216,31 @@ def estimate(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int,
         gathered += extra
         block = path.split("/")[0]
         per_block[block] = per_block.get(block, 0.0) + extra
-    seen = p_bytes + (max(per_block.values()) if cfg.recompute_grad else gathered)
+    seen = p_bytes + (max(per_block.values()) if cfg.model.recompute_grad else gathered)
     grads = (GRADS_LIVE + (ACCUMULATOR if n_micro > 1 else 0.0)) * seen + update_temp
 
     act = ("batch", "sequence", "embd")
-    rows = cfg.train_batch_size / n_micro / batch_shards
-    tokens = rows * cfg.n_ctx / plan.split("sequence", act)
-    width = 2 if cfg.precision == "bfloat16" else 4
-    moe_layers = set(cfg.moe_layers or ())
-    layers = [_layer_floats(cfg, plan, k, i in moe_layers) for i, k in enumerate(cfg.attention_types)]
-    vocab = cfg.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
-    d = cfg.n_embd / plan.split("embd", act)
+    rows = cfg.run.train_batch_size / n_micro / batch_shards
+    tokens = rows * cfg.model.n_ctx / plan.split("sequence", act)
+    width = 2 if cfg.model.precision == "bfloat16" else 4
+    moe_layers = set(cfg.model.moe_layers or ())
+    layers = [_layer_floats(cfg.model, plan, k, i in moe_layers) for i, k in enumerate(cfg.model.attention_types)]
+    vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
+    d = cfg.model.n_embd / plan.split("embd", act)
     head = tokens * (4 * ACT_LOGITS * vocab + width * 2 * d)  # float32 logits; embeddings, ln_f
     acts = tokens * width * sum(layers) + head
     acts_remat = tokens * width * (len(layers) * d + max(layers)) + head
 
     comm = _communication(cfg, plan, params, tokens, width, n_micro)
-    e = Estimate(mesh_shape, layout, p_bytes, opt, grads, acts, acts_remat, comm, cfg.recompute_grad, int(rows))
-    return replace(e, memory=p_bytes + opt + grads + (acts_remat if cfg.recompute_grad else acts))
+    e = Estimate(mesh_shape, layout, p_bytes, opt, grads, acts, acts_remat, comm, cfg.model.recompute_grad, int(rows))
+    return replace(e, memory=p_bytes + opt + grads + (acts_remat if cfg.model.recompute_grad else acts))
 
 
 def _ring(n: int) -> float:
     return (n - 1) / n
 
 
-def _communication(cfg: ModelConfig, plan: _Plan, params: list, tokens: float, width: int, n_micro: int) -> float:
+def _communication(cfg: Config, plan: _Plan, params: list, tokens: float, width: int, n_micro: int) -> float:
     """Bytes one device sends per step (ring collectives)."""
     act = ("batch", "sequence", "embd")
     batch_axis = plan.axis_of("batch", act)
@@ -258,7 +259,7 @@ def _communication(cfg: ModelConfig, plan: _Plan, params: list, tokens: float, w
                 total += n_micro * 2 * _ring(n) * local
     # partial sums of matmuls whose contracted dimension is split (tensor/model parallelism):
     # forward all-reduce of the output and backward all-reduce of the input gradient
-    d, f = cfg.n_embd, cfg.intermediate_expanded
+    d, f = cfg.model.n_embd, cfg.model.intermediate_expanded
     heads = ("batch", "sequence", "heads", "features_per_head")
     hidden = ("batch", "sequence", "intermediate_expanded")
     per_layer = 0.0
@@ -271,11 +272,11 @@ def _communication(cfg: ModelConfig, plan: _Plan, params: list, tokens: float, w
         n = plan.split(contracted, in_names)
         if n > 1:
             per_layer += 2 * _ring(n) * tokens * width * out_size / plan.split(out_names[-1], out_names)
-    n_attn_layers = sum(k != "none" for k in cfg.attention_types)
-    total += n_micro * 2 * per_layer * (n_attn_layers + cfg.n_layer) / 2
+    n_attn_layers = sum(k != "none" for k in cfg.model.attention_types)
+    total += n_micro * 2 * per_layer * (n_attn_layers + cfg.model.n_layer) / 2
     n_vocab = plan.split("vocab", ("vocab", "embd"))
     if n_vocab > 1:  # sharded embedding lookup and the LM head's input gradient
-        total += n_micro * 2 * 2 * _ring(n_vocab) * tokens * width * cfg.n_embd
+        total += n_micro * 2 * 2 * _ring(n_vocab) * tokens * width * cfg.model.n_embd
     return total
 
 
@@ -287,7 +288,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _role_layout(cfg: ModelConfig, data: str, model: Optional[str], model_size: int, fsdp: bool,
+def _role_layout(cfg: Config, data: str, model: Optional[str], model_size: int, fsdp: bool,
                  experts: bool) -> Optional[str]:
     """A layout string for a data axis (batch, optionally FSDP over embd) and a model axis
     (Megatron tensor parallelism: heads, MLP width, vocabulary where they divide)."""
@@ -298,17 +299,17 @@ def _role_layout(cfg: ModelConfig, data: str, model: Optional[str], model_size: 
     if fsdp:
         pairs.append(f"embd:{data}")
     if model and model_size > 1:
-        if cfg.n_head % model_size:
+        if cfg.model.n_head % model_size:
             return None
         pairs.append(f"heads:{model}")
-        if cfg.intermediate_expanded % model_size == 0:
+        if cfg.model.intermediate_expanded % model_size == 0:
             pairs.append(f"intermediate_expanded:{model}")
-        if cfg.n_vocab % model_size == 0:
+        if cfg.model.n_vocab % model_size == 0:
             pairs.append(f"vocab:{model}")
     return ",".join(pairs)
 
 
-def candidates(cfg: ModelConfig, num_devices: int, mesh_shape: Optional[str]) -> list[tuple[str, str]]:
+def candidates(cfg: Config, num_devices: int, mesh_shape: Optional[str]) -> list[tuple[str, str]]:
     """(mesh_shape, layout) pairs to compare. With `mesh_shape` the mesh is fixed (its first
     axis carries the batch, a second one the model split); otherwise every data x model split
     of `num_devices` is tried."""
@@ -318,7 +319,7 @@ def candidates(cfg: ModelConfig, num_devices: int, mesh_shape: Optional[str]) ->
     else:
         meshes = [(("x", num_devices // m), ("y", m)) if m > 1 else (("x", num_devices),)
                   for m in _divisors(num_devices)]
-    experts_ok = bool(cfg.moe_layers)
+    experts_ok = bool(cfg.model.moe_layers)
     out = []
     for axes in meshes:
         text = ",".join(f"{a}:{s}" for a, s in axes)
@@ -328,7 +329,7 @@ def candidates(cfg: ModelConfig, num_devices: int, mesh_shape: Optional[str]) ->
             orders.append((names[1], names[0]))
         for data, model in orders:
             size = dict(axes)[model] if model else 1
-            if cfg.train_batch_size % dict(axes)[data]:
+            if cfg.run.train_batch_size % dict(axes)[data]:
                 continue
             for fsdp in (False, True):
                 for experts in ((False, True) if experts_ok else (False,)):
@@ -338,30 +339,29 @@ def candidates(cfg: ModelConfig, num_devices: int, mesh_shape: Optional[str]) ->
     return out
 
 
-def fits_shapes(cfg: ModelConfig, mesh_shape: str, layout: str, num_devices: int) -> Optional[str]:
+def fits_shapes(cfg: Config, mesh_shape: str, layout: str, num_devices: int) -> Optional[str]:
     """None if every split dimension divides by its mesh axis, else the reason."""
     axes = dict(parse_mesh_shape(mesh_shape, num_devices))
     rules = parse_layout(layout, list(axes))
-    sizes = {"batch": cfg.train_batch_size, "sequence": cfg.n_ctx, "memory_length": cfg.n_ctx,
-             "embd": cfg.n_embd, "embed_sequence": cfg.n_ctx, "vocab": cfg.n_vocab, "heads": cfg.n_head,
-             "features_per_head": cfg.features_per_head, "intermediate_expanded": cfg.intermediate_expanded}
-    if cfg.moe_layers:
-        from neo.model.moe import moe_params
-
-        p = moe_params(cfg)
+    m = cfg.model
+    sizes = {"batch": cfg.run.train_batch_size, "sequence": m.n_ctx, "memory_length": m.n_ctx,
+             "embd": m.n_embd, "embed_sequence": m.n_ctx, "vocab": m.n_vocab, "heads": m.n_head,
+             "features_per_head": m.features_per_head, "intermediate_expanded": m.intermediate_expanded}
+    if m.moe_layers:
+        p = m.moe_params
         sizes["experts"] = p.moe_num_experts
         sizes["intermediate_expanded"] = math.gcd(sizes["intermediate_expanded"], p.moe_hidden_size)
     for dim, axis in rules:
         if dim in sizes and sizes[dim] % axes[axis]:
             return f"{dim} ({sizes[dim]}) does not split {axes[axis]} ways"
     batch_shards = axes[dict(rules)["batch"]] if "batch" in dict(rules) else 1
-    mb = num_microbatches(cfg.train_batch_size, cfg.n_ctx, cfg.tokens_per_mb_per_replica, batch_shards)
-    if "batch" in dict(rules) and (cfg.train_batch_size // mb) % axes[dict(rules)["batch"]]:
-        return f"microbatches of {cfg.train_batch_size // mb} rows do not split over the batch axis"
+    mb = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica, batch_shards)
+    if "batch" in dict(rules) and (cfg.run.train_batch_size // mb) % axes[dict(rules)["batch"]]:
+        return f"microbatches of {cfg.run.train_batch_size // mb} rows do not split over the batch axis"
     return None
 
 
-def rank(cfg: ModelConfig, target: Target, mesh_shape: Optional[str] = None) -> list[Estimate]:
+def rank(cfg: Config, target: Target, mesh_shape: Optional[str] = None) -> list[Estimate]:
     """Every valid candidate, best first: those that fit before those that do not, then by
     communication per step, then by memory. A candidate that does not fit as configured gets
     GPT-Neo's two remedies, in this order: more microbatches (tokens_per_mb_per_replica, down
@@ -380,15 +380,15 @@ def rank(cfg: ModelConfig, target: Target, mesh_shape: Optional[str] = None) -> 
     return sorted(out, key=lambda e: (not e.fits, e.communication, e.memory))
 
 
-def _best_settings(cfg: ModelConfig, mesh: str, layout: str, target: Target, params: list) -> Estimate:
+def _best_settings(cfg: Config, mesh: str, layout: str, target: Target, params: list) -> Estimate:
     first = estimate(cfg, mesh, layout, target.num_devices, params)
     if first.memory <= target.memory_bytes:
         return replace(first, fits=True)
     tried = []
-    for remat in ((False, True) if not cfg.recompute_grad else (True,)):
+    for remat in ((False, True) if not cfg.model.recompute_grad else (True,)):
         rows = first.microbatch
         while rows >= 1:
-            trial = cfg.replace(recompute_grad=remat, tokens_per_mb_per_replica=rows * cfg.n_ctx)
+            trial = cfg.replace(recompute_grad=remat, tokens_per_mb_per_replica=rows * cfg.model.n_ctx)
             if not fits_shapes(trial, mesh, layout, target.num_devices):
                 e = estimate(trial, mesh, layout, target.num_devices, params)
                 tried.append(e)
@@ -413,14 +413,14 @@ def _bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
-def report(cfg: ModelConfig, target: Target, ranked: list[Estimate], top: int = 12) -> str:
+def report(cfg: Config, target: Target, ranked: list[Estimate], top: int = 12) -> str:
     """The table and the config lines to paste."""
     if not ranked:
         return (f"neo auto layout: no mesh shape and layout of {target.num_devices} devices splits {cfg.name}'s "
-                f"dimensions evenly (train_batch_size {cfg.train_batch_size}, n_head {cfg.n_head}); "
+                f"dimensions evenly (train_batch_size {cfg.run.train_batch_size}, n_head {cfg.model.n_head}); "
                 f"make train_batch_size a multiple of the device count.")
-    lines = [f"neo auto layout: {cfg.name} ({parameter_count(cfg):,} parameters), batch {cfg.train_batch_size} x "
-             f"{cfg.n_ctx}, on {target.name}: {target.num_devices} devices x {_gib(target.memory_bytes)} GiB",
+    lines = [f"neo auto layout: {cfg.name} ({parameter_count(cfg):,} parameters), batch {cfg.run.train_batch_size} x "
+             f"{cfg.model.n_ctx}, on {target.name}: {target.num_devices} devices x {_gib(target.memory_bytes)} GiB",
              "GiB per device (float32 weights, gradients and optimizer state; activations of one microbatch); "
              "mb = sequences per microbatch per replica; comm = bytes each device sends per step",
              ""]
@@ -448,18 +448,18 @@ def report(cfg: ModelConfig, target: Target, ranked: list[Estimate], top: int = 
     return "\n".join(lines)
 
 
-def config_lines(cfg: ModelConfig, e: Estimate) -> list[str]:
+def config_lines(cfg: Config, e: Estimate) -> list[str]:
     """The JSON lines that set up candidate `e`: its mesh and layout, and the microbatching
     and remat settings where they differ from the config."""
     import json
 
     axes = dict(parse_mesh_shape(e.mesh_shape, 1))  # candidates always spell out their sizes
     batch_axis = dict(parse_layout(e.layout, list(axes))).get("batch")
-    per_replica = cfg.train_batch_size // (axes[batch_axis] if batch_axis else 1)
+    per_replica = cfg.run.train_batch_size // (axes[batch_axis] if batch_axis else 1)
     pairs = [("mesh_shape", e.mesh_shape), ("layout", e.layout)]
-    if e.microbatch != per_replica or cfg.tokens_per_mb_per_replica:
-        pairs.append(("tokens_per_mb_per_replica", e.microbatch * cfg.n_ctx))
-    if e.remat != cfg.recompute_grad:
+    if e.microbatch != per_replica or cfg.run.tokens_per_mb_per_replica:
+        pairs.append(("tokens_per_mb_per_replica", e.microbatch * cfg.model.n_ctx))
+    if e.remat != cfg.model.recompute_grad:
         pairs.append(("recompute_grad", e.remat))
     return [f"{json.dumps(k)}: {json.dumps(v)}" + ("," if i < len(pairs) - 1 else "") for i, (k, v) in enumerate(pairs)]
 

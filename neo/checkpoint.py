@@ -95,10 +95,10 @@ def load_for_inference(cfg: Any, layout: Any, step: Optional[int] = None) -> tup
     from neo.mesh import place
     from neo.model import abstract_init
 
-    if not cfg.model_path:
+    if not cfg.run.model_path:
         raise NeoError(f"{cfg.source}: 'model_path' is empty; it must name the folder holding the checkpoints.")
-    abstract = place(layout, abstract_init(cfg))
-    ckpt = Checkpointer(cfg.model_path, async_save=False)
+    abstract = place(layout, abstract_init(cfg.model))
+    ckpt = Checkpointer(cfg.run.model_path, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise NeoError(f"no checkpoint in {ckpt.directory}: train first, or import weights with "

@@ -85,7 +85,7 @@ def _run(argv: list[str]) -> None:
         from neo.auto_layout import rank, report, target_from
 
         target = target_from(FLAGS.num_devices, FLAGS.device_memory_gb, FLAGS.auto_layout_target)
-        mesh_shape = None if FLAGS.auto_layout_and_mesh_shape else cfg.mesh_shape
+        mesh_shape = None if FLAGS.auto_layout_and_mesh_shape else cfg.run.mesh_shape
         print(report(cfg, target, rank(cfg, target, mesh_shape)))
         return
     if FLAGS.export:
@@ -100,7 +100,7 @@ def _run(argv: list[str]) -> None:
     from neo.mesh import make_layout
 
     initialize(FLAGS.tpu)
-    layout = make_layout(cfg.mesh_shape, cfg.layout, select_devices(FLAGS.gpu_ids))
+    layout = make_layout(cfg.run.mesh_shape, cfg.run.layout, select_devices(FLAGS.gpu_ids))
     if FLAGS.predict:
         from neo.predict import SamplingOptions, predict, prompt_file
 
@@ -119,7 +119,7 @@ def _run(argv: list[str]) -> None:
     if FLAGS.new:
         from neo.checkpoint import start_over
 
-        start_over(cfg.model_path)
+        start_over(cfg.run.model_path)
     fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint, prompt_path=FLAGS.prompt)
 
 

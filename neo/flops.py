@@ -30,9 +30,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     n_moe = len(set(cfg.moe_layers or ()))
     per_moe = 0
     if n_moe:
-        from neo.model.moe import moe_params
-
-        p = moe_params(cfg)
+        p = cfg.moe_params
         per_moe = p.top_k * 2 * d * p.moe_hidden_size + d * p.moe_num_experts
     feed_forward = (cfg.n_layer - n_moe) * per_mlp + n_moe * per_moe
     if cfg.macaron:  # a second, dense MLP in every layer

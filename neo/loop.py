@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from neo.checkpoint import Checkpointer, abstract_like
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.errors import NeoError
 from neo.mesh import Layout
 from neo.flops import mfu
@@ -41,13 +41,13 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
     o = bytes_per_device(abstract.opt_state, setup.state_shardings.opt_state)
     log(f"neo: {cfg.name}: {setup.param_count:,} parameters; {len(devices)} x {devices[0].device_kind}; "
         f"mesh {dict(layout.mesh.shape)}; layout {', '.join(f'{d}:{a}' for d, a in layout.rules)}; "
-        f"{setup.num_microbatches} microbatch(es) of {cfg.train_batch_size // setup.num_microbatches} sequences")
+        f"{setup.num_microbatches} microbatch(es) of {cfg.run.train_batch_size // setup.num_microbatches} sequences")
     limit = device_memory(devices[0])
     need = 2 * p + o  # parameters, their gradients, optimizer state
     activations = _activation_estimate(setup)
     total = need + activations
     log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}, "
-        f"activations ~{gib(activations)} (estimate{', with remat' if cfg.recompute_grad else ''}) = "
+        f"activations ~{gib(activations)} (estimate{', with remat' if cfg.model.recompute_grad else ''}) = "
         f"~{gib(total)}" + (f" of {gib(limit)} on a {devices[0].device_kind}" if limit else ""))
     if limit and need > limit:
         raise NeoError(f"parameters, gradients and optimizer state need {gib(need)} per device but a "
@@ -66,7 +66,7 @@ def _activation_estimate(setup: Setup) -> float:
     mesh_shape = ",".join(f"{a}:{n}" for a, n in layout.mesh.shape.items())
     rules = ",".join(f"{d}:{a}" for d, a in layout.rules)
     e = estimate(setup.cfg, mesh_shape, rules, layout.mesh.size)
-    return e.activations_remat if setup.cfg.recompute_grad else e.activations
+    return e.activations_remat if setup.cfg.model.recompute_grad else e.activations
 
 
 def restore_or_init(setup: Setup, ckpt: Checkpointer, log: Callable[[str], None]) -> tuple[TrainState, dict]:
@@ -107,7 +107,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
+def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
         log: Callable[[str], None] = print, prompt_path: str = "") -> dict:
     """Train to `train_steps` from wherever model_path's checkpoints left off; with
     `predict_steps` > 0, print samples (prompts from `prompt_path`) after every checkpoint.
@@ -116,31 +116,31 @@ def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
     from neo.evaluate.validation import Validation, summary
     from neo.tracking import Tracker
 
-    if not cfg.model_path:
+    if not cfg.run.model_path:
         raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
     setup = build(cfg, layout)
     describe(setup, log)
     source = make_source(cfg, "train", jax.process_index(), jax.process_count())
-    validation = Validation(cfg, layout, setup.state_shardings.params) if cfg.eval_steps > 0 else None
-    samples = _Samples(cfg, setup, prompt_path) if cfg.predict_steps > 0 else None
+    validation = Validation(cfg, layout, setup.state_shardings.params) if cfg.run.eval_steps > 0 else None
+    samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
     t0 = time.perf_counter()
-    ckpt = Checkpointer(cfg.model_path, max_to_keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(cfg.run.model_path, max_to_keep=cfg.run.keep_checkpoints)
     state, meta = restore_or_init(setup, ckpt, log)
     start = int(jax.device_get(state.step))
     if "data" in meta:
         source.restore(meta["data"])
     tracker = Tracker(cfg, start, log)
-    if start >= cfg.train_steps:
-        log(f"neo: already trained to step {start} (train_steps {cfg.train_steps}); nothing to do")
+    if start >= cfg.run.train_steps:
+        log(f"neo: already trained to step {start} (train_steps {cfg.run.train_steps}); nothing to do")
     devices = list(layout.mesh.devices.flat)
-    tokens_per_step = cfg.train_batch_size * cfg.n_ctx
+    tokens_per_step = cfg.run.train_batch_size * cfg.model.n_ctx
     preemption = _Preemption()
     last: dict = {}
     interval_start: Optional[float] = None
     interval_steps = 0
     try:
-        for step in range(start, cfg.train_steps):
+        for step in range(start, cfg.run.train_steps):
             state, metrics = setup.step(state, global_batch(setup, next(source)))
             if interval_start is None:  # the first step includes compilation: time it apart
                 jax.block_until_ready(metrics)
@@ -149,19 +149,19 @@ def fit(cfg: ModelConfig, layout: Layout, steps_per_checkpoint: int = 5000,
             else:
                 interval_steps += 1
             done = step + 1
-            checkpoint_now = done % steps_per_checkpoint == 0 or done == cfg.train_steps or preemption.requested
-            if done % cfg.iterations == 0 or checkpoint_now:
+            checkpoint_now = done % steps_per_checkpoint == 0 or done == cfg.run.train_steps or preemption.requested
+            if done % cfg.run.iterations == 0 or checkpoint_now:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                     tracker.log({"kind": "train", "step": done, **m, "time": time.time()})
                     _stop_diverged(m, done, ckpt)
-                if done % cfg.iterations == 0 or done == cfg.train_steps:
+                if done % cfg.run.iterations == 0 or done == cfg.run.train_steps:
                     elapsed = time.perf_counter() - interval_start
                     last = _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_step, devices)
                     interval_start, interval_steps = time.perf_counter(), 0
             if checkpoint_now:
                 pause = time.perf_counter()
-                ckpt.save(done, state.params, state.opt_state, {"data": source.state(), "seed": cfg.seed})
+                ckpt.save(done, state.params, state.opt_state, {"data": source.state(), "seed": cfg.run.seed})
                 if validation is not None:
                     out = validation.run(state.params)
                     log(f"eval | {summary(out)}")
@@ -195,10 +195,10 @@ def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_s
     speed = ""
     if interval_steps:  # no rate for an interval that held only the compiling step
         tps = interval_steps * tokens_per_step / elapsed
-        record.update(tokens_per_sec=tps, mfu=mfu(cfg, tps, devices))
+        record.update(tokens_per_sec=tps, mfu=mfu(cfg.model, tps, devices))
         speed = f" | {tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
-    eta = (cfg.train_steps - done) * elapsed / interval_steps if interval_steps else float("nan")
-    log(f"step {done}/{cfg.train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+    eta = (cfg.run.train_steps - done) * elapsed / interval_steps if interval_steps else float("nan")
+    log(f"step {done}/{cfg.run.train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
         f"grad_norm {m['grad_norm']:.3f}{speed} | ETA {format_eta(eta)}")
     tracker.log(record)
     return record
@@ -207,10 +207,10 @@ def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_s
 class _Samples:
     """GPT-Neo's `predict_steps`: sample from the model after every checkpoint (compiled once)."""
 
-    def __init__(self, cfg: ModelConfig, setup: Setup, prompt_path: str):
+    def __init__(self, cfg: Config, setup: Setup, prompt_path: str):
         from neo.predict import Sampler, SamplingOptions
 
-        if cfg.tokenizer_path is None:
+        if cfg.data.tokenizer_path is None:
             raise NeoError(f"{cfg.source}: predict_steps > 0 samples during training, which needs a tokenizer: "
                            f"set 'tokenizer_path' (or the dataset config's).")
         from neo.predict import prompt_file

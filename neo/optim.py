@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from neo.config import ModelConfig
+from neo.config import OptimizerConfig
 
 
-def lr_schedule(cfg: ModelConfig) -> optax.Schedule:
+def lr_schedule(cfg: OptimizerConfig, train_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine/linear decay to 10% of `lr`
     at `lr_decay_end` (default `train_steps`), flat afterwards; or constant after warmup."""
     peak, warm = cfg.lr, cfg.warmup_steps
-    end = max(cfg.lr_decay_end or cfg.train_steps, warm + 1)
+    end = max(cfg.lr_decay_end or train_steps, warm + 1)
     floor = 0.1 * peak
 
     def schedule(step: jax.Array) -> jax.Array:
@@ -51,9 +51,9 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: ModelConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, train_steps: int) -> optax.GradientTransformation:
     """clip (global norm) -> Adam(W) or Adafactor, driven by `lr_schedule`."""
-    schedule = lr_schedule(cfg)
+    schedule = lr_schedule(cfg, train_steps)
     parts = []
     if cfg.gradient_clipping:
         parts.append(optax.clip_by_global_norm(cfg.gradient_clipping))

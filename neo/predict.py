@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.errors import NeoError, read_user_text
 from neo.mesh import Layout, constrain
 from neo.model import GPT, init_cache
@@ -50,11 +50,11 @@ class SamplingOptions:
     seed: int = 1
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, **flags: Any) -> "SamplingOptions":
+    def from_config(cls, cfg: Config, **flags: Any) -> "SamplingOptions":
         given = {k: v for k, v in flags.items() if v is not None}
-        opts = cls(temperature=cfg.temperature, top_k=cfg.top_k or 0,
-                   top_p=1.0 if cfg.top_p is None else cfg.top_p, max_new_tokens=cfg.predict_max_steps,
-                   num_samples=cfg.predict_batch_size, seed=cfg.seed)
+        s = cfg.sampling
+        opts = cls(temperature=s.temperature, top_k=s.top_k or 0, top_p=1.0 if s.top_p is None else s.top_p,
+                   max_new_tokens=s.predict_max_steps, num_samples=s.predict_batch_size, seed=cfg.run.seed)
         opts = dataclasses.replace(opts, **given)
         opts.check()
         return opts
@@ -76,14 +76,14 @@ class SamplingOptions:
 # Prompts
 
 
-def prompt_file(flag: str, cfg: ModelConfig) -> str:
+def prompt_file(flag: str, cfg: Config) -> str:
     """--prompt if given, else the config's `prompt_path` (relative paths found like other
     config paths), else "" (the original's unicorn prompt)."""
     from neo.config import resolve_path
 
-    if flag or not cfg.prompt_path:
+    if flag or not cfg.sampling.prompt_path:
         return flag
-    return resolve_path(cfg.prompt_path, Path(cfg.source).parent if cfg.source else "")
+    return resolve_path(cfg.sampling.prompt_path, Path(cfg.source).parent if cfg.source else "")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -168,7 +168,7 @@ def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
     return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
 
 
-def make_generate(cfg: ModelConfig, layout: Layout, on_trace: Optional[Callable[[], None]] = None) -> Callable:
+def make_generate(cfg: Config, layout: Layout, on_trace: Optional[Callable[[], None]] = None) -> Callable:
     """The jit-compiled sampler for `cfg`:
 
         generate(params, tokens [B, P], pad [B], limit [B], key, temperature, top_k, top_p, eos,
@@ -177,7 +177,7 @@ def make_generate(cfg: ModelConfig, layout: Layout, on_trace: Optional[Callable[
     Row r's prompt sits right-aligned in `tokens` after `pad[r]` padding slots; it gets at most
     `limit[r]` (<= N) new tokens and stops after `eos` (-1: never). `on_trace` runs each time
     the function is traced (tests count compilations with it)."""
-    model = GPT(cfg)
+    model = GPT(cfg.model)
     layout = predict_layout(layout)
 
     def generate(params, tokens, pad, limit, key, temperature, top_k, top_p, eos, *, room, use_top_k, use_top_p):
@@ -187,7 +187,7 @@ def make_generate(cfg: ModelConfig, layout: Layout, on_trace: Optional[Callable[
             b, p = tokens.shape
             slots = jnp.arange(p + room)
             key_valid = slots[None, :] >= pad[:, None]  # the causal mask hides the future slots
-            cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), init_cache(cfg, b, p + room))
+            cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), init_cache(cfg.model, b, p + room))
             positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
             logits, cache = model.apply({"params": params}, tokens, positions, cache=cache,
                                         cache_index=jnp.int32(0), key_valid=key_valid, last_only=True)
@@ -210,7 +210,7 @@ def make_generate(cfg: ModelConfig, layout: Layout, on_trace: Optional[Callable[
                 slot = p + step
                 # Finished rows keep stepping (with token 0) while others run; clamp their
                 # positions so they stay inside the position table.
-                position = jnp.minimum(slot - pad, cfg.n_ctx - 1)
+                position = jnp.minimum(slot - pad, cfg.model.n_ctx - 1)
                 logits, cache = model.apply({"params": params}, tok[:, None], position[:, None],
                                             cache=cache, cache_index=slot, key_valid=key_valid)
                 return step + 1, cache, logits, out, done, length
@@ -227,7 +227,7 @@ def make_generate(cfg: ModelConfig, layout: Layout, on_trace: Optional[Callable[
 class Sampler:
     """Token-level sampling for one config and parameters on a layout."""
 
-    def __init__(self, cfg: ModelConfig, params: Any, layout: Layout,
+    def __init__(self, cfg: Config, params: Any, layout: Layout,
                  on_trace: Optional[Callable[[], None]] = None):
         self.cfg, self.params, self.layout = cfg, params, layout
         self._generate = make_generate(cfg, layout, on_trace)
@@ -240,14 +240,14 @@ class Sampler:
         cfg = self.cfg
         if not prompts:
             return []
-        rows = [list(p)[-(cfg.n_ctx - 1):] for p in prompts]
+        rows = [list(p)[-(cfg.model.n_ctx - 1):] for p in prompts]
         if any(not r for r in rows):
             raise NeoError("an empty prompt has no token to start from; give it text (or set eos_id, which "
                            "neo uses as the start token of an empty prompt).")
         longest = max(map(len, rows))
-        want = opts.max_new_tokens or cfg.n_ctx - min(map(len, rows))
-        limits = [min(want, cfg.n_ctx - len(r)) for r in rows]
-        p, room = min(bucket(longest), cfg.n_ctx), bucket(max(limits))
+        want = opts.max_new_tokens or cfg.model.n_ctx - min(map(len, rows))
+        limits = [min(want, cfg.model.n_ctx - len(r)) for r in rows]
+        p, room = min(bucket(longest), cfg.model.n_ctx), bucket(max(limits))
         shards = self.layout.axis_size("batch")
         b = -(-len(rows) // shards) * shards  # rows are split over the batch shards
         tokens = np.zeros((b, p), np.int32)
@@ -279,22 +279,22 @@ def format_samples(texts: Sequence[str]) -> str:
     return "".join(f"{'=' * 40} SAMPLE {i} {'=' * 40}\n{t}\n{'=' * 80}\n" for i, t in enumerate(texts))
 
 
-def predict(cfg: ModelConfig, layout: Layout, prompt_path: str, opts: SamplingOptions,
+def predict(cfg: Config, layout: Layout, prompt_path: str, opts: SamplingOptions,
             sacred_id: str = "nosacred", log: Callable[[str], None] = print) -> Path:
     """Sample `opts.num_samples` continuations of every prompt in `prompt_path` from the latest
     checkpoint in model_path; print them and write <model_path>/predictions_<id>_<step>.txt."""
     from neo.checkpoint import load_for_inference
 
-    if not cfg.causal:
+    if not cfg.model.causal:
         raise NeoError(f"{cfg.source}: --predict needs a causal model; this config has mlm_training on.")
-    if cfg.tokenizer_path is None:
+    if cfg.data.tokenizer_path is None:
         raise NeoError(f"{cfg.source}: no tokenizer for --predict: set 'tokenizer_path' in the model config "
                        f"or in its first dataset config.")
     params, meta = load_for_inference(cfg, layout)
     return write_samples(cfg, layout, params, meta.get("step", 0), prompt_path, opts, sacred_id, log)
 
 
-def write_samples(cfg: ModelConfig, layout: Layout, params: Any, step: int, prompt_path: str,
+def write_samples(cfg: Config, layout: Layout, params: Any, step: int, prompt_path: str,
                   opts: SamplingOptions, sacred_id: str = "nosacred",
                   log: Callable[[str], None] = print, sampler: Optional[Sampler] = None) -> Path:
     """Sample from `params` (at training step `step`), print the samples and write
@@ -302,23 +302,24 @@ def write_samples(cfg: ModelConfig, layout: Layout, params: Any, step: int, prom
     by the training loop after every checkpoint."""
     from neo.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     prompts = read_prompts(prompt_path)
-    encoded = [tokenizer.encode(p) if p else ([cfg.eos_id] if cfg.eos_id is not None else []) for p in prompts]
-    too_long = [i for i, e in enumerate(encoded) if len(e) >= cfg.n_ctx]
+    eos = cfg.data.eos_id
+    encoded = [tokenizer.encode(p) if p else ([eos] if eos is not None else []) for p in prompts]
+    too_long = [i for i, e in enumerate(encoded) if len(e) >= cfg.model.n_ctx]
     if too_long:
-        log(f"neo: prompt(s) {too_long} are longer than the context; keeping their last {cfg.n_ctx - 1} tokens.")
+        log(f"neo: prompt(s) {too_long} are longer than the context; keeping their last {cfg.model.n_ctx - 1} tokens.")
     if sampler is None:
         sampler = Sampler(cfg, params, layout)
     sampler.params = params
     rows = [e for e in encoded for _ in range(opts.num_samples)]
-    new = sampler.generate(rows, opts, cfg.eos_id)
+    new = sampler.generate(rows, opts, eos)
     texts = []
     for row, completion in zip(rows, new):
-        ids = completion if cfg.remove_partial_sequences else row[-(cfg.n_ctx - 1):] + completion
+        ids = completion if cfg.sampling.remove_partial_sequences else row[-(cfg.model.n_ctx - 1):] + completion
         texts.append(tokenizer.decode(ids))
     report = format_samples(texts)
-    out = Path(cfg.model_path) / f"predictions_{sacred_id}_{step}.txt"
+    out = Path(cfg.run.model_path) / f"predictions_{sacred_id}_{step}.txt"
     if jax.process_index() == 0:  # every host computed the same samples
         out.write_text(report, encoding="utf-8")
         log(report + f"neo: wrote {len(texts)} sample(s) to {out}")

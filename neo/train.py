@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.errors import NeoError
 from neo.loss import lm_loss
 from neo.mesh import Layout, check_divisible, constrain, num_microbatches, place, shardings_of
@@ -43,7 +43,7 @@ class TrainState:
 class Setup:
     """Everything compiled for one config on one layout."""
 
-    cfg: ModelConfig
+    cfg: Config
     layout: Layout
     model: GPT
     optimizer: optax.GradientTransformation
@@ -55,24 +55,24 @@ class Setup:
     param_count: int
 
 
-def build(cfg: ModelConfig, layout: Layout) -> Setup:
+def build(cfg: Config, layout: Layout) -> Setup:
     """Shardings, initializer and train step for `cfg` on `layout`. Fails before compiling if
     the layout does not fit the shapes."""
-    model = GPT(cfg)
-    optimizer = make_optimizer(cfg)
-    check_divisible(layout, {"batch": cfg.train_batch_size, "sequence": cfg.n_ctx,
-                             "memory_length": cfg.n_ctx, "heads": cfg.n_head}, " in the config")
-    n_micro = num_microbatches(cfg.train_batch_size, cfg.n_ctx, cfg.tokens_per_mb_per_replica,
+    model = GPT(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer, cfg.run.train_steps)
+    check_divisible(layout, {"batch": cfg.run.train_batch_size, "sequence": cfg.model.n_ctx,
+                             "memory_length": cfg.model.n_ctx, "heads": cfg.model.n_head}, " in the config")
+    n_micro = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica,
                                layout.axis_size("batch"))
-    if (cfg.train_batch_size // n_micro) % layout.axis_size("batch"):
-        raise NeoError(f"train_batch_size {cfg.train_batch_size} in {n_micro} microbatches does not split "
+    if (cfg.run.train_batch_size // n_micro) % layout.axis_size("batch"):
+        raise NeoError(f"train_batch_size {cfg.run.train_batch_size} in {n_micro} microbatches does not split "
                        f"over {layout.axis_size('batch')} batch shards.")
 
     def init_boxed(rng: jax.Array) -> TrainState:
-        params = init_params(cfg, rng)
+        params = init_params(cfg.model, rng)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    rng = jax.random.PRNGKey(cfg.seed)
+    rng = jax.random.PRNGKey(cfg.run.seed)
     abstract = place(layout, jax.eval_shape(init_boxed, rng))
     shardings = shardings_of(abstract)
     param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
@@ -85,20 +85,21 @@ def build(cfg: ModelConfig, layout: Layout) -> Setup:
     return Setup(cfg, layout, model, optimizer, shardings, layout.rows, init, step, n_micro, param_count)
 
 
-def _train_step(cfg: ModelConfig, model: GPT, optimizer: optax.GradientTransformation,
+def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation,
                 layout: Layout, n_micro: int) -> Callable:
     # Stochastic train mode: dropout, and MoE routing (train capacity, random second expert).
-    dropout = bool(cfg.embed_dropout or cfg.attn_dropout or cfg.res_dropout or cfg.moe_layers)
-    schedule = lr_schedule(cfg)
+    m = cfg.model
+    dropout = bool(m.embed_dropout or m.attn_dropout or m.res_dropout or m.moe_layers)
+    schedule = lr_schedule(cfg.optimizer, cfg.run.train_steps)
 
     def loss_on(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
         inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], None
-        if cfg.mlm_training:
+        if cfg.model.mlm_training:
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
         logits, extra = model.apply({"params": params}, inputs, deterministic=not dropout,
                                     rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
-        objective, aux = lm_loss(logits, targets, cfg.z_loss, mask)
-        if cfg.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
+        objective, aux = lm_loss(logits, targets, cfg.run.z_loss, mask)
+        if cfg.model.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
             aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))
             objective = objective + aux["moe_loss"]
         return objective, aux
@@ -107,7 +108,7 @@ def _train_step(cfg: ModelConfig, model: GPT, optimizer: optax.GradientTransform
 
     def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         with layout.active():
-            rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.step)
+            rng = jax.random.fold_in(jax.random.PRNGKey(cfg.run.seed), state.step)
             if n_micro == 1:
                 (_, aux), grads = grad_fn(state.params, batch, rng)
             else:

@@ -39,7 +39,8 @@ def load_cfg(args):
 def tokens(cfg, seed=0):
     import numpy as np
 
-    return np.random.RandomState(seed).randint(0, cfg.n_vocab, (cfg.train_batch_size, cfg.n_ctx + 1)).astype(np.int32)
+    shape = (cfg.run.train_batch_size, cfg.model.n_ctx + 1)
+    return np.random.RandomState(seed).randint(0, cfg.model.n_vocab, shape).astype(np.int32)
 
 
 def bench_neo(args) -> dict:
@@ -51,7 +52,7 @@ def bench_neo(args) -> dict:
 
     cfg = load_cfg(args)
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
-    setup = build(cfg, make_layout(cfg.mesh_shape, cfg.layout, devices))
+    setup = build(cfg, make_layout(cfg.run.mesh_shape, cfg.run.layout, devices))
     state = setup.init()
     batch = global_batch(setup, tokens(cfg))
     t = time.perf_counter()
@@ -67,14 +68,14 @@ def bench_neo(args) -> dict:
         state, m = setup.step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    peak, peak_src = device_peak_flops(devices[0], cfg.precision)
+    peak, peak_src = device_peak_flops(devices[0], cfg.model.precision)
     total_peak = peak if devices[0].platform == "cpu" else peak * len(devices)
     step = statistics.median(times)
-    tps = cfg.train_batch_size * cfg.n_ctx / step
+    tps = cfg.run.train_batch_size * cfg.model.n_ctx / step
     return {"backend": "neo (jax)", "device": f"{len(devices)} x {devices[0].device_kind}",
             "params": setup.param_count, "step_s": step, "tokens_per_s": tps, "compile_s": compile_s,
-            "mfu": flops_per_token(cfg) * tps / total_peak, "peak_flops": total_peak, "peak_source": peak_src,
-            "flops_per_token": flops_per_token(cfg), "loss": float(m["loss"])}
+            "mfu": flops_per_token(cfg.model) * tps / total_peak, "peak_flops": total_peak, "peak_source": peak_src,
+            "flops_per_token": flops_per_token(cfg.model), "loss": float(m["loss"])}
 
 
 def bench_torch(args) -> dict:
@@ -88,16 +89,17 @@ def bench_torch(args) -> dict:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPTNeoForCausalLM(GPTNeoConfig(**config_to_hf(cfg))).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     batch = torch.tensor(tokens(cfg), dtype=torch.long, device=device)
-    dtype = torch.bfloat16 if cfg.precision == "bfloat16" else None
+    dtype = torch.bfloat16 if cfg.model.precision == "bfloat16" else None
 
     def step():
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             loss = model(batch[:, :-1], labels=batch[:, :-1]).loss
         loss.backward()
-        if cfg.gradient_clipping:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clipping)
+        if cfg.optimizer.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.gradient_clipping)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -112,7 +114,7 @@ def bench_torch(args) -> dict:
         loss = step()
         times.append(time.perf_counter() - t)
     s = statistics.median(times)
-    tps = cfg.train_batch_size * cfg.n_ctx / s
+    tps = cfg.run.train_batch_size * cfg.model.n_ctx / s
     if device == "cpu":
         peak = measured_matmul_flops()  # the same yardstick as neo's CPU MFU (a JAX matmul)
     else:
@@ -120,7 +122,7 @@ def bench_torch(args) -> dict:
         name = torch.cuda.get_device_name().lower()
         peak = next((p for k, p in _PEAKS.items() if k in name), float("nan"))
     return {"backend": "transformers (torch)", "device": device, "step_s": s, "tokens_per_s": tps,
-            "mfu": flops_per_token(cfg) * tps / peak, "loss": float(loss)}
+            "mfu": flops_per_token(cfg.model) * tps / peak, "loss": float(loss)}
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def bench(kind: str, seq: int, args) -> tuple[float, float]:
 
     cfg = parse_model_config(dict(n_embd=args.embd, n_head=args.heads, n_layer=1, n_ctx=seq, n_vocab=256,
                                   attention_types=[[[kind], 1]], local_attention_radius=args.window))
-    layer = LinearAttention(cfg) if kind == "linear" else Attention(cfg, kind)
+    layer = LinearAttention(cfg.model) if kind == "linear" else Attention(cfg.model, kind)
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, seq, args.embd), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(seq), (args.batch, seq))
     params = layer.init(jax.random.PRNGKey(1), x, pos)["params"]

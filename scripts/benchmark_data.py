@@ -61,10 +61,10 @@ def pipeline_speed(tmp: Path, model: str, steps: int) -> list[dict]:
     for name, src, mode, shortest in (("chunks", ROOT / "data" / "tinyshakespeare.txt", "chunks", 1),
                                       ("documents", tmp / "docs", "documents", 40)):
         create_tfrecords(Options(input_dir=str(src), output_dir=str(out), name=name, encoder_path="bytes",
-                                 separator=0, mode=mode, chunk_size=base.n_ctx, minimum_size=shortest, processes=1,
+                                 separator=0, mode=mode, chunk_size=base.model.n_ctx, minimum_size=shortest, processes=1,
                                  progress=False, write_dataset_config=True), log=lambda *a: None)
     results = []
-    stitch = -(-(base.n_ctx + 1) // 41)  # the fewest speeches that always fill a context
+    stitch = -(-(base.model.n_ctx + 1) // 41)  # the fewest speeches that always fill a context
     for name, mode, stitch in (("chunks", "chunks", None), ("documents", "documents_random", stitch)):
         raw = {**to_json_dict(base), "datasets": [[str(out / f"{name}.json"), stitch, mode, None]]}
         cfg = parse_model_config(raw, source=str(tmp / "bench.json"))
@@ -74,8 +74,8 @@ def pipeline_speed(tmp: Path, model: str, steps: int) -> list[dict]:
         for _ in range(steps):
             next(src)
         dt = time.perf_counter() - t
-        results.append({"mode": mode, "stitch": stitch, "batch": cfg.train_batch_size, "n_ctx": cfg.n_ctx,
-                        "tokens/s": steps * cfg.train_batch_size * cfg.n_ctx / dt, "ms/batch": 1000 * dt / steps})
+        results.append({"mode": mode, "stitch": stitch, "batch": cfg.run.train_batch_size, "n_ctx": cfg.model.n_ctx,
+                        "tokens/s": steps * cfg.run.train_batch_size * cfg.model.n_ctx / dt, "ms/batch": 1000 * dt / steps})
     return results
 
 

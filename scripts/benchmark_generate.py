@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 def prompts(cfg, batch: int, length: int):
     import numpy as np
 
-    return np.random.RandomState(0).randint(0, cfg.n_vocab, (batch, length)).tolist()
+    return np.random.RandomState(0).randint(0, cfg.model.n_vocab, (batch, length)).tolist()
 
 
 def bench_neo(args, batch: int) -> dict:
@@ -39,7 +39,7 @@ def bench_neo(args, batch: int) -> dict:
     from neo.predict import Sampler, SamplingOptions
 
     cfg = load_model_config(args.model)
-    init = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    init = jax.jit(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda x: getattr(x, "value", x), init(), is_leaf=lambda x: hasattr(x, "value"))
     sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
     rows = prompts(cfg, batch, args.prompt)

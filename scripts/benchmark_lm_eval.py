@@ -49,7 +49,7 @@ def build(model: str, tokenizer: str, seed: int = 0):
     cfg = load_model_config(model, {"tokenizer_path": tokenizer})
     torch.manual_seed(seed)
     hf = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**config_to_hf(cfg))).eval()
-    params = params_from_hf({k: v.detach().numpy() for k, v in hf.state_dict().items()}, cfg.n_layer, cfg.n_head)
+    params = params_from_hf({k: v.detach().numpy() for k, v in hf.state_dict().items()}, cfg.model.n_layer, cfg.model.n_head)
     return cfg, params, hf
 
 

@@ -47,26 +47,26 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="neo-bench-")
     cfg = load_model_config(args.model, {**overrides, "model_path": work, "train_steps": args.steps + 1,
                                          "iterations": args.steps + 1, "eval_steps": 0})
-    layout = make_layout(cfg.mesh_shape, cfg.layout, jax.devices()[:1])
+    layout = make_layout(cfg.run.mesh_shape, cfg.run.layout, jax.devices()[:1])
     setup = build(cfg, layout)
     state = setup.init()
-    print(f"{cfg.name}: {setup.param_count:,} parameters, batch {cfg.train_batch_size} x {cfg.n_ctx}")
+    print(f"{cfg.name}: {setup.param_count:,} parameters, batch {cfg.run.train_batch_size} x {cfg.model.n_ctx}")
 
     if not args.checkpoint_only:
-        batch = global_batch(setup, np.zeros((cfg.train_batch_size, cfg.n_ctx + 1), np.int32))
+        batch = global_batch(setup, np.zeros((cfg.run.train_batch_size, cfg.model.n_ctx + 1), np.int32))
         state, m = setup.step(state, batch)
         jax.block_until_ready(m)
         t = time.perf_counter()
         for _ in range(args.steps):
             state, m = setup.step(state, batch)
         jax.block_until_ready(m)
-        bare = args.steps * cfg.train_batch_size * cfg.n_ctx / (time.perf_counter() - t)
+        bare = args.steps * cfg.run.train_batch_size * cfg.model.n_ctx / (time.perf_counter() - t)
         record = fit(cfg, layout, steps_per_checkpoint=10 ** 9, log=lambda _m: None)
         loop = record["tokens_per_sec"]
         print(f"bare step: {bare:,.0f} tok/s | training loop: {loop:,.0f} tok/s | overhead {100 * (1 - loop / bare):.1f}%")
 
     if args.checkpoint_only:  # one real step, so the Adam moments are not all zeros (they compress)
-        batch = np.random.RandomState(0).randint(0, cfg.n_vocab, (cfg.train_batch_size, cfg.n_ctx + 1))
+        batch = np.random.RandomState(0).randint(0, cfg.model.n_vocab, (cfg.run.train_batch_size, cfg.model.n_ctx + 1))
         state, _ = setup.step(state, global_batch(setup, batch.astype(np.int32)))
     ckpt_dir = os.path.join(work, "ckpt")
     times = []

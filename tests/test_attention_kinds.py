@@ -32,7 +32,7 @@ def original_causal_linear(q, k, v):
 
 
 def params_of(cfg, seed=0):
-    return init_params(cfg, jax.random.PRNGKey(seed))
+    return init_params(cfg.model, jax.random.PRNGKey(seed))
 
 
 def unbox(tree):
@@ -57,7 +57,7 @@ def test_linear_attention_never_builds_a_sequence_by_sequence_matrix(tiny_config
     cfg = parse_model_config(tiny_config(n_ctx=t, attention_types=[[["linear"], 2]]))
     params = params_of(cfg)
     tokens = jnp.zeros((1, t), jnp.int32)
-    loss = lambda p: GPT(cfg).apply({"params": p}, tokens).mean()
+    loss = lambda p: GPT(cfg.model).apply({"params": p}, tokens).mean()
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
     shapes = set()
 
@@ -72,18 +72,18 @@ def test_linear_attention_never_builds_a_sequence_by_sequence_matrix(tiny_config
     # ...whereas global attention does build one (the check can fail)
     cfg_g = cfg.replace(attention_types=("global", "global"))
     shapes.clear()
-    walk(jax.make_jaxpr(jax.grad(lambda p: GPT(cfg_g).apply({"params": p}, tokens).mean()))(params_of(cfg_g)).jaxpr)
+    walk(jax.make_jaxpr(jax.grad(lambda p: GPT(cfg_g.model).apply({"params": p}, tokens).mean()))(params_of(cfg_g)).jaxpr)
     assert [s for s in shapes if sum(d == t for d in s) >= 2]
 
 
 def test_linear_layers_decode_with_a_running_state(tiny_config):
     cfg = parse_model_config(tiny_config(attention_types=[[["linear", "global"], 1]]))
     params = params_of(cfg)
-    tokens = jnp.asarray(RNG.randint(0, cfg.n_vocab, (2, 12)))
-    full = GPT(cfg).apply({"params": params}, tokens)
-    decode = jax.jit(lambda tok, pos, cache, i: GPT(cfg).apply({"params": params}, tok, pos, cache=cache,
+    tokens = jnp.asarray(RNG.randint(0, cfg.model.n_vocab, (2, 12)))
+    full = GPT(cfg.model).apply({"params": params}, tokens)
+    decode = jax.jit(lambda tok, pos, cache, i: GPT(cfg.model).apply({"params": params}, tok, pos, cache=cache,
                                                              cache_index=i))
-    logits, cache = decode(tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), init_cache(cfg, 2, 12), 0)
+    logits, cache = decode(tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), init_cache(cfg.model, 2, 12), 0)
     steps = [logits]
     for i in range(7, 12):
         logits, cache = decode(tokens[:, i:i + 1], jnp.full((2, 1), i), cache, i)
@@ -95,15 +95,15 @@ def test_none_layer_is_feed_forward_only(tiny_config):
     cfg = parse_model_config(tiny_config(attention_types=[[["none"], 2]], n_layer=2))
     params = unbox(params_of(cfg))
     assert "attn" not in params["h_0"] and "ln_1" not in params["h_0"]
-    tokens = jnp.asarray(RNG.randint(0, cfg.n_vocab, (2, 16)))
-    logits = GPT(cfg).apply({"params": params}, tokens)
+    tokens = jnp.asarray(RNG.randint(0, cfg.model.n_vocab, (2, 16)))
+    logits = GPT(cfg.model).apply({"params": params}, tokens)
     # by hand: x <- x + MLP(LN2(x)) per layer (the original's x <- x + x would double x first)
     from neo.model.gpt import MLP
 
     x = params["wte"][tokens] + params["wpe"][jnp.arange(16)]
     for i in range(2):
         h = LayerNorm().apply({"params": params[f"h_{i}"]["ln_2"]}, x)
-        x = x + MLP(cfg).apply({"params": params[f"h_{i}"]["mlp"]}, h, deterministic=True)
+        x = x + MLP(cfg.model).apply({"params": params[f"h_{i}"]["mlp"]}, h, deterministic=True)
     ref = LayerNorm().apply({"params": params["ln_f"]}, x) @ params["wte"].T
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 
@@ -116,7 +116,7 @@ def test_masked_lm_attention_is_bidirectional(kind, tiny_config):
     for mlm in (False, True):
         cfg = parse_model_config({**raw, "mlm_training": mlm, "mlm_mask_id": 1})
         params = params_of(cfg)
-        a, b = (GPT(cfg).apply({"params": params}, x) for x in (tokens, changed))
+        a, b = (GPT(cfg.model).apply({"params": params}, x) for x in (tokens, changed))
         moved = np.abs(np.asarray(a - b)).max(-1)[0]
         assert moved[20] > 0
         if not mlm:
@@ -140,12 +140,12 @@ def test_memory_key_values_are_prepended_in_global_layers_only(tiny_config):
     cfg = parse_model_config(tiny_config(num_mem_kv=3))
     params = unbox(params_of(cfg))
     attn = params["h_0"]["attn"]
-    assert attn["mem_k"].shape == (3, cfg.n_head, cfg.features_per_head)
+    assert attn["mem_k"].shape == (3, cfg.model.n_head, cfg.model.features_per_head)
     assert "mem_k" not in params["h_1"]["attn"]  # h_1 is local
-    assert float(np.std(attn["mem_k"])) == pytest.approx(cfg.features_per_head ** -0.5, rel=0.3)
-    x = jnp.asarray(RNG.randn(2, 10, cfg.n_embd).astype(np.float32))
+    assert float(np.std(attn["mem_k"])) == pytest.approx(cfg.model.features_per_head ** -0.5, rel=0.3)
+    x = jnp.asarray(RNG.randn(2, 10, cfg.model.n_embd).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
-    out, _ = Attention(cfg, "global").apply({"params": attn}, x, pos)
+    out, _ = Attention(cfg.model, "global").apply({"params": attn}, x, pos)
     # by hand: keys = [mem_k; k], memory always visible, the sequence causally
     proj = lambda n: jnp.einsum("btd,dhf->bthf", x, attn[n]["kernel"])
     k = jnp.concatenate([jnp.broadcast_to(attn["mem_k"], (2,) + attn["mem_k"].shape), proj("k")], 1)
@@ -159,5 +159,5 @@ def test_memory_key_values_are_prepended_in_global_layers_only(tiny_config):
 def test_masked_lm_model_refuses_a_kv_cache(tiny_config):
     cfg = parse_model_config(tiny_config(mlm_training=True, mlm_mask_id=1))
     with pytest.raises(NeoError, match="masked-LM"):
-        GPT(cfg).apply({"params": params_of(cfg)}, jnp.zeros((1, 4), jnp.int32),
-                       cache=init_cache(cfg, 1, 8), cache_index=jnp.int32(0))
+        GPT(cfg.model).apply({"params": params_of(cfg)}, jnp.zeros((1, 4), jnp.int32),
+                       cache=init_cache(cfg.model, 1, 8), cache_index=jnp.int32(0))

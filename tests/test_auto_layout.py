@@ -35,7 +35,7 @@ def compiled_bytes(cfg, mesh_shape, layout):
     """Peak bytes of one device in neo's real train step, from XLA's buffer assignment."""
     setup = build(cfg, make_layout(mesh_shape, layout))
     state = jax.eval_shape(setup.init)
-    batch = jax.ShapeDtypeStruct((cfg.train_batch_size, cfg.n_ctx + 1), jnp.int32, sharding=setup.batch_sharding)
+    batch = jax.ShapeDtypeStruct((cfg.run.train_batch_size, cfg.model.n_ctx + 1), jnp.int32, sharding=setup.batch_sharding)
     m = setup.step.lower(state, batch).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 

@@ -1,10 +1,14 @@
 """Configs: every shipped config loads; every mistake gets an error naming the key and fix."""
 
+import dataclasses
 import json
 
 import pytest
 
-from neo.config import CONFIG_DIR, expand_attention_types, load_model_config, parse_model_config
+from neo.config import (
+    ACTIVATION_FNS, CONFIG_DIR, KEY_SECTION, SECTIONS, ModelConfig, expand_attention_types, load_model_config,
+    parse_model_config, to_json_dict,
+)
 from neo.errors import NeoError
 
 
@@ -13,7 +17,7 @@ def test_every_shipped_config_loads():
     assert names
     for name in names:
         cfg = load_model_config(name)
-        assert len(cfg.attention_types) == cfg.n_layer
+        assert len(cfg.model.attention_types) == cfg.model.n_layer
 
 
 def test_attention_types_expand_in_order():
@@ -25,9 +29,9 @@ def test_attention_types_expand_in_order():
 
 def test_defaults_and_aliases(tiny_config):
     cfg = parse_model_config({**tiny_config(), "activation_function": "gelu"})
-    assert cfg.activation_fn == "gelu"
-    assert cfg.local_attention_radius == 8 and cfg.z_loss == 1e-4 and cfg.causal
-    assert cfg.features_per_head == 8 and cfg.intermediate_expanded == 256
+    assert cfg.model.activation_fn == "gelu"
+    assert cfg.model.local_attention_radius == 8 and cfg.run.z_loss == 1e-4 and cfg.model.causal
+    assert cfg.model.features_per_head == 8 and cfg.model.intermediate_expanded == 256
     with pytest.raises(NeoError, match="disagree"):
         parse_model_config({**tiny_config(), "activation_function": "relu", "activation_fn": "gelu"})
 
@@ -35,7 +39,9 @@ def test_defaults_and_aliases(tiny_config):
 def test_config_is_frozen(tiny_config):
     cfg = parse_model_config(tiny_config())
     with pytest.raises(Exception):
-        cfg.n_layer = 3
+        cfg.model.n_layer = 3
+    with pytest.raises(Exception):
+        cfg.run = cfg.run
 
 
 @pytest.mark.parametrize("change, message", [
@@ -52,6 +58,18 @@ def test_config_is_frozen(tiny_config):
     ({"precision": "bf16"}, r"'precision' must be one of"),
     ({"lr_decay": "cosin"}, r"Did you mean 'cosine'"),
     ({"n_vocab": 100, "datasets": [["tinyshakespeare", None, None, None]]}, r"raise the model's 'n_vocab' to at least 256"),
+    # checks that once ran only when the model or the train step was built
+    ({"entmax_loss": True}, r"entmax_loss not supported yet"),
+    ({"axial_pos_emb": [4, 8], "rotary_emb": True}, r"two position encodings; keep one"),
+    ({"activation_fn": "gelux"}, r"unknown activation_fn 'gelux'.*Did you mean 'gelu'"),
+    ({"moe_activation": "rellu"}, r"unknown moe_activation 'rellu'.*Did you mean 'relu'"),
+    ({"moe_params": {"second_policy_eval": "sometimes"}}, r"second-expert policy 'sometimes'"),
+    ({"moe_params": {"moe_num_experts": "8"}}, r"moe_params 'moe_num_experts' must be a int"),
+    ({"mlm_training": True}, r"'mlm_training' needs 'mlm_mask_id'"),
+    ({"mlm_training": True, "mlm_mask_id": 1, "mlm_same_token_prob": 0.6, "mlm_random_token_prob": 0.5},
+     r"exceed 1; they are shares"),
+    ({"model": "BERT"}, r"'model' must be \"GPT\""),
+    ({"n_vocab": 50304, "datasets": ["tinyshakespeare", "pile"]}, r"'tinyshakespeare'\) cannot be mixed with others"),
 ])
 def test_bad_config_errors_name_the_key(change, message, tiny_config):
     with pytest.raises(NeoError, match=message):
@@ -81,9 +99,9 @@ def test_dataset_config_beside_model_config(tmp_path, tiny_config):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({**tiny_config(), "datasets": [["mine", 10, "documents_random", 2]]}))
     cfg = load_model_config(str(path))
-    (entry,) = cfg.datasets
+    (entry,) = cfg.data.datasets
     assert (entry.id, entry.stitch, entry.sampling_mode, entry.weight) == ("mine", 10, "documents_random", 2.0)
-    assert cfg.eos_id == 3 and cfg.padding_id == 4  # copied from the last dataset, as GPT-Neo does
+    assert cfg.data.eos_id == 3 and cfg.data.padding_id == 4  # copied from the last dataset, as GPT-Neo does
     (tmp_path / "dataset_configs" / "bad.json").write_text(json.dumps({"n_vocab": 10, "paht": "x"}))
     path.write_text(json.dumps({**tiny_config(), "datasets": ["bad"]}))
     with pytest.raises(NeoError, match=r"unknown dataset key 'paht'.*Did you mean 'path'"):
@@ -92,4 +110,43 @@ def test_dataset_config_beside_model_config(tmp_path, tiny_config):
 
 def test_runtime_keys_of_saved_configs_are_ignored(tiny_config):
     cfg = parse_model_config({**tiny_config(), "num_cores": 8, "use_tpu": True, "mode": "train"})
-    assert cfg.n_layer == 2
+    assert cfg.model.n_layer == 2
+
+
+def test_sections_hold_every_key_once_and_the_model_only_the_architecture(tiny_config):
+    cfg = parse_model_config(tiny_config(n_vocab=256, datasets=["tinyshakespeare"], model_path="runs/x"))
+    assert isinstance(cfg.model, ModelConfig)
+    assert (cfg.optimizer.lr, cfg.run.model_path, cfg.data.eos_id, cfg.sampling.temperature) == (1e-4, "runs/x", 0, 0.9)
+    for key in ("lr", "model_path", "train_batch_size", "datasets", "eos_id", "tokenizer_path", "temperature", "seed"):
+        assert not hasattr(cfg.model, key), key  # the network cannot read run settings
+    sections = [set(f.name for f in dataclasses.fields(c)) for c in SECTIONS.values()]
+    assert sum(map(len, sections)) == len(set().union(*sections)) == len(KEY_SECTION)
+
+
+def test_saved_json_reloads_to_the_same_config():
+    """What tracking and checkpoints write (to_json_dict) is GPT-Neo's flat form and loads back
+    identically, for every shipped config."""
+    for path in CONFIG_DIR.glob("*.json"):
+        cfg = load_model_config(str(path))
+        flat = to_json_dict(cfg)
+        assert not any(isinstance(v, dict) and k in SECTIONS for k, v in flat.items())
+        assert parse_model_config(json.loads(json.dumps(flat)), source=str(path)) == cfg, path.name
+
+
+def test_replace_routes_flat_keys_and_checks_again(tiny_config):
+    cfg = parse_model_config(tiny_config(), source="my.json")
+    changed = cfg.replace(lr=0.5, n_layer=1, attention_types=["local"], model_path="runs/y")
+    assert (changed.optimizer.lr, changed.model.n_layer, changed.model.attention_types) == (0.5, 1, ("local",))
+    assert changed.run.model_path == "runs/y" and cfg.run.model_path == ""
+    with pytest.raises(NeoError, match=r"my.json: n_embd \(64\) is not divisible by n_head \(7\)"):
+        cfg.replace(n_head=7)
+    with pytest.raises(NeoError, match=r"unknown key 'n_heads'.*Did you mean 'n_head'"):
+        cfg.replace(n_heads=8)
+    with pytest.raises(NeoError, match=r"'lr' must be a number"):
+        cfg.replace(lr="fast")
+
+
+def test_every_activation_name_the_config_accepts_exists_in_the_model():
+    from neo.model.activations import ACTIVATIONS, PARAMETRIC
+
+    assert set(ACTIVATION_FNS) == set(ACTIVATIONS) | set(PARAMETRIC)

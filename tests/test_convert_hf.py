@@ -65,12 +65,12 @@ def logits(model, tokens):
 def test_gpt_neox_logits_match_transformers(parallel, act):
     hfc, model = hf_neox(parallel, act)
     cfg = parse_model_config(gpt_neox.config_from_hf(hfc.to_dict()), "hf")
-    assert cfg.rotary_pct == 0.25 and cfg.parallel_residual == parallel
-    assert cfg.activation_fn == ("gelu_exact" if act == "gelu" else "gelu")
-    params = gpt_neox.params_from_hf(state_dict(model), cfg)
+    assert cfg.model.rotary_pct == 0.25 and cfg.model.parallel_residual == parallel
+    assert cfg.model.activation_fn == ("gelu_exact" if act == "gelu" else "gelu")
+    params = gpt_neox.params_from_hf(state_dict(model), cfg.model)
     tokens = np.random.RandomState(1).randint(0, 203, (2, 40))
     ref = logits(model, tokens)
-    out = np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
     assert np.abs(ref).max() > 1  # a test that could fail: logits are not all ~0
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
@@ -78,10 +78,10 @@ def test_gpt_neox_logits_match_transformers(parallel, act):
 def test_gpt_neox_tied_head_without_attention_bias():
     hfc, model = hf_neox(tie=True, bias=False)
     cfg = parse_model_config(gpt_neox.config_from_hf(hfc.to_dict()), "hf")
-    assert not cfg.no_weight_tie and not cfg.qkv_bias
-    params = gpt_neox.params_from_hf(state_dict(model), cfg)
+    assert not cfg.model.no_weight_tie and not cfg.model.qkv_bias
+    params = gpt_neox.params_from_hf(state_dict(model), cfg.model)
     tokens = np.random.RandomState(2).randint(0, 203, (2, 17))
-    out = np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
     np.testing.assert_allclose(out, logits(model, tokens), atol=2e-5, rtol=0)
     assert gpt_neox.config_to_hf(cfg, params)["attention_bias"] is False  # all output biases still zero
 
@@ -99,7 +99,7 @@ def test_import_then_export_is_lossless_and_loads_in_transformers(tmp_path, fami
     out = run_convert("import", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "neo"))
     assert out.returncode == 0, out.stderr
     cfg = load_model_config(str(tmp_path / "neo" / "config.json"))
-    assert Path(cfg.model_path) == tmp_path / "neo"
+    assert Path(cfg.run.model_path) == tmp_path / "neo"
     out = run_convert("export", "--model", str(tmp_path / "neo" / "config.json"), "--output", str(tmp_path / "back"))
     assert out.returncode == 0, out.stderr
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -187,7 +187,7 @@ def test_shipped_gpt_neox_configs_have_the_released_sizes(name, count):
     import jax
 
     cfg = load_model_config(name)
-    shapes = abstract_init(cfg)
+    shapes = abstract_init(cfg.model)
     leaves = jax.tree.leaves(shapes, is_leaf=lambda x: hasattr(x, "value"))
     assert sum(int(np.prod(getattr(x, "value", x).shape)) for x in leaves) == count
     hf = gpt_neox.config_to_hf(cfg, {})  # no parameters needed: q/k/v biases decide attention_bias

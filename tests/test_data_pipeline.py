@@ -329,4 +329,4 @@ def test_text_dataset_still_works(tiny_config):
 
     src = make_source(load_model_config("quickstart"))
     assert next(src).shape == (12, 65)
-    assert parse_model_config(tiny_config()).datasets == ()
+    assert parse_model_config(tiny_config()).data.datasets == ()

@@ -25,7 +25,7 @@ def unbox(tree):
 
 
 def init(cfg, seed=0):
-    return unbox(init_params(cfg, jax.random.PRNGKey(seed)))
+    return unbox(init_params(cfg.model, jax.random.PRNGKey(seed)))
 
 
 def test_axial_position_embedding_is_the_mean_of_two_tables(tiny_config):
@@ -36,20 +36,20 @@ def test_axial_position_embedding_is_the_mean_of_two_tables(tiny_config):
     table = np.array([(a1[p // 9] + a2[p % 9]) / 2 for p in range(32)])
     plain = parse_model_config(tiny_config())
     ref_params = {**{k: v for k, v in params.items() if not k.startswith("axial")}, "wpe": table}
-    np.testing.assert_allclose(GPT(cfg).apply({"params": params}, TOKENS),
-                               GPT(plain).apply({"params": ref_params}, TOKENS), atol=1e-6)
+    np.testing.assert_allclose(GPT(cfg.model).apply({"params": params}, TOKENS),
+                               GPT(plain.model).apply({"params": ref_params}, TOKENS), atol=1e-6)
 
 
 def test_glu_mlp_gates_one_half_by_the_activation_of_the_other(tiny_config):
     cfg = parse_model_config(tiny_config(mlp_glu=True))
     x = jnp.asarray(RNG.randn(2, 5, 64).astype(np.float32))
-    params = unbox(MLP(cfg).init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
+    params = unbox(MLP(cfg.model).init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
     w = params["c_fc"]["kernel"]
     assert w.shape == (64, 2, 256)  # the original's 8 x n_embd, as two halves
     hg = jnp.einsum("btd,dkf->btkf", x, w) + params["c_fc"]["bias"]
     h = hg[..., 0, :] * jax.nn.gelu(hg[..., 1, :], approximate=True)
     ref = h @ params["c_proj"]["kernel"] + params["c_proj"]["bias"]
-    np.testing.assert_allclose(MLP(cfg).apply({"params": params}, x, deterministic=True), ref, atol=1e-5)
+    np.testing.assert_allclose(MLP(cfg.model).apply({"params": params}, x, deterministic=True), ref, atol=1e-5)
 
 
 def test_scalenorm_normalises_with_one_scalar_gain(tiny_config):
@@ -69,15 +69,15 @@ def test_rezero_blocks_start_as_identity_and_scale_unnormalised_branches(tiny_co
     assert "ln_1" not in params["h_0"] and params["h_0"]["rezero_1"] == 0
     emb = params["wte"][TOKENS] + params["wpe"][jnp.arange(16)]
     at_init = LayerNorm().apply({"params": params["ln_f"]}, emb) @ params["wte"].T
-    np.testing.assert_allclose(GPT(cfg).apply({"params": params}, TOKENS), at_init, atol=1e-5)
+    np.testing.assert_allclose(GPT(cfg.model).apply({"params": params}, TOKENS), at_init, atol=1e-5)
     # with gates g1, g2: x + g1 * Attn(x); x + g2 * MLP(x) -- no pre-norm
     block = {**params["h_0"], "rezero_1": jnp.float32(0.5), "rezero_2": jnp.float32(-2.0)}
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    out, _ = Block(cfg).apply({"params": block}, x, pos, spec=LayerSpec("global"))
-    a, _ = Attention(cfg, "global").apply({"params": block["attn"]}, x, pos)
+    out, _ = Block(cfg.model).apply({"params": block}, x, pos, spec=LayerSpec("global"))
+    a, _ = Attention(cfg.model, "global").apply({"params": block["attn"]}, x, pos)
     h = x + 0.5 * a
-    ref = h - 2.0 * MLP(cfg).apply({"params": block["mlp"]}, h, deterministic=True)
+    ref = h - 2.0 * MLP(cfg.model).apply({"params": block["mlp"]}, h, deterministic=True)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -86,11 +86,11 @@ def test_macaron_adds_a_half_step_mlp_before_attention_and_halves_the_main_mlp(t
     block = init(cfg)["h_0"]
     x = jnp.asarray(RNG.randn(2, 16, 64).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    out, _ = Block(cfg).apply({"params": block}, x, pos, spec=LayerSpec("global"))
+    out, _ = Block(cfg.model).apply({"params": block}, x, pos, spec=LayerSpec("global"))
     ln = lambda name, h: LayerNorm().apply({"params": block[name]}, h)
-    mlp = lambda name, h: MLP(cfg).apply({"params": block[name]}, h, deterministic=True)
+    mlp = lambda name, h: MLP(cfg.model).apply({"params": block[name]}, h, deterministic=True)
     h = x + 0.5 * mlp("mlp_macaron", ln("ln_macaron", x))
-    h = h + Attention(cfg, "global").apply({"params": block["attn"]}, ln("ln_1", h), pos)[0]
+    h = h + Attention(cfg.model, "global").apply({"params": block["attn"]}, ln("ln_1", h), pos)[0]
     ref = h + 0.5 * mlp("mlp", ln("ln_2", h))
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
@@ -159,8 +159,8 @@ def test_untied_head_replaces_the_embedding_in_the_output_only(tiny_config):
     assert params["lm_head"].shape == (64, 128) and "ln_f" in params
     tied = {k: v for k, v in params.items() if k != "lm_head"}
     untied_as_tied = {**params, "lm_head": params["wte"].T}
-    np.testing.assert_allclose(GPT(cfg).apply({"params": untied_as_tied}, TOKENS),
-                               GPT(parse_model_config(tiny_config())).apply({"params": tied}, TOKENS), atol=1e-6)
+    np.testing.assert_allclose(GPT(cfg.model).apply({"params": untied_as_tied}, TOKENS),
+                               GPT(parse_model_config(tiny_config()).model).apply({"params": tied}, TOKENS), atol=1e-6)
 
 
 @pytest.mark.parametrize("depth, fan_in", [(False, True), (True, True)])
@@ -195,12 +195,12 @@ def test_rotary_attention_sees_only_relative_positions(tiny_config):
     params = init(cfg)
     assert "wpe" not in params
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    a = GPT(cfg).apply({"params": params}, TOKENS, pos)
-    b = GPT(cfg).apply({"params": params}, TOKENS, pos + 11)
+    a = GPT(cfg.model).apply({"params": params}, TOKENS, pos)
+    b = GPT(cfg.model).apply({"params": params}, TOKENS, pos + 11)
     np.testing.assert_allclose(a, b, atol=2e-4)
     learned = parse_model_config(tiny_config(attention_types=[[["global"], 2]]))
     lp = init(learned)
-    assert np.abs(GPT(learned).apply({"params": lp}, TOKENS, pos) - GPT(learned).apply({"params": lp}, TOKENS, pos + 11)).max() > 1e-3
+    assert np.abs(GPT(learned.model).apply({"params": lp}, TOKENS, pos) - GPT(learned.model).apply({"params": lp}, TOKENS, pos + 11)).max() > 1e-3
 
 
 def test_shared_parameters_apply_one_block_at_every_layer(tiny_config):
@@ -210,7 +210,7 @@ def test_shared_parameters_apply_one_block_at_every_layer(tiny_config):
     assert [k for k in params if k.startswith("h_")] == ["h_0"]
     x = params["wte"][TOKENS] + params["wpe"][jnp.arange(16)]
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    for kind in cfg.attention_types:
-        x, _ = Block(cfg).apply({"params": params["h_0"]}, x, pos, spec=LayerSpec(kind))
+    for kind in cfg.model.attention_types:
+        x, _ = Block(cfg.model).apply({"params": params["h_0"]}, x, pos, spec=LayerSpec(kind))
     ref = LayerNorm().apply({"params": params["ln_f"]}, x) @ params["wte"].T
-    np.testing.assert_allclose(GPT(cfg).apply({"params": params}, TOKENS), ref, atol=1e-5)
+    np.testing.assert_allclose(GPT(cfg.model).apply({"params": params}, TOKENS), ref, atol=1e-5)

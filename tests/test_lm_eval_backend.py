@@ -51,14 +51,14 @@ def models(tmp_path_factory, shared_data):
            "tokenizer_path": str(shared_data / "gpt2"), "eos_id": 50256,
            "model_path": str(root / "run")}
     cfg = parse_model_config(raw, "random-gpt-neo")
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: np.asarray(getattr(x, "value", x)), params, is_leaf=lambda x: hasattr(x, "value"))
     rng = np.random.RandomState(0)
     params = jax.tree_util.tree_map_with_path(  # random norms and biases, not constants
         lambda path, x: x + 0.1 * rng.randn(*x.shape).astype(np.float32)
         if str(path[-1].key) in ("scale", "bias") else x, params)
     params["wte"] = params["wte"] * 40.0  # a peaked, input-dependent distribution instead of a near-uniform one
-    save_params(cfg.model_path, params)
+    save_params(cfg.run.model_path, params)
     hf = HFLM(pretrained=str(export_hf(cfg, str(root / "hf"), log=lambda s: None)), device="cpu",
               dtype="float32", batch_size=16)
     return {"cfg": cfg, "params": params, "hf": hf, "model": hf.model}
@@ -89,7 +89,7 @@ def test_lambada_scores_equal_the_hf_backend(models, shared_data):
     assert ours["acc,none"] == ref["acc,none"]
     assert ours["perplexity,none"] == pytest.approx(ref["perplexity,none"], rel=1e-5)
     # the subset really has passages longer than the context (cut from the left)
-    tokenizer = load_tokenizer(models["cfg"].tokenizer_path)
+    tokenizer = load_tokenizer(models["cfg"].data.tokenizer_path)
     texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:LAMBADA_DOCS]
     assert sum(len(tokenizer.encode(t)) > N_CTX + 1 for t in texts) >= 5
 
@@ -97,7 +97,7 @@ def test_lambada_scores_equal_the_hf_backend(models, shared_data):
 def test_greedy_flags_and_empty_contexts_equal_the_hf_backend(models, shared_data):
     """Continuations that are (or are not) what greedy decoding produces: accuracy is not 0."""
     model = models["model"]
-    tokenizer = load_tokenizer(models["cfg"].tokenizer_path)
+    tokenizer = load_tokenizer(models["cfg"].data.tokenizer_path)
     texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:12]
     requests = []
     for i, text in enumerate(texts):
@@ -162,9 +162,9 @@ def checkpoint(tmp_path, tiny_config):
     raw = tiny_config(n_vocab=256, n_ctx=64, tokenizer_path="bytes", eos_id=10,
                       model_path=str(tmp_path / "run"), eval_tasks=["lambada"])
     cfg = parse_model_config(raw, "tiny")
-    params = init_params(cfg, jax.random.PRNGKey(3))
+    params = init_params(cfg.model, jax.random.PRNGKey(3))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
-    save_params(cfg.model_path, params, step=7)
+    save_params(cfg.run.model_path, params, step=7)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(raw))
     return path

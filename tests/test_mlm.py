@@ -11,7 +11,7 @@ from neo.errors import NeoError
 from neo.loss import lm_loss
 from neo.mesh import make_layout
 from neo.mlm import mask_tokens
-from neo.model import GPT, init_params
+from neo.model import GPT
 from neo.train import MLM_STREAM, build, global_batch
 
 MASK, CLS = 5, 6
@@ -58,9 +58,11 @@ def test_cls_is_prepended_and_never_masked(mlm_config):
     np.testing.assert_array_equal(labels[:, 1:], batch[:, :31])
 
 
-def test_shares_above_one_are_refused(mlm_config):
+def test_shares_above_one_are_refused_when_the_config_loads(mlm_config):
     with pytest.raises(NeoError, match="exceed 1"):
-        init_params(mlm_config(mlm_same_token_prob=0.6, mlm_random_token_prob=0.5), jax.random.PRNGKey(0))
+        mlm_config(mlm_same_token_prob=0.6, mlm_random_token_prob=0.5)
+    with pytest.raises(NeoError, match="nothing could be masked"):
+        mlm_config(mlm_mask_ignore_ids=list(range(128)))
 
 
 def test_train_step_loss_is_on_the_masked_positions_only(mlm_config):
@@ -72,10 +74,10 @@ def test_train_step_loss_is_on_the_masked_positions_only(mlm_config):
     params = jax.device_get(state.params)
     _, metrics = setup.step(state, global_batch(setup, batch))
 
-    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0), MLM_STREAM)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.run.seed), 0), MLM_STREAM)
     inputs, labels, selected = mask_tokens(cfg, jnp.asarray(batch), rng)
-    logits = GPT(cfg).apply({"params": params}, inputs)
-    _, ref = lm_loss(logits, labels, cfg.z_loss, selected)
+    logits = GPT(cfg.model).apply({"params": params}, inputs)
+    _, ref = lm_loss(logits, labels, cfg.run.z_loss, selected)
     assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), abs=1e-5)
-    _, everywhere = lm_loss(logits, labels, cfg.z_loss)
+    _, everywhere = lm_loss(logits, labels, cfg.run.z_loss)
     assert abs(float(everywhere["loss"]) - float(ref["loss"])) > 1e-3  # the mask matters

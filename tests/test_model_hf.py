@@ -32,7 +32,7 @@ def hf_gpt_neo(attention_types, window, seed=0, **kw):
 def neo_from_hf(hfc, model):
     cfg = parse_model_config(config_from_hf(hfc.to_dict()), "hf")
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return cfg, params_from_hf(sd, cfg.n_layer, cfg.n_head)
+    return cfg, params_from_hf(sd, cfg.model.n_layer, cfg.model.n_head)
 
 
 @pytest.mark.parametrize("seq", [20, 90])  # 90 > 2 * window: the blocked local-attention path
@@ -42,7 +42,7 @@ def test_logits_match_transformers(seq):
     tokens = np.random.RandomState(1).randint(0, 211, (3, seq))
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
-    out = np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
@@ -50,11 +50,11 @@ def test_logits_match_transformers(seq):
 def test_local_only_stack_and_exact_gelu():
     hfc, model = hf_gpt_neo([[["local"], 2]], window=5, activation_function="gelu")
     cfg, params = neo_from_hf(hfc, model)
-    assert cfg.activation_fn == "gelu_exact"
+    assert cfg.model.activation_fn == "gelu_exact"
     tokens = np.random.RandomState(2).randint(0, 211, (2, 33))
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
-    out = np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
 
@@ -76,8 +76,8 @@ def test_bfloat16_forward_stays_close_to_float32():
     hfc, model = hf_gpt_neo([[["global", "local"], 2]], window=8)
     cfg, params = neo_from_hf(hfc, model)
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, 211, (2, 24)))
-    f32 = GPT(cfg).apply({"params": params}, tokens)
-    bf16 = GPT(cfg.replace(precision="bfloat16")).apply({"params": params}, tokens)
+    f32 = GPT(cfg.model).apply({"params": params}, tokens)
+    bf16 = GPT(cfg.replace(precision="bfloat16").model).apply({"params": params}, tokens)
     assert bf16.dtype == jnp.float32  # logits are float32 whatever the compute dtype
     err = float(jnp.abs(bf16 - f32).max()) / float(jnp.abs(f32).max())
     assert 0 < err < 0.05
@@ -86,7 +86,7 @@ def test_bfloat16_forward_stays_close_to_float32():
 def test_initialisation_follows_mesh_tensorflow():
     cfg = parse_model_config(dict(n_embd=256, n_head=4, n_layer=4, n_ctx=64, n_vocab=1000,
                                   attention_types=[[["global"], 4]], scale_by_depth=True))
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     std = lambda x: float(np.std(np.asarray(x)))
     d, dh = 256, 64

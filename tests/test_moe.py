@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neo.config import parse_model_config
+from neo.config import MoEParams, parse_model_config
 from neo.errors import NeoError
 from neo.flops import flops_per_token
 from neo.mesh import make_layout
 from neo.model.gpt import MLP
-from neo.model.moe import MoE, MoEParams, capacity, group_size, moe_params, route
+from neo.model.moe import MoE, capacity, group_size, route
 from neo.train import build, global_batch
 
 RNG = np.random.RandomState(0)
@@ -27,7 +27,7 @@ def moe_config(tiny_config):
 
 
 def test_defaults_are_the_originals(moe_config):
-    p = moe_params(moe_config())
+    p = moe_config().model.moe_params
     assert (p.moe_num_experts, p.moe_gating, p.moe_loss_coef, p.moe_capacity_factor_train,
             p.moe_capacity_factor_eval, p.moe_group_size, p.moe_second_policy_train,
             p.moe_second_threshold_train) == (16, "top_2", 1e-2, 1.25, 2.0, 1024, "random", 0.2)
@@ -36,17 +36,19 @@ def test_defaults_are_the_originals(moe_config):
     assert group_size(2048, 1024) == 1024 and group_size(96, 1024) == 96 and group_size(3000, 1024) == 1000
 
 
-def test_bad_moe_params_are_named(moe_config):
+def test_bad_moe_params_are_named_when_the_config_loads(moe_config):
     with pytest.raises(NeoError, match="unknown moe_params key 'moe_num_expert'.*moe_num_experts"):
-        moe_params(moe_config(moe_num_expert=4))
+        moe_config(moe_num_expert=4)
     with pytest.raises(NeoError, match="top_1, top_2"):
-        moe_params(moe_config(moe_gating="softmax"))
+        moe_config(moe_gating="softmax")
+    with pytest.raises(NeoError, match="'moe_hidden_size' must be >= 1"):
+        moe_config(moe_hidden_size=0)
 
 
 def test_one_expert_with_room_for_every_token_is_a_plain_mlp(moe_config):
     cfg = moe_config(moe_num_experts=1, moe_gating="top_1", moe_capacity_factor_eval=1.0)
     x = jnp.asarray(RNG.randn(2, 16, 32).astype(np.float32))
-    layer = MoE(cfg)
+    layer = MoE(cfg.model)
     params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)["params"]
     params = jax.tree.map(lambda v: getattr(v, "value", v), params, is_leaf=lambda v: hasattr(v, "value"))
     out = layer.apply({"params": params}, x, deterministic=True)
@@ -54,7 +56,7 @@ def test_one_expert_with_room_for_every_token_is_a_plain_mlp(moe_config):
     mlp_cfg = cfg.replace(activation_fn="relu", intermediate_size=48)
     mlp_params = {"c_fc": {"kernel": params["wi"][0], "bias": jnp.zeros(48)},
                   "c_proj": {"kernel": params["wo"][0], "bias": jnp.zeros(32)}}
-    ref = MLP(mlp_cfg).apply({"params": mlp_params}, x, deterministic=True)
+    ref = MLP(mlp_cfg.model).apply({"params": mlp_params}, x, deterministic=True)
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
@@ -116,7 +118,7 @@ def test_expert_parallel_training_gives_the_unsharded_loss(moe_config):
 def test_flops_count_the_active_experts(moe_config):
     cfg = moe_config(moe_num_experts=8)
     dense = cfg.replace(moe_layers=None)
-    d, h = cfg.n_embd, 48
+    d, h = cfg.model.n_embd, 48
     per_token_moe = 2 * (2 * (2 * d * h) + d * 8)  # two experts' matmuls + the router
-    per_token_mlp = 2 * (2 * d * cfg.intermediate_expanded)
-    assert flops_per_token(cfg, training=False) - flops_per_token(dense, training=False) == per_token_moe - per_token_mlp
+    per_token_mlp = 2 * (2 * d * cfg.model.intermediate_expanded)
+    assert flops_per_token(cfg.model, training=False) - flops_per_token(dense.model, training=False) == per_token_moe - per_token_mlp

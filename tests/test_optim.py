@@ -22,19 +22,28 @@ def cfg(tiny_config):
     return make
 
 
-def test_warmup_then_cosine_to_ten_percent(cfg):
-    s = lr_schedule(cfg(lr=1.0, warmup_steps=10, lr_decay="cosine", train_steps=110))
+@pytest.fixture
+def schedule(cfg):
+    def make(**kw):
+        c = cfg(**kw)
+        return lr_schedule(c.optimizer, c.run.train_steps)
+
+    return make
+
+
+def test_warmup_then_cosine_to_ten_percent(schedule):
+    s = schedule(lr=1.0, warmup_steps=10, lr_decay="cosine", train_steps=110)
     assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
     assert float(s(10)) == pytest.approx(1.0)
     assert float(s(60)) == pytest.approx(0.55, abs=1e-6)  # halfway: 0.1 + 0.9 * 0.5
     assert float(s(110)) == pytest.approx(0.1) and float(s(10_000)) == pytest.approx(0.1)
 
 
-def test_linear_and_constant_and_decay_end(cfg):
-    s = lr_schedule(cfg(lr=2.0, lr_decay="linear", train_steps=100, lr_decay_end=50))
+def test_linear_and_constant_and_decay_end(schedule):
+    s = schedule(lr=2.0, lr_decay="linear", train_steps=100, lr_decay_end=50)
     assert float(s(0)) == pytest.approx(2.0) and float(s(25)) == pytest.approx(1.1)
     assert float(s(50)) == pytest.approx(0.2) and float(s(99)) == pytest.approx(0.2)
-    assert float(lr_schedule(cfg(lr=3.0))(77)) == pytest.approx(3.0)
+    assert float(schedule(lr=3.0)(77)) == pytest.approx(3.0)
 
 
 def test_weight_decay_skips_every_norm_and_bias(cfg):
@@ -62,7 +71,7 @@ def test_decoupled_weight_decay_shrinks_only_decayed_parameters(cfg):
 def losses_after(c, steps=8):
     setup = build(c, make_layout("", "", ONE))
     state = setup.init()
-    batch = np.random.RandomState(0).randint(0, c.n_vocab, (c.train_batch_size, c.n_ctx + 1)).astype(np.int32)
+    batch = np.random.RandomState(0).randint(0, c.model.n_vocab, (c.run.train_batch_size, c.model.n_ctx + 1)).astype(np.int32)
     out = []
     for _ in range(steps):
         state, m = setup.step(state, global_batch(setup, batch))
@@ -82,11 +91,11 @@ def test_gradient_clipping_bounds_the_adam_input(cfg):
     c = cfg(gradient_clipping=1e-3, lr=1e-3)
     setup = build(c, make_layout("", "", ONE))
     state = setup.init()
-    batch = np.random.RandomState(0).randint(0, c.n_vocab, (8, c.n_ctx + 1)).astype(np.int32)
+    batch = np.random.RandomState(0).randint(0, c.model.n_vocab, (8, c.model.n_ctx + 1)).astype(np.int32)
     new, m = setup.step(state, global_batch(setup, batch))
     assert float(m["grad_norm"]) > 1e-3  # reported before clipping
     mu = new.opt_state[1][0].mu  # chain(clip, adamw): adamw's first state holds the first moment
-    norm = float(optax.tree.norm(mu)) / (1 - c.beta1)  # mu = (1 - b1) * clipped grad after one step
+    norm = float(optax.tree.norm(mu)) / (1 - c.optimizer.beta1)  # mu = (1 - b1) * clipped grad after one step
     assert norm == pytest.approx(1e-3, rel=1e-4)
 
 
@@ -105,6 +114,6 @@ def test_recompute_grad_gives_the_same_step_and_really_rematerialises(cfg):
     c = cfg(recompute_grad=True)
     setup = build(c, make_layout("", "", ONE))
     state = setup.init()
-    batch = global_batch(setup, np.zeros((8, c.n_ctx + 1), np.int32))
+    batch = global_batch(setup, np.zeros((8, c.model.n_ctx + 1), np.int32))
     jaxpr = str(jax.make_jaxpr(setup.step)(state, batch))
-    assert jaxpr.count("remat2[") == c.n_layer  # one rematerialised block per layer
+    assert jaxpr.count("remat2[") == c.model.n_layer  # one rematerialised block per layer

@@ -30,7 +30,7 @@ def under(prefix: str, tree: dict) -> dict:
 
 def param_tree(raw: dict) -> dict:
     cfg = parse_model_config(raw)
-    flat = traverse_util.flatten_dict(meta.unbox(abstract_init(cfg)), sep="/")
+    flat = traverse_util.flatten_dict(meta.unbox(abstract_init(cfg.model)), sep="/")
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 

@@ -50,7 +50,7 @@ def neo_sampler(hfc, model, layout=None, on_trace=None):
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     _, cfg, params = hf_to_neo(hfc.to_dict(), sd)
     layout = layout or make_layout("", "", jax.devices()[:1])
-    shardings = shardings_of(place(layout, abstract_init(cfg)))
+    shardings = shardings_of(place(layout, abstract_init(cfg.model)))
     return cfg, Sampler(cfg, jax.device_put(params, shardings), layout, on_trace)
 
 
@@ -83,9 +83,9 @@ def test_rows_stop_at_eos_and_at_the_context_end():
     for prompt, row in zip(PROMPTS[1:], rows[1:]):
         full = hf_greedy(model, prompt, 30)
         assert row == (full[:full.index(ref[k])] if ref[k] in full else full)
-    long = list(np.random.RandomState(0).randint(0, 203, cfg.n_ctx + 6))
+    long = list(np.random.RandomState(0).randint(0, 203, cfg.model.n_ctx + 6))
     (row,) = sampler.generate([long], GREEDY)
-    assert row == hf_greedy(model, long[-(cfg.n_ctx - 1):], 1)  # last n_ctx-1 tokens kept, room for one
+    assert row == hf_greedy(model, long[-(cfg.model.n_ctx - 1):], 1)  # last n_ctx-1 tokens kept, room for one
 
 
 def test_one_compilation_serves_prompt_lengths_and_settings():

@@ -37,11 +37,11 @@ def shapes(name):
 def gpt_neo_count(cfg) -> int:
     """Parameters of a GPT-Neo model from its shapes: tied embedding, learned positions, per
     layer LN1 + q/k/v/o (+ o bias) when it has attention, LN2 + MLP with biases, final LN."""
-    d, f = cfg.n_embd, cfg.intermediate_expanded
+    d, f = cfg.model.n_embd, cfg.model.intermediate_expanded
     attn = 4 * d * d + d + 2 * d
     mlp = 2 * d * f + f + d + 2 * d
-    layers = sum((attn if k != "none" else 0) + mlp for k in cfg.attention_types)
-    return cfg.n_vocab * d + cfg.n_ctx * d + layers + 2 * d
+    layers = sum((attn if k != "none" else 0) + mlp for k in cfg.model.attention_types)
+    return cfg.model.n_vocab * d + cfg.model.n_ctx * d + layers + 2 * d
 
 
 def test_the_released_sizes_and_the_original_family_are_shipped():
@@ -62,10 +62,10 @@ def test_config_builds_abstractly_with_the_right_parameter_count(name):
 
 
 def test_released_attention_patterns():
-    kinds = {n: load_model_config(n).attention_types for n in RELEASED}
+    kinds = {n: load_model_config(n).model.attention_types for n in RELEASED}
     for n in ("gpt_neo_125M", "gpt_neo_350M", "gpt_neo_1.3B", "gpt_neo_2.7B"):
         assert kinds[n][:2] == ("global", "local") and len(set(kinds[n][::2])) == 1
-    assert load_model_config("gpt_neo_2.7B").n_head == 20  # the release, not the repo's 32-head config
+    assert load_model_config("gpt_neo_2.7B").model.n_head == 20  # the release, not the repo's 32-head config
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -74,10 +74,10 @@ def test_layout_examples_fit_their_devices(name):
     for target, example in EXAMPLES[name].items():
         n, memory, _ = TARGETS[target]
         if not example["fits"]:
-            assert cfg.n_embd >= 4096, f"{name} on {target}: only the biggest models may lack an example"
+            assert cfg.model.n_embd >= 4096, f"{name} on {target}: only the biggest models may lack an example"
             continue
         trial = cfg.replace(**{k: example[k] for k in ("mesh_shape", "layout", "tokens_per_mb_per_replica",
                                                        "recompute_grad") if k in example})
-        assert math.prod(int(a.split(":")[1]) for a in trial.mesh_shape.split(",")) == n
-        assert fits_shapes(trial, trial.mesh_shape, trial.layout, n) is None
-        assert estimate(trial, trial.mesh_shape, trial.layout, n, shapes(name)).memory <= memory, (name, target)
+        assert math.prod(int(a.split(":")[1]) for a in trial.run.mesh_shape.split(",")) == n
+        assert fits_shapes(trial, trial.run.mesh_shape, trial.run.layout, n) is None
+        assert estimate(trial, trial.run.mesh_shape, trial.run.layout, n, shapes(name)).memory <= memory, (name, target)

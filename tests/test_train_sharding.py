@@ -26,8 +26,8 @@ def base_cfg(tiny_config):
 
 @pytest.fixture(scope="module")
 def tokens(base_cfg):
-    shape = (base_cfg.train_batch_size, base_cfg.n_ctx + 1)
-    return np.random.RandomState(0).randint(0, base_cfg.n_vocab, shape).astype(np.int32)
+    shape = (base_cfg.run.train_batch_size, base_cfg.model.n_ctx + 1)
+    return np.random.RandomState(0).randint(0, base_cfg.model.n_vocab, shape).astype(np.int32)
 
 
 def run(cfg, batch, mesh_shape, layout, devices=None, steps=2):
@@ -90,7 +90,7 @@ def test_compiled_step_shards_parameters_as_the_layout_says(base_cfg, tokens):
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(reference, base_cfg, tokens):
-    cfg = base_cfg.replace(tokens_per_mb_per_replica=2 * base_cfg.n_ctx)  # 2 sequences per microbatch
+    cfg = base_cfg.replace(tokens_per_mb_per_replica=2 * base_cfg.model.n_ctx)  # 2 sequences per microbatch
     setup = build(cfg, make_layout("x:2", "batch:x", jax.devices()[:2]))
     assert setup.num_microbatches == 2  # 4 sequences per replica / 2 per microbatch
     _, state, metrics = run(cfg, tokens, "x:2", "batch:x", jax.devices()[:2])
@@ -102,8 +102,8 @@ def test_gradient_accumulation_gives_the_full_batch_update(reference, base_cfg, 
 
 def test_microbatch_count_follows_gpt_neo(base_cfg):
     layout = make_layout("x:8", "batch:x")
-    cfg = base_cfg.replace(train_batch_size=48, tokens_per_mb_per_replica=4 * base_cfg.n_ctx)
-    count = lambda c: num_microbatches(c.train_batch_size, c.n_ctx, c.tokens_per_mb_per_replica,
+    cfg = base_cfg.replace(train_batch_size=48, tokens_per_mb_per_replica=4 * base_cfg.model.n_ctx)
+    count = lambda c: num_microbatches(c.run.train_batch_size, c.model.n_ctx, c.run.tokens_per_mb_per_replica,
                                        layout.axis_size("batch"))
     assert count(cfg) == 2  # 6 per replica; 4 does not divide 6 -> 3 per microbatch
     assert count(base_cfg) == 1

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from neo.config import Config, ModelConfig
 from neo.errors import NeoError
 
 
@@ -69,43 +70,44 @@ def params_from_hf(sd: Mapping[str, np.ndarray], n_layer: int, n_head: int) -> d
     return params
 
 
-def config_to_hf(cfg) -> dict:
-    """A neo ModelConfig -> HF GPTNeoConfig kwargs; errors for what HF GPT-Neo cannot express."""
+def config_to_hf(cfg: Config) -> dict:
+    """A neo Config -> HF GPTNeoConfig kwargs; errors for what HF GPT-Neo cannot express."""
+    m = cfg.model
     unsupported = {
-        "rotary_emb": cfg.rotary_emb, "no_weight_tie": cfg.no_weight_tie,
-        "parallel_residual": cfg.parallel_residual, "scale_attention": cfg.scale_attention,
-        "qkv_bias": cfg.qkv_bias, "linear/none attention": bool({"linear", "none"} & set(cfg.attention_types)),
+        "rotary_emb": m.rotary_emb, "no_weight_tie": m.no_weight_tie,
+        "parallel_residual": m.parallel_residual, "scale_attention": m.scale_attention,
+        "qkv_bias": m.qkv_bias, "linear/none attention": bool({"linear", "none"} & set(m.attention_types)),
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise NeoError(f"HF GPTNeoForCausalLM cannot represent {', '.join(bad)}; export as GPT-NeoX instead.")
     # GPT-Neo's experimental options have no Hugging Face architecture at all.
     experimental = {
-        "moe_layers": bool(cfg.moe_layers), "mlp_glu": cfg.mlp_glu, "scalenorm": cfg.scalenorm,
-        "rezero": cfg.rezero, "macaron": cfg.macaron, "num_mem_kv": cfg.num_mem_kv > 0,
-        "axial_pos_emb": cfg.axial_pos_emb is not None, "share_parameters": cfg.share_parameters,
-        "mlm_training": cfg.mlm_training,
+        "moe_layers": bool(m.moe_layers), "mlp_glu": m.mlp_glu, "scalenorm": m.scalenorm,
+        "rezero": m.rezero, "macaron": m.macaron, "num_mem_kv": m.num_mem_kv > 0,
+        "axial_pos_emb": m.axial_pos_emb is not None, "share_parameters": m.share_parameters,
+        "mlm_training": m.mlm_training,
     }
     bad = [k for k, v in experimental.items() if v]
     if bad:
         raise NeoError(f"no Hugging Face model can represent {', '.join(bad)}; keep neo's checkpoint.")
     acts = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_tanh": "gelu_new", "gelu_fast": "gelu_new",
             "gelu_exact": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
-    if cfg.activation_fn not in acts:
-        raise NeoError(f"activation_fn {cfg.activation_fn!r} has no HF GPT-Neo equivalent.")
-    kinds = list(cfg.attention_types)
+    if m.activation_fn not in acts:
+        raise NeoError(f"activation_fn {m.activation_fn!r} has no HF GPT-Neo equivalent.")
+    kinds = list(m.attention_types)
     return dict(
-        vocab_size=cfg.n_vocab, max_position_embeddings=cfg.n_ctx, hidden_size=cfg.n_embd,
-        num_layers=cfg.n_layer, num_heads=cfg.n_head, attention_types=[[kinds, 1]],
-        window_size=cfg.local_attention_radius, intermediate_size=cfg.intermediate_size,
-        activation_function=acts[cfg.activation_fn], layer_norm_epsilon=cfg.layer_norm_epsilon,
-        embed_dropout=cfg.embed_dropout, attention_dropout=cfg.attn_dropout, resid_dropout=cfg.res_dropout,
-        bos_token_id=cfg.eos_id if cfg.eos_id is not None else 50256,
-        eos_token_id=cfg.eos_id if cfg.eos_id is not None else 50256,
+        vocab_size=m.n_vocab, max_position_embeddings=m.n_ctx, hidden_size=m.n_embd,
+        num_layers=m.n_layer, num_heads=m.n_head, attention_types=[[kinds, 1]],
+        window_size=m.local_attention_radius, intermediate_size=m.intermediate_size,
+        activation_function=acts[m.activation_fn], layer_norm_epsilon=m.layer_norm_epsilon,
+        embed_dropout=m.embed_dropout, attention_dropout=m.attn_dropout, resid_dropout=m.res_dropout,
+        bos_token_id=cfg.data.eos_id if cfg.data.eos_id is not None else 50256,
+        eos_token_id=cfg.data.eos_id if cfg.data.eos_id is not None else 50256,
     )
 
 
-def params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """neo's parameter tree -> an HF GPT-Neo state dict (numpy, the parameters' dtype). The
     output head is tied to `wte`, so `lm_head.weight` is not written (transformers ties it)."""
     a = lambda x: np.asarray(x)

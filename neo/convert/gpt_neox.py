@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from neo.config import Config, ModelConfig
 from neo.errors import NeoError
 
 # HF hidden_act -> neo activation_fn. HF "gelu" is the exact erf form (Pythia); "gelu_fast" and
@@ -65,7 +66,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict:
     }
 
 
-def params_from_hf(sd: Mapping[str, np.ndarray], cfg) -> dict:
+def params_from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
     """An HF GPT-NeoX state dict (numpy arrays) -> neo's parameter tree."""
     def get(key: str, default: Any = None) -> np.ndarray:
         for k in (key, "gpt_neox." + key):
@@ -108,39 +109,40 @@ def params_from_hf(sd: Mapping[str, np.ndarray], cfg) -> dict:
     return params
 
 
-def _attention_bias(cfg, params: Mapping[str, Any]) -> bool:
+def _attention_bias(cfg: ModelConfig, params: Mapping[str, Any]) -> bool:
     """HF has one switch for the qkv and output biases; neo always has an output bias, so it is
     needed whenever q/k/v have biases or any output bias is non-zero."""
     return cfg.qkv_bias or any(np.any(np.asarray(params[f"h_{i}"]["attn"]["o"]["bias"]) != 0)
                                for i in range(cfg.n_layer))
 
 
-def config_to_hf(cfg, params: Mapping[str, Any]) -> dict:
-    """A neo ModelConfig -> HF GPTNeoXConfig fields; errors for what GPT-NeoX cannot express."""
+def config_to_hf(cfg: Config, params: Mapping[str, Any]) -> dict:
+    """A neo Config -> HF GPTNeoXConfig fields; errors for what GPT-NeoX cannot express."""
+    m = cfg.model
     unsupported = {
-        "learned position embeddings (set rotary_emb)": not cfg.rotary_emb,
-        "attention without 1/sqrt(d_head) scaling (set scale_attention)": not cfg.scale_attention,
-        "local/linear/none attention layers": set(cfg.attention_types) != {"global"},
+        "learned position embeddings (set rotary_emb)": not m.rotary_emb,
+        "attention without 1/sqrt(d_head) scaling (set scale_attention)": not m.scale_attention,
+        "local/linear/none attention layers": set(m.attention_types) != {"global"},
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise NeoError(f"HF GPTNeoXForCausalLM cannot represent {', '.join(bad)}.")
-    if cfg.activation_fn not in ACT_TO_HF:
-        raise NeoError(f"activation_fn {cfg.activation_fn!r} has no HF GPT-NeoX equivalent.")
-    eos = cfg.eos_id if cfg.eos_id is not None else 0
+    if m.activation_fn not in ACT_TO_HF:
+        raise NeoError(f"activation_fn {m.activation_fn!r} has no HF GPT-NeoX equivalent.")
+    eos = cfg.data.eos_id if cfg.data.eos_id is not None else 0
     return dict(
-        vocab_size=cfg.n_vocab, max_position_embeddings=cfg.n_ctx, hidden_size=cfg.n_embd,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        intermediate_size=cfg.intermediate_expanded, hidden_act=ACT_TO_HF[cfg.activation_fn],
-        rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rotary_emb_base,
-        layer_norm_eps=cfg.layer_norm_epsilon, use_parallel_residual=cfg.parallel_residual,
-        attention_bias=bool(_attention_bias(cfg, params)), tie_word_embeddings=not cfg.no_weight_tie,
-        hidden_dropout=cfg.res_dropout, attention_dropout=cfg.attn_dropout,
+        vocab_size=m.n_vocab, max_position_embeddings=m.n_ctx, hidden_size=m.n_embd,
+        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head,
+        intermediate_size=m.intermediate_expanded, hidden_act=ACT_TO_HF[m.activation_fn],
+        rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
+        layer_norm_eps=m.layer_norm_epsilon, use_parallel_residual=m.parallel_residual,
+        attention_bias=bool(_attention_bias(m, params)), tie_word_embeddings=not m.no_weight_tie,
+        hidden_dropout=m.res_dropout, attention_dropout=m.attn_dropout,
         bos_token_id=eos, eos_token_id=eos,
     )
 
 
-def params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """neo's parameter tree -> an HF GPT-NeoX state dict (numpy, the parameters' dtype)."""
     a = lambda x: np.asarray(x)
     d, h = cfg.n_embd, cfg.n_head

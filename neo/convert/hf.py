@@ -125,18 +125,18 @@ def model_type(hf_cfg: Mapping[str, Any], where: str) -> str:
 
 
 def hf_to_neo(hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str = "<hf>"):
-    """(neo config dict, ModelConfig, params) for an HF config and state dict of either family."""
+    """(neo config dict, Config, params) for an HF config and state dict of either family."""
     from neo.config import parse_model_config
 
     kind = model_type(hf_cfg, where)
     if kind == "gpt_neo":
         raw = gpt_neo.config_from_hf(hf_cfg)
         cfg = parse_model_config(raw, where)
-        params = gpt_neo.params_from_hf(sd, cfg.n_layer, cfg.n_head)
+        params = gpt_neo.params_from_hf(sd, cfg.model.n_layer, cfg.model.n_head)
     else:
         raw = gpt_neox.config_from_hf(hf_cfg)
         cfg = parse_model_config(raw, where)
-        params = gpt_neox.params_from_hf(sd, cfg)
+        params = gpt_neox.params_from_hf(sd, cfg.model)
     return raw, cfg, params
 
 
@@ -146,7 +146,7 @@ def _check_shapes(cfg, params: Any, where: str) -> None:
 
     from neo.model import abstract_init
 
-    want = jax.tree.map(lambda x: tuple(getattr(x, "value", x).shape), abstract_init(cfg),
+    want = jax.tree.map(lambda x: tuple(getattr(x, "value", x).shape), abstract_init(cfg.model),
                         is_leaf=lambda x: hasattr(x, "value"))
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
@@ -196,11 +196,11 @@ def import_hf(name_or_dir: str, output: str, revision: Optional[str] = None, log
 def neo_to_hf(cfg, params: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
     """(HF config.json dict, HF state dict) for a neo config and parameters. Rotary models go
     to GPT-NeoX, learned-position models to GPT-Neo."""
-    kind = "gpt_neox" if cfg.rotary_emb else "gpt_neo"
+    kind = "gpt_neox" if cfg.model.rotary_emb else "gpt_neo"
     if kind == "gpt_neox":
-        fields, sd = gpt_neox.config_to_hf(cfg, params), gpt_neox.params_to_hf(params, cfg)
+        fields, sd = gpt_neox.config_to_hf(cfg, params), gpt_neox.params_to_hf(params, cfg.model)
     else:
-        fields, sd = gpt_neo.config_to_hf(cfg), gpt_neo.params_to_hf(params, cfg)
+        fields, sd = gpt_neo.config_to_hf(cfg), gpt_neo.params_to_hf(params, cfg.model)
     dtype = str(next(iter(sd.values())).dtype)
     hf_cfg = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, **fields,
               "torch_dtype": dtype, "use_cache": True}
@@ -236,22 +236,22 @@ def write_tokenizer(cfg, folder: Path, log=print) -> None:
     from neo.config import resolve_path
     from neo.data.tokenizer import HFTokenizer, load_tokenizer
 
-    if not cfg.tokenizer_path:
+    if not cfg.data.tokenizer_path:
         log("neo: the config names no tokenizer_path; exported weights only (add tokenizer files by hand).")
         return
-    src = Path(resolve_path(cfg.tokenizer_path))
+    src = Path(resolve_path(cfg.data.tokenizer_path))
     if src.is_dir() and (src / "tokenizer_config.json").exists():  # already a Hugging Face tokenizer
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, folder / name)
         return
-    tok = load_tokenizer(cfg.tokenizer_path)
+    tok = load_tokenizer(cfg.data.tokenizer_path)
     if not isinstance(tok, HFTokenizer):
-        log(f"neo: tokenizer {cfg.tokenizer_path!r} has no Hugging Face form; exported weights only.")
+        log(f"neo: tokenizer {cfg.data.tokenizer_path!r} has no Hugging Face form; exported weights only.")
         return
     tok.tok.save(str(folder / "tokenizer.json"))
-    eos = tok.tok.id_to_token(cfg.eos_id) if cfg.eos_id is not None else None
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.n_ctx,
+    eos = tok.tok.id_to_token(cfg.data.eos_id) if cfg.data.eos_id is not None else None
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.n_ctx,
                "add_prefix_space": False, "clean_up_tokenization_spaces": False}
     if eos is not None:
         tok_cfg.update(eos_token=eos, bos_token=eos, unk_token=eos)
@@ -277,5 +277,5 @@ def export_hf(cfg, output: str, step: Optional[int] = None, dtype: str = "float3
     write_safetensors(sd, folder)
     (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     write_tokenizer(cfg, folder, log)
-    log(f"neo: exported step {meta.get('step')} of {cfg.model_path} as {hf_cfg['architectures'][0]} to {folder}")
+    log(f"neo: exported step {meta.get('step')} of {cfg.run.model_path} as {hf_cfg['architectures'][0]} to {folder}")
     return folder

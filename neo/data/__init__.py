@@ -9,24 +9,21 @@ are in prep/.
 
 from __future__ import annotations
 
-from neo.config import ModelConfig, resolve_path
+from neo.config import Config, resolve_path
 from neo.errors import NeoError
 
 
-def make_source(cfg: ModelConfig, split: str = "train", process_index: int = 0, process_count: int = 1):
+def make_source(cfg: Config, split: str = "train", process_index: int = 0, process_count: int = 1):
     """The batch source for `split` ("train" or "eval") of the config's datasets."""
     from neo.data.text import TextSource, read_text_tokens, split_holdout
     from neo.data.tokenizer import load_tokenizer
 
-    if not cfg.datasets:
+    if not cfg.data.datasets:
         raise NeoError(f"{cfg.source}: no 'datasets' configured; add e.g. "
                        f"\"datasets\": [[\"tinyshakespeare\", null, null, null]].")
-    entry = cfg.datasets[0]
+    entry = cfg.data.datasets[0]
     ds = entry.config
-    if ds.path.endswith(".txt"):
-        if len(cfg.datasets) > 1:
-            raise NeoError(f"{cfg.source}: a plain-text dataset ('{entry.id}') cannot be mixed with others; "
-                           f"turn the text into tfrecords with data/create_tfrecords.py.")
+    if ds.path.endswith(".txt"):  # alone: neo/config/validate.py refuses mixing it
         tokenizer = load_tokenizer(ds.tokenizer_path, ds.tokenizer_is_pretrained)
         if split == "eval" and ds.eval_path:
             tokens = read_text_tokens(resolve_path(ds.eval_path, ds.source), tokenizer)
@@ -37,9 +34,9 @@ def make_source(cfg: ModelConfig, split: str = "train", process_index: int = 0, 
                 tokens = held if split == "eval" else train
             elif split == "eval":
                 raise NeoError(f"dataset '{entry.id}' has no eval data: set 'eval_path' or 'holdout' in {ds.source}.")
-        batch = cfg.train_batch_size if split == "train" else (cfg.eval_batch_size or cfg.train_batch_size)
-        seed = cfg.seed if split == "train" else cfg.seed + 1
-        return TextSource(tokens, batch, cfg.n_ctx, seed, process_index, process_count, name=entry.id)
+        batch = cfg.run.train_batch_size if split == "train" else (cfg.run.eval_batch_size or cfg.run.train_batch_size)
+        seed = cfg.run.seed if split == "train" else cfg.run.seed + 1
+        return TextSource(tokens, batch, cfg.model.n_ctx, seed, process_index, process_count, name=entry.id)
     return tfrecord_source(cfg, split, process_index, process_count)
 
 
@@ -48,33 +45,30 @@ def dataset_file(entry) -> str:
     return entry.id if entry.id.endswith(".json") else f"{entry.config.source}/{entry.id}.json"
 
 
-def tfrecord_source(cfg: ModelConfig, split: str, process_index: int, process_count: int):
+def tfrecord_source(cfg: Config, split: str, process_index: int, process_count: int):
     """The mixture of the config's tfrecord datasets (docs/data.md)."""
     from neo.data.mixture import TFRecordSource
     from neo.data.sampling import DatasetSpec, DatasetStream
     from neo.data.tfrecords import list_files, record_counts
 
-    seed = cfg.seed if split == "train" else cfg.seed + 1
+    seed = cfg.run.seed if split == "train" else cfg.run.seed + 1
     streams, weights = [], []
-    for k, entry in enumerate(cfg.datasets):
+    for k, entry in enumerate(cfg.data.datasets):
         ds = entry.config
         pattern = ds.path if split == "train" else ds.eval_path
         if not pattern:
             if split == "train":
                 raise NeoError(f"dataset '{entry.id}' has no 'path' in {dataset_file(entry)}.")
             continue
-        if pattern.endswith(".txt"):
-            raise NeoError(f"{dataset_file(entry)}: a plain-text {split} path cannot be mixed with tfrecord "
-                           f"datasets; turn it into tfrecords with data/create_tfrecords.py.")
         files = list_files(resolve_path(pattern, ds.source), f"dataset '{entry.id}' ({dataset_file(entry)}), "
                            f"{'path' if split == 'train' else 'eval_path'}")
         spec = DatasetSpec(name=entry.id, files=tuple(files), counts=tuple(record_counts(files)),
-                           mode=entry.sampling_mode or "chunks", stitch=entry.stitch or 1, n_ctx=cfg.n_ctx,
-                           eos_id=ds.eos_id, padding_id=ds.padding_id, n_vocab=cfg.n_vocab, seed=(seed, k),
-                           shuffle_files=cfg.shuffle_input_filenames)
+                           mode=entry.sampling_mode or "chunks", stitch=entry.stitch or 1, n_ctx=cfg.model.n_ctx,
+                           eos_id=ds.eos_id, padding_id=ds.padding_id, n_vocab=cfg.model.n_vocab, seed=(seed, k),
+                           shuffle_files=cfg.data.shuffle_input_filenames)
         streams.append(DatasetStream(spec, process_index, process_count))
         weights.append(1.0 if entry.weight is None else entry.weight)
     if not streams:
         raise NeoError(f"{cfg.source}: no dataset has an 'eval_path'; set one in a dataset config to evaluate.")
-    batch = cfg.train_batch_size if split == "train" else (cfg.eval_batch_size or cfg.train_batch_size)
-    return TFRecordSource(streams, weights, batch, cfg.n_ctx, seed, process_index, process_count)
+    batch = cfg.run.train_batch_size if split == "train" else (cfg.run.eval_batch_size or cfg.run.train_batch_size)
+    return TFRecordSource(streams, weights, batch, cfg.model.n_ctx, seed, process_index, process_count)

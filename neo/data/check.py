@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neo.config import DatasetEntry, ModelConfig, resolve_path
+from neo.config import DatasetEntry, Config, resolve_path
 from neo.errors import NeoError
 
 SHOW_CHARS = 500
@@ -40,15 +40,15 @@ class SplitReport:
     bad_files: list[tuple[str, int]] = field(default_factory=list)  # (file, offending id)
 
 
-def check_dataset(cfg: ModelConfig, log=print, show: int = 3) -> dict[str, dict[str, SplitReport]]:
+def check_dataset(cfg: Config, log=print, show: int = 3) -> dict[str, dict[str, SplitReport]]:
     """Print the report; raise NeoError if any token id is outside the vocabulary."""
     from neo.data import dataset_file
 
-    if not cfg.datasets:
+    if not cfg.data.datasets:
         raise NeoError(f"{cfg.source}: no 'datasets' configured; nothing to check.")
     reports: dict[str, dict[str, SplitReport]] = {}
     seen = set()
-    for entry in cfg.datasets:
+    for entry in cfg.data.datasets:
         if entry.id in seen:
             continue
         seen.add(entry.id)
@@ -63,9 +63,9 @@ def check_dataset(cfg: ModelConfig, log=print, show: int = 3) -> dict[str, dict[
             if pattern.endswith(".txt"):
                 rep = _scan_text(entry, split)
             else:
-                rep = _scan_tfrecords(entry, resolve_path(pattern, ds.source), split, cfg.n_vocab)
+                rep = _scan_tfrecords(entry, resolve_path(pattern, ds.source), split, cfg.model.n_vocab)
             reports[entry.id][split] = rep
-            _print_report(rep, split, entry, cfg.n_vocab, log)
+            _print_report(rep, split, entry, cfg.model.n_vocab, log)
     bad = [(f, i) for splits in reports.values() for r in splits.values() for f, i in r.bad_files]
     if bad:
         lines = "\n".join(f"  {f}: token id {i}" for f, i in bad[:20])
@@ -182,13 +182,13 @@ def _print_report(rep: SplitReport, split: str, entry: DatasetEntry, model_vocab
         log(f"      {lo:>9,} - {hi:>9,} | {'#' * max(1, round(40 * count / top)):<40} {count:,}")
 
 
-def _show_examples(cfg: ModelConfig, log, show: int) -> None:
+def _show_examples(cfg: Config, log, show: int) -> None:
     from neo.data import make_source
     from neo.data.tokenizer import load_tokenizer
 
     batch = next(make_source(cfg, "train"))
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.datasets[0].config.tokenizer_is_pretrained)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_path, cfg.data.datasets[0].config.tokenizer_is_pretrained)
     except NeoError as e:
         tokenizer = None
         log(f"(cannot decode the examples: {e})")

@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from neo.config import ModelConfig, load_model_config
+from neo.config import Config, load_model_config
 from neo.errors import NeoError
 from neo.mesh import Layout
 from neo.model import GPT
@@ -43,10 +43,10 @@ AUTO_LOGITS_BUDGET = 2 ** 28
 DEFAULT_MAX_BATCH = 64
 
 
-def make_score_fn(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Callable:
+def make_score_fn(cfg: Config, layout: Layout, param_shardings: Any) -> Callable:
     """jit(params, inputs [b, t], at [b, k], targets [b, k]) -> (log p(target), target == argmax),
     both [b, k]: the model's prediction after input position at[r, i] scored against targets[r, i]."""
-    model = GPT(cfg)
+    model = GPT(cfg.model)
     rows = layout.rows
 
     def score(params: Any, inputs: jax.Array, at: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,7 +90,7 @@ class NeoLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, model: str | ModelConfig | None = None, *, params: Any = None,
+    def __init__(self, model: str | Config | None = None, *, params: Any = None,
                  layout: Optional[Layout] = None, step: Optional[int] = None, tokenizer: Optional[str] = None,
                  batch_size: int | str | None = None, max_batch_size: Optional[int] = None,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, device: Optional[str] = None,
@@ -99,10 +99,10 @@ class NeoLM(TemplateLM):
         if model is None:
             raise NeoError("the neo backend needs a model: --model_args model=CONFIG (a config name from "
                            "configs/ or a path to a .json config).")
-        cfg = model if isinstance(model, ModelConfig) else load_model_config(str(model), overrides)
-        if overrides and isinstance(model, ModelConfig):
+        cfg = model if isinstance(model, Config) else load_model_config(str(model), overrides)
+        if overrides and isinstance(model, Config):
             cfg = cfg.replace(**overrides)
-        if not cfg.causal:
+        if not cfg.model.causal:
             raise NeoError(f"{cfg.source}: lm-eval scores causal language models; this config has mlm_training on.")
         from neo.checkpoint import load_for_inference
         from neo.data.tokenizer import load_tokenizer
@@ -110,22 +110,23 @@ class NeoLM(TemplateLM):
         from neo.model import abstract_init
 
         # Arguments and tokenizer first: mistakes are found before a large checkpoint is read.
-        self._max_length = max_length or cfg.n_ctx
-        if not 0 < self._max_length <= cfg.n_ctx:
-            raise NeoError(f"max_length {self._max_length} must be between 1 and the model's n_ctx ({cfg.n_ctx}).")
+        self._max_length = max_length or cfg.model.n_ctx
+        if not 0 < self._max_length <= cfg.model.n_ctx:
+            raise NeoError(f"max_length {self._max_length} must be between 1 and the model's n_ctx "
+                           f"({cfg.model.n_ctx}).")
         self._max_gen_toks = int(max_gen_toks)
         self._batch_size = self._parse_batch_size(batch_size)
         self._max_batch = int(max_batch_size or DEFAULT_MAX_BATCH)
-        path = tokenizer or cfg.tokenizer_path
+        path = tokenizer or cfg.data.tokenizer_path
         if path is None:
             raise NeoError(f"{cfg.source}: lm-eval needs the model's tokenizer: set 'tokenizer_path' in the config "
                            f"(or its first dataset config), or pass --model_args tokenizer=PATH.")
         self.tokenizer = load_tokenizer(path)
         self._tokenizer_path = path
-        if self.tokenizer.vocab_size > cfg.n_vocab:
+        if self.tokenizer.vocab_size > cfg.model.n_vocab:
             raise NeoError(f"tokenizer {path} has {self.tokenizer.vocab_size} tokens but the model's n_vocab is "
-                           f"{cfg.n_vocab}: is it the tokenizer this model was trained with?")
-        eos = cfg.eos_id if cfg.eos_id is not None else self.tokenizer.token_to_id("<|endoftext|>")
+                           f"{cfg.model.n_vocab}: is it the tokenizer this model was trained with?")
+        eos = cfg.data.eos_id if cfg.data.eos_id is not None else self.tokenizer.token_to_id("<|endoftext|>")
         if eos is None:
             raise NeoError(f"{cfg.source}: set 'eos_id': lm-eval conditions empty contexts and rolling "
                            f"windows on the end-of-text token.")
@@ -133,13 +134,13 @@ class NeoLM(TemplateLM):
 
         # `device` (lm-eval's --device) is not used: the config's mesh_shape and layout place the model.
         self.cfg = cfg
-        self.layout = layout or make_layout(cfg.mesh_shape, cfg.layout)
+        self.layout = layout or make_layout(cfg.run.mesh_shape, cfg.run.layout)
         self.step = step
         if params is None:
             params, meta = load_for_inference(cfg, self.layout, step)
             self.step = meta.get("step", step)
         else:
-            params = jax.device_put(params, shardings_of(place(self.layout, abstract_init(cfg))))
+            params = jax.device_put(params, shardings_of(place(self.layout, abstract_init(cfg.model))))
         self.params = params
         self._sampler = None  # built on the first generate_until
         self._score = make_score_fn(cfg, self.layout, shardings_of(params))
@@ -187,7 +188,7 @@ class NeoLM(TemplateLM):
         """Provenance lm-eval writes into the results' "config"."""
         return {
             "model_num_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(self.params)),
-            "model_dtype": self.cfg.precision,
+            "model_dtype": self.cfg.model.precision,
             "model_revision": f"step {self.step}" if self.step is not None else "",
             "model_sha": "",
         }
@@ -235,7 +236,7 @@ class NeoLM(TemplateLM):
             sample = bool(kwargs.get("do_sample"))
             opts = SamplingOptions(temperature=float(kwargs.get("temperature") or 0.0) if sample else 0.0,
                                    top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
-                                   max_new_tokens=new_tokens, seed=self.cfg.seed)
+                                   max_new_tokens=new_tokens, seed=self.cfg.run.seed)
             opts.check()
             # An empty context starts from the end-of-text token (there is nothing else to condition on).
             prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - new_tokens)
@@ -255,7 +256,7 @@ class NeoLM(TemplateLM):
     def _generation_rows(self) -> int:
         """"auto" rows for generation: as many as keep the float32 KV cache under 1 GiB."""
         cfg = self.cfg
-        per_row = 2 * cfg.n_layer * cfg.n_ctx * cfg.n_embd * 4
+        per_row = 2 * cfg.model.n_layer * cfg.model.n_ctx * cfg.model.n_embd * 4
         return self._pow2_rows(2 ** 30 // per_row)
 
     # ------------------------------------------------------------------ the batched scorer
@@ -313,7 +314,7 @@ class NeoLM(TemplateLM):
     def _rows_per_batch(self, length: int) -> int:
         if self._batch_size is not None:
             return self._batch_size
-        return self._pow2_rows(AUTO_LOGITS_BUDGET // (length * self.cfg.n_vocab))
+        return self._pow2_rows(AUTO_LOGITS_BUDGET // (length * self.cfg.model.n_vocab))
 
     def _pow2_rows(self, fit: int) -> int:
         """"auto" rows: the largest power of two <= fit, between 1 and max_batch_size."""

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.errors import NeoError, close_matches
 from neo.mesh import Layout
 
@@ -71,7 +71,7 @@ def _missing(manager: Any, names: Sequence[str]) -> list[str]:
     return [n for n in names if not n.endswith(".yaml") and not manager.match_tasks([n])]
 
 
-def run_tasks(cfg: ModelConfig, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
+def run_tasks(cfg: Config, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
               log: Callable[[str], None] = print) -> dict:
     """Evaluate the latest checkpoint on the tasks; write lm-eval's results JSON to
     <model_path>/eval_<sacred_id>_<step>.json and print lm-eval's table."""
@@ -80,7 +80,7 @@ def run_tasks(cfg: ModelConfig, layout: Layout, opts: HarnessOptions, sacred_id:
 
     from neo.evaluate.backend import NeoLM
 
-    names = list(opts.tasks or cfg.eval_tasks)
+    names = list(opts.tasks or cfg.run.eval_tasks)
     if not names:
         raise NeoError(f"{cfg.source}: no tasks to evaluate: set 'eval_tasks' in the config or pass --eval_tasks.")
     names, manager = resolve_tasks(names, opts.include_path, log=log)
@@ -95,25 +95,25 @@ def run_tasks(cfg: ModelConfig, layout: Layout, opts: HarnessOptions, sacred_id:
     if jax.process_index() == 0:
         from etils import epath
 
-        out = epath.Path(cfg.model_path) / f"eval_{sacred_id}_{lm.step}.json"
+        out = epath.Path(cfg.run.model_path) / f"eval_{sacred_id}_{lm.step}.json"
         out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
         table = make_table(results) + (make_table(results, "groups") if "groups" in results else "")
         log(f"{table}neo: wrote {out}")
     return results
 
 
-def evaluate_checkpoint(cfg: ModelConfig, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
+def evaluate_checkpoint(cfg: Config, layout: Layout, opts: HarnessOptions, sacred_id: str = "nosacred",
                         log: Callable[[str], None] = print) -> dict:
     """`--eval`: the tasks (config or flags), then validation if eval_steps > 0."""
     from neo.evaluate.validation import validate_checkpoint
 
-    if not (opts.tasks or cfg.eval_tasks or cfg.eval_steps > 0):
+    if not (opts.tasks or cfg.run.eval_tasks or cfg.run.eval_steps > 0):
         raise NeoError(f"{cfg.source}: nothing to evaluate: set 'eval_tasks' (lm-eval tasks, e.g. [\"lambada\"]) "
                        f"or pass --eval_tasks, or set 'eval_steps' > 0 for validation.")
     out: dict = {}
-    if opts.tasks or cfg.eval_tasks:
+    if opts.tasks or cfg.run.eval_tasks:
         out["tasks"] = run_tasks(cfg, layout, opts, sacred_id, log)["results"]
-    if cfg.eval_steps > 0:
+    if cfg.run.eval_steps > 0:
         out["validation"] = validate_checkpoint(cfg, layout, log)
     return out
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo.config import ModelConfig
+from neo.config import Config
 from neo.errors import NeoError
 from neo.mesh import Layout
 from neo.model import GPT
@@ -23,9 +23,9 @@ from neo.model import GPT
 PILE_TOKENS_PER_BYTE = 0.29335  # GPT-Neo's constant (reference 1.17)
 
 
-def make_eval_step(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Callable:
+def make_eval_step(cfg: Config, layout: Layout, param_shardings: Any) -> Callable:
     """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count."""
-    model = GPT(cfg)
+    model = GPT(cfg.model)
 
     def step(params: Any, batch: jax.Array) -> dict:
         with layout.active():
@@ -37,16 +37,16 @@ def make_eval_step(cfg: ModelConfig, layout: Layout, param_shardings: Any) -> Ca
     return jax.jit(step, in_shardings=(param_shardings, layout.rows), out_shardings=layout.replicated)
 
 
-def byte_tokenizer(cfg: ModelConfig) -> Any:
+def byte_tokenizer(cfg: Config) -> Any:
     """The tokenizer that turns the evaluated tokens back into bytes, or None when none is
     configured or it cannot be loaded here (the hub's gpt2 offline): bits per byte then uses
     GPT-Neo's constant rather than failing the run."""
     from neo.data.tokenizer import load_tokenizer
 
-    if not cfg.tokenizer_path:
+    if not cfg.data.tokenizer_path:
         return None
     try:
-        return load_tokenizer(cfg.tokenizer_path)
+        return load_tokenizer(cfg.data.tokenizer_path)
     except NeoError:
         return None
 
@@ -63,11 +63,11 @@ def token_bytes(tokenizer: Any, rows: np.ndarray) -> Optional[int]:
 class Validation:
     """`eval_steps` batches of the eval split, read once: the same ones at every checkpoint."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, param_shardings: Any):
+    def __init__(self, cfg: Config, layout: Layout, param_shardings: Any):
         from neo.data import make_source
 
         source = make_source(cfg, "eval", jax.process_index(), jax.process_count())
-        self.rows = [next(source) for _ in range(cfg.eval_steps)]
+        self.rows = [next(source) for _ in range(cfg.run.eval_steps)]
         self.layout = layout
         self.step = make_eval_step(cfg, layout, param_shardings)
         self.tokenizer = byte_tokenizer(cfg)
@@ -96,15 +96,15 @@ def summary(out: dict) -> str:
             f"bits/byte {out['eval_bits_per_byte']:.4f}")
 
 
-def validate_checkpoint(cfg: ModelConfig, layout: Layout, log: Callable[[str], None] = print) -> dict:
+def validate_checkpoint(cfg: Config, layout: Layout, log: Callable[[str], None] = print) -> dict:
     """`--eval`'s validation part: the latest checkpoint on `eval_steps` eval batches."""
     from neo.checkpoint import load_for_inference
     from neo.mesh import shardings_of
 
-    if cfg.eval_steps <= 0:
+    if cfg.run.eval_steps <= 0:
         raise NeoError(f"{cfg.source}: set 'eval_steps' > 0 (batches of the eval split) to validate.")
     params, meta = load_for_inference(cfg, layout)
     validation = Validation(cfg, layout, shardings_of(params))
     out = validation.run(params)
-    log(f"eval at step {meta.get('step')}: {summary(out)} ({cfg.eval_steps} batches of {validation.rows[0].shape[0]})")
+    log(f"eval at step {meta.get('step')}: {summary(out)} ({cfg.run.eval_steps} batches of {validation.rows[0].shape[0]})")
     return {"step": meta.get("step"), **out}

@@ -170,7 +170,6 @@ class GPT(nn.Module):
 
     def setup(self) -> None:
         cfg = self.cfg
-        _check_supported(cfg)
         self.wte = self.param("wte", named(normal(0.02), ("vocab", "embd")), (cfg.n_vocab, cfg.n_embd), jnp.float32)
         if cfg.axial_pos_emb is not None:
             a1, a2 = cfg.axial_pos_emb
@@ -257,25 +256,3 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dt
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     return [layer(kind) for kind in cfg.attention_types]
-
-
-def _check_supported(cfg: ModelConfig) -> None:
-    """Options of the original config schema that this build of neo cannot run yet."""
-    pending = {
-        "entmax_loss": cfg.entmax_loss,
-    }
-    on = [k for k, v in pending.items() if v]
-    if on:
-        raise NeoError(f"{cfg.source or 'config'}: {', '.join(on)} not supported yet in neo; "
-                       f"remove it from the config.")
-    if cfg.axial_pos_emb is not None and cfg.rotary_emb:
-        raise NeoError(f"{cfg.source or 'config'}: axial_pos_emb and rotary_emb are two position encodings; "
-                       f"keep one of them.")
-    if cfg.moe_layers:
-        from neo.model.moe import moe_params
-
-        moe_params(cfg)  # unknown or invalid moe_params keys fail here, before tracing
-    if cfg.mlm_training:
-        from neo.mlm import check_mlm
-
-        check_mlm(cfg)

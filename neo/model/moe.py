@@ -18,87 +18,14 @@ parallelism), `expert_capacity`, `intermediate_expanded` (the expert hidden size
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from dataclasses import dataclass
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neo.config import ModelConfig
-from neo.errors import NeoError, did_you_mean
+from neo.config import ModelConfig, MoEParams
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.layers import named, normal
-
-
-@dataclass(frozen=True)
-class MoEParams:
-    """mesh-tf's MoE hyperparameters with the defaults GPT-Neo ran with; `moe_params` keys
-    (with or without the `moe_` prefix) override them."""
-
-    moe_num_experts: int = 16
-    moe_gating: str = "top_2"
-    moe_loss_coef: float = 1e-2
-    moe_hidden_size: int = 4096
-    moe_group_size: int = 1024
-    moe_capacity_factor_train: float = 1.25
-    moe_capacity_factor_eval: float = 2.0
-    moe_min_expert_capacity: int = 1
-    moe_second_policy_train: str = "random"
-    moe_second_policy_eval: str = "random"
-    moe_second_threshold_train: float = 0.2
-    moe_second_threshold_eval: float = 0.2
-    moe_use_second_place_loss: bool = False
-    moe_dropout_rate: float = 0.0
-
-    @property
-    def top_k(self) -> int:
-        return int(self.moe_gating.split("_")[1])
-
-
-POLICIES = ("random", "threshold", "all", "none")
-# mesh-tf hyperparameters that exist but have no effect on this layer (2-level MoE, other gatings).
-_IGNORED = {"moe_capacity_factor_second_level", "moe_use_experts_attention"}
-
-
-def moe_params(cfg: ModelConfig) -> MoEParams:
-    """Merge the config's `moe_params` over the defaults, checking names and values."""
-    fields = {f.name: f for f in dataclasses.fields(MoEParams)}
-    values: dict[str, Any] = {}
-    for key, value in cfg.moe_params.items():
-        name = key if key.startswith("moe_") else "moe_" + key
-        if name in _IGNORED:
-            continue
-        if name not in fields:
-            raise NeoError(f"{cfg.source or 'config'}: unknown moe_params key {key!r}."
-                           f"{did_you_mean(name, fields)} Known: {', '.join(fields)}.")
-        kind = type(getattr(MoEParams(), name))
-        if kind is bool:
-            ok = isinstance(value, bool) or value in (0, 1)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, kind) and not isinstance(value, bool)
-        if not ok:
-            raise NeoError(f"{cfg.source or 'config'}: moe_params {key!r} must be a {kind.__name__}, got {value!r}.")
-        values[name] = kind(value)
-    p = MoEParams(**values)
-    where = f"{cfg.source or 'config'}: moe_params"
-    if not re.fullmatch(r"top_[1-9]\d*", p.moe_gating):
-        raise NeoError(f"{where} 'moe_gating' must be top_1, top_2, ... (top-k routing), got {p.moe_gating!r}.")
-    if not 1 <= p.top_k <= p.moe_num_experts:
-        raise NeoError(f"{where}: {p.moe_gating} needs at least {p.top_k} experts, got moe_num_experts "
-                       f"{p.moe_num_experts}.")
-    for policy in (p.moe_second_policy_train, p.moe_second_policy_eval):
-        if policy not in POLICIES:
-            raise NeoError(f"{where} second-expert policy {policy!r} is not one of {', '.join(POLICIES)}.")
-    for name in ("moe_hidden_size", "moe_group_size", "moe_min_expert_capacity"):
-        if getattr(p, name) < 1:
-            raise NeoError(f"{where} {name!r} must be >= 1.")
-    return p
 
 
 def group_size(seq: int, max_group: int) -> int:
@@ -181,7 +108,7 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        cfg, p = self.cfg, moe_params(self.cfg)
+        cfg, p = self.cfg, self.cfg.moe_params
         train = not deterministic
         b, t, d = x.shape
         e, f = p.moe_num_experts, p.moe_hidden_size

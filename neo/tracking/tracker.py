@@ -21,17 +21,17 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from neo.config import ModelConfig, to_json_dict
+from neo.config import Config, to_json_dict
 from neo.tracking.metrics import MetricsLog
 
 
 class Tracker:
-    def __init__(self, cfg: ModelConfig, resume_step: int, console: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, resume_step: int, console: Callable[[str], None] = print):
         self.cfg = cfg
         self.console = console
         self.enabled = jax.process_index() == 0
-        self.remote = "://" in cfg.model_path
-        self.dir = mirror_dir(cfg.model_path) if self.remote else cfg.model_path
+        self.remote = "://" in cfg.run.model_path
+        self.dir = mirror_dir(cfg.run.model_path) if self.remote else cfg.run.model_path
         self.metrics = MetricsLog(self.dir)
         self.tb = None
         self.wandb = None
@@ -109,7 +109,7 @@ class Tracker:
             return
         from etils import epath
 
-        remote = epath.Path(self.cfg.model_path)
+        remote = epath.Path(self.cfg.run.model_path)
         for root, _, files in os.walk(self.dir):
             for name in files:
                 local = os.path.join(root, name)
@@ -120,7 +120,7 @@ class Tracker:
     def _download(self, name: str) -> None:
         from etils import epath
 
-        source = epath.Path(self.cfg.model_path) / name
+        source = epath.Path(self.cfg.run.model_path) / name
         if source.exists():
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.write(source.read_bytes())
@@ -139,17 +139,18 @@ def mirror_dir(model_path: str) -> str:
     return os.path.join(tempfile.gettempdir(), "neo-logs", digest)
 
 
-def _start_wandb(cfg: ModelConfig, console: Callable[[str], None]) -> Optional[Any]:
-    if not cfg.wandb_project:
+def _start_wandb(cfg: Config, console: Callable[[str], None]) -> Optional[Any]:
+    if not cfg.run.wandb_project:
         return None
     try:
         import wandb
     except ImportError:
         console("neo: wandb_project is set but wandb is not installed (pip install wandb); not logging to W&B")
         return None
-    id_file = os.path.join(mirror_dir(cfg.model_path) if "://" in cfg.model_path else cfg.model_path, "wandb_id")
+    path = cfg.run.model_path
+    id_file = os.path.join(mirror_dir(path) if "://" in path else path, "wandb_id")
     run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
     with open(id_file, "w") as f:
         f.write(run_id)
-    return wandb.init(project=cfg.wandb_project, name=cfg.name, id=run_id, resume="allow",
+    return wandb.init(project=cfg.run.wandb_project, name=cfg.name, id=run_id, resume="allow",
                       config=to_json_dict(cfg), dir=os.path.dirname(id_file))

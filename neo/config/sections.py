@@ -1,0 +1,272 @@
+"""The config's typed sections: what each part of neo may read.
+
+GPT-Neo kept every setting in one flat JSON object; neo reads that object unchanged and splits
+it by who uses each key (as levanter composes a run from model, optimizer, trainer and data
+configs):
+
+    Config
+      .model      ModelConfig      the architecture; the only part the network sees
+      .optimizer  OptimizerConfig  learning rate, schedule, Adam/Adafactor, clipping
+      .run        RunConfig        batches, steps, objective, checkpoints, mesh and layout
+      .data       DataConfig       datasets, special token ids, tokenizer
+      .sampling   SamplingConfig   prompts and decoding
+      .source     the file it came from (for messages and relative paths)
+
+Field names are the original JSON keys, unique across sections, so a flat key names exactly
+one field (docs/configs.md). Sections are frozen; `Config.replace(**flat_keys)` makes a
+changed copy and checks it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ATTENTION_KINDS = ("global", "local", "linear", "none")
+SAMPLING_MODES = ("chunks", "documents_fixed", "documents_random")
+PRECISIONS = ("float32", "bfloat16")
+LR_DECAYS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adam", "adafactor")
+# GPT-Neo's activation names (models/activations.py of the original); neo/model/activations.py
+# implements each, and a test keeps the two lists equal.
+ACTIVATION_FNS = (
+    "gelu", "gelu_new", "gelu_fast", "gelu_tanh", "gelu_exact", "relu", "sigmoid", "tanh", "selu", "elu",
+    "abs", "sin", "cos", "sign", "silu", "swish", "softplus", "lrelu001", "lrelu020", "id",
+    "triangle_relax", "square_relax", "spike", "spike2", "tanhshrink", "softsign", "softmax", "logsoftmax",
+    "bipolarsigmoid", "rrelu", "elish", "arcsinh", "maxsig", "cosid", "minsin", "maxtanh", "mish",
+    "tanhexp", "lisht", "seagull", "snake", "roottanh", "softplusmone",
+    "aria", "prelu", "parcsinh", "psoftplus", "proottanh",
+)
+MOE_POLICIES = ("random", "threshold", "all", "none")
+
+
+@dataclass(frozen=True)
+class MoEParams:
+    """mesh-tf's MoE hyperparameters with the defaults GPT-Neo ran with; `moe_params` keys
+    (with or without the `moe_` prefix) override them (neo/model/moe.py uses them)."""
+
+    moe_num_experts: int = 16
+    moe_gating: str = "top_2"
+    moe_loss_coef: float = 1e-2
+    moe_hidden_size: int = 4096
+    moe_group_size: int = 1024
+    moe_capacity_factor_train: float = 1.25
+    moe_capacity_factor_eval: float = 2.0
+    moe_min_expert_capacity: int = 1
+    moe_second_policy_train: str = "random"
+    moe_second_policy_eval: str = "random"
+    moe_second_threshold_train: float = 0.2
+    moe_second_threshold_eval: float = 0.2
+    moe_use_second_place_loss: bool = False
+    moe_dropout_rate: float = 0.0
+
+    @property
+    def top_k(self) -> int:
+        return int(self.moe_gating.split("_")[1])
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One `configs/dataset_configs/<id>.json`: where the tokens are and how they were made."""
+
+    id: str
+    n_vocab: int
+    path: str = ""
+    eval_path: str = ""
+    tokenizer_is_pretrained: bool = False
+    tokenizer_path: Optional[str] = None
+    eos_id: int = 1
+    padding_id: int = 0
+    lambada_tokens_path: Optional[str] = None
+    # neo: for a plain-text `path`, the last `holdout` fraction of its tokens is the eval split.
+    holdout: float = 0.0
+    # neo: the fewest tokens of any document (create_tfrecords.py --minimum_size), so that
+    # documents_random's `stitch` can be checked before training.
+    minimum_size: Optional[int] = None
+    # neo: where relative paths in this file are resolved from (see resolve_path).
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A model config's `datasets` element `[id, stitch, sampling_mode, weight]`."""
+
+    id: str
+    stitch: Optional[int]
+    sampling_mode: Optional[str]
+    weight: Optional[float]
+    config: DatasetConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture: everything the network needs and nothing else (neo/model sees only
+    this). `mlm_training` is here because it decides causal or bidirectional attention."""
+
+    n_embd: int
+    n_head: int
+    n_layer: int
+    n_ctx: int
+    n_vocab: int
+    attention_types: tuple[str, ...]  # expanded: one kind per layer
+    local_attention_radius: int = 256
+    activation_fn: str = "gelu"
+    scale_by_depth: bool = False
+    scale_by_in: bool = False
+    no_weight_tie: bool = False
+    share_parameters: bool = False
+    rotary_emb: bool = False
+    axial_pos_emb: Optional[tuple[int, ...]] = None
+    mlp_glu: bool = False
+    scalenorm: bool = False
+    rezero: bool = False
+    num_mem_kv: int = 0
+    macaron: bool = False
+    moe_layers: Optional[tuple[int, ...]] = None
+    moe_params: MoEParams = field(default_factory=MoEParams)
+    moe_activation: str = "relu"
+    precision: str = "float32"
+    recompute_grad: bool = False
+    embed_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    res_dropout: float = 0.0
+    mlm_training: bool = False
+    # neo extensions for the GPT-NeoX / Pythia family (docs/configs.md)
+    rotary_pct: float = 1.0
+    rotary_emb_base: float = 10000.0
+    parallel_residual: bool = False
+    scale_attention: bool = False
+    qkv_bias: bool = False
+    intermediate_size: Optional[int] = None
+    layer_norm_epsilon: float = 1e-5
+
+    # Derived values: properties so they can never disagree with the fields.
+    @property
+    def features_per_head(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def intermediate_expanded(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def causal(self) -> bool:
+        return not self.mlm_training
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and its learning-rate schedule (neo/optim.py)."""
+
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+    lr_decay_end: Optional[int] = None  # None: train_steps
+    opt_name: str = "adam"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    epsilon: float = 1e-8
+    ada_epsilon1: float = 1e-30
+    ada_epsilon2: float = 1e-3
+    weight_decay: float = 0.0
+    gradient_clipping: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run trains and evaluates: batches and steps, the objective (z-loss, masked-LM
+    masking), where checkpoints go, the mesh and layout, seed and tracking."""
+
+    train_batch_size: int = 8
+    train_steps: int = 1000
+    tokens_per_mb_per_replica: Optional[int] = None
+    iterations: int = 500
+    eval_batch_size: Optional[int] = None
+    eval_steps: int = 0
+    eval_tasks: tuple[str, ...] = ()
+    z_loss: float = 1e-4
+    entmax_loss: bool = False
+    mlm_mask_id: Optional[int] = None
+    mlm_cls_token_id: Optional[int] = None
+    mlm_mask_prob: float = 0.15
+    mlm_same_token_prob: float = 0.10
+    mlm_random_token_prob: float = 0.0
+    mlm_mask_ignore_ids: tuple[int, ...] = ()
+    model_path: str = ""
+    mesh_shape: str = ""
+    layout: str = ""
+    seed: int = 1
+    keep_checkpoints: int = 5  # neo (docs/configs.md)
+    wandb_project: Optional[str] = None  # neo
+    log_grads: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from and the token ids that have a meaning."""
+
+    datasets: tuple[DatasetEntry, ...] = ()
+    no_dataset: bool = False
+    input_fn: str = "sequential_input"
+    shuffle_input_filenames: bool = True
+    eos_id: Optional[int] = None  # default: the last dataset's
+    padding_id: Optional[int] = None  # default: the last dataset's
+    tokenizer_path: Optional[str] = None  # default: the first dataset's
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """`--predict` and sampling during training (`predict_steps`)."""
+
+    predict_steps: int = 0
+    predict_batch_size: int = 1
+    predict_max_steps: Optional[int] = None
+    remove_partial_sequences: bool = False
+    temperature: float = 0.9
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    prompt_path: str = ""  # neo: prompt file used when --prompt is not given
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "optimizer": OptimizerConfig, "run": RunConfig,
+                             "data": DataConfig, "sampling": SamplingConfig}
+# flat JSON key -> the section that holds it
+KEY_SECTION: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole GPT-Neo config, as sections (module docstring)."""
+
+    model: ModelConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source else "model"
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some keys changed (flat GPT-Neo keys, typed values), checked like a
+        loaded config."""
+        from neo.config.load import replace_keys
+
+        return replace_keys(self, changes)
+
+
+def mlm_excluded_ids(cfg: Config) -> frozenset[int]:
+    """Token ids masked-LM training never selects nor draws: `mlm_mask_ignore_ids`, CLS, the
+    mask id and `padding_id` (neo/mlm.py)."""
+    specials = (cfg.run.mlm_cls_token_id, cfg.run.mlm_mask_id, cfg.data.padding_id)
+    return frozenset(cfg.run.mlm_mask_ignore_ids) | {i for i in specials if i is not None}
+
+
+def mlm_vocab(cfg: Config) -> int:
+    """Random replacements come from ids below the data's vocabulary (the smallest of the
+    model's and every dataset's)."""
+    return min([cfg.model.n_vocab] + [e.config.n_vocab for e in cfg.data.datasets])

@@ -1,0 +1,172 @@
+"""Every check of a config's values, in one place, run when the config is loaded (and again
+after `Config.replace`), so that every mistake is reported before anything is built or
+compiled. Each error is one line naming the key, the file and the fix.
+
+What cannot be known from the config alone waits for the devices, still before compiling: a
+layout that does not divide the shapes (neo/mesh.py `check_divisible`), a batch that does not
+split into microbatches (neo/train.py), and each command's own needs (a `model_path` to train,
+a tokenizer to sample, tasks to evaluate).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, NoReturn
+
+from neo.config.sections import (
+    ACTIVATION_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config, ModelConfig, MoEParams,
+    OptimizerConfig, RunConfig, mlm_excluded_ids, mlm_vocab,
+)
+from neo.errors import NeoError, did_you_mean
+
+Fail = Callable[[str], NoReturn]
+
+
+def validate(cfg: Config, family: str = "GPT") -> Config:
+    """`cfg` if every value is usable, else a NeoError about the first that is not. `family`
+    is GPT-Neo's `model` key, which names the one model family it has."""
+    where = cfg.source or "<config>"
+
+    def fail(msg: str) -> NoReturn:
+        raise NeoError(f"{where}: {msg}")
+
+    if family != "GPT":
+        fail(f"'model' must be \"GPT\" (the only family GPT-Neo has), got {family!r}.")
+    _positive(cfg, fail)
+    _check_model(cfg.model, fail)
+    _check_moe(cfg.model.moe_params, where)
+    _check_optimizer(cfg.optimizer, fail)
+    _check_run(cfg.run, fail)
+    _check_data(cfg, fail)
+    if cfg.model.mlm_training:
+        _check_mlm(cfg, fail)
+    return cfg
+
+
+def _positive(cfg: Config, fail: Fail) -> None:
+    m, r, s = cfg.model, cfg.run, cfg.sampling
+    for key, v in (("n_embd", m.n_embd), ("n_head", m.n_head), ("n_layer", m.n_layer), ("n_ctx", m.n_ctx),
+                   ("n_vocab", m.n_vocab), ("train_batch_size", r.train_batch_size),
+                   ("train_steps", r.train_steps), ("iterations", r.iterations),
+                   ("local_attention_radius", m.local_attention_radius),
+                   ("predict_batch_size", s.predict_batch_size), ("keep_checkpoints", r.keep_checkpoints)):
+        if v <= 0:
+            fail(f"'{key}' must be a positive integer, got {v}.")
+
+
+def _check_model(m: ModelConfig, fail: Fail) -> None:
+    if m.n_embd % m.n_head:
+        divisors = [h for h in range(1, m.n_embd + 1) if m.n_embd % h == 0]
+        near = sorted(divisors, key=lambda h: abs(h - m.n_head))[:3]
+        fail(f"n_embd ({m.n_embd}) is not divisible by n_head ({m.n_head}); "
+             f"choose n_head from {sorted(near)} or change n_embd.")
+    if len(m.attention_types) != m.n_layer:
+        fail(f"'attention_types' expands to {len(m.attention_types)} layers but n_layer is "
+             f"{m.n_layer}; make the repeat counts add up to n_layer.")
+    if m.precision not in PRECISIONS:
+        fail(f"'precision' must be one of {PRECISIONS}, got {m.precision!r}.{did_you_mean(m.precision, PRECISIONS)}")
+    for key in ("activation_fn", "moe_activation"):
+        name = getattr(m, key)
+        if name not in ACTIVATION_FNS:
+            fail(f"unknown {key} {name!r}.{did_you_mean(name, ACTIVATION_FNS)} Known: {', '.join(sorted(ACTIVATION_FNS))}.")
+    for key in ("embed_dropout", "attn_dropout", "res_dropout"):
+        _fraction(key, getattr(m, key), fail)
+    if not 0.0 < m.rotary_pct <= 1.0:
+        fail(f"'rotary_pct' must be in (0, 1], got {m.rotary_pct}.")
+    if m.rotary_emb and int(m.features_per_head * m.rotary_pct) % 2:
+        fail(f"rotary dims = int(features_per_head {m.features_per_head} * rotary_pct {m.rotary_pct}) "
+             f"must be even; adjust 'rotary_pct'.")
+    if m.axial_pos_emb is not None:
+        if len(m.axial_pos_emb) != 2 or math.prod(m.axial_pos_emb) < m.n_ctx:
+            fail(f"'axial_pos_emb' must be two sizes [a1, a2] with a1*a2 >= n_ctx ({m.n_ctx}), "
+                 f"got {list(m.axial_pos_emb)}.")
+        if m.rotary_emb:
+            fail("axial_pos_emb and rotary_emb are two position encodings; keep one of them.")
+    if m.moe_layers:
+        bad = [i for i in m.moe_layers if not 0 <= i < m.n_layer]
+        if bad:
+            fail(f"'moe_layers' has layer indices {bad} outside 0..{m.n_layer - 1}.")
+
+
+def _check_moe(p: MoEParams, where: str) -> None:
+    """mesh-tf's MoE hyperparameters (neo/model/moe.py), with or without MoE layers: a key is
+    never accepted and ignored."""
+    where = f"{where}: moe_params"
+    if not re.fullmatch(r"top_[1-9]\d*", p.moe_gating):
+        raise NeoError(f"{where} 'moe_gating' must be top_1, top_2, ... (top-k routing), got {p.moe_gating!r}.")
+    if not 1 <= p.top_k <= p.moe_num_experts:
+        raise NeoError(f"{where}: {p.moe_gating} needs at least {p.top_k} experts, got moe_num_experts "
+                       f"{p.moe_num_experts}.")
+    for policy in (p.moe_second_policy_train, p.moe_second_policy_eval):
+        if policy not in MOE_POLICIES:
+            raise NeoError(f"{where} second-expert policy {policy!r} is not one of {', '.join(MOE_POLICIES)}.")
+    for name in ("moe_hidden_size", "moe_group_size", "moe_min_expert_capacity"):
+        if getattr(p, name) < 1:
+            raise NeoError(f"{where} {name!r} must be >= 1.")
+
+
+def _check_optimizer(o: OptimizerConfig, fail: Fail) -> None:
+    if o.lr_decay not in LR_DECAYS:
+        fail(f"'lr_decay' must be one of {LR_DECAYS}, got {o.lr_decay!r}.{did_you_mean(o.lr_decay, LR_DECAYS)}")
+    if o.opt_name.lower() not in OPTIMIZERS:
+        fail(f"'opt_name' must be one of {OPTIMIZERS}, got {o.opt_name!r}.{did_you_mean(o.opt_name.lower(), OPTIMIZERS)}")
+    if o.gradient_clipping is not None and o.gradient_clipping <= 0:
+        fail("'gradient_clipping' must be > 0 (or absent for no clipping).")
+    if o.warmup_steps < 0:
+        fail("'warmup_steps' must be >= 0.")
+
+
+def _check_run(r: RunConfig, fail: Fail) -> None:
+    for key in ("mlm_mask_prob", "mlm_same_token_prob", "mlm_random_token_prob"):
+        _fraction(key, getattr(r, key), fail)
+    if r.tokens_per_mb_per_replica is not None and r.tokens_per_mb_per_replica <= 0:
+        fail("'tokens_per_mb_per_replica' must be a positive number of tokens.")
+    if r.entmax_loss:
+        fail("entmax_loss not supported yet in neo; remove it from the config.")
+
+
+def _check_data(cfg: Config, fail: Fail) -> None:
+    n_vocab, n_ctx = cfg.model.n_vocab, cfg.model.n_ctx
+    datasets = cfg.data.datasets
+    for entry in datasets:
+        # a .txt path is read whole by neo/data/text.py, tfrecords by the mixture: never both
+        if entry.config.path.endswith(".txt") and len(datasets) > 1:
+            fail(f"a plain-text dataset ('{entry.id}') cannot be mixed with others; "
+                 f"turn the text into tfrecords with data/create_tfrecords.py.")
+        if entry.config.eval_path.endswith(".txt") and not entry.config.path.endswith(".txt"):
+            fail(f"dataset '{entry.id}': a plain-text eval_path cannot be mixed with tfrecord datasets; "
+                 f"turn it into tfrecords with data/create_tfrecords.py.")
+        if entry.config.n_vocab > n_vocab:
+            fail(f"dataset '{entry.id}' has n_vocab {entry.config.n_vocab} but the model's n_vocab is "
+                 f"{n_vocab}; raise the model's 'n_vocab' to at least {entry.config.n_vocab}.")
+        if entry.sampling_mode == "documents_random" and entry.stitch is not None and entry.stitch < 1:
+            fail(f"dataset '{entry.id}': stitch must be >= 1, got {entry.stitch}.")
+        shortest = entry.config.minimum_size
+        if entry.sampling_mode == "documents_random" and shortest:
+            stitch = entry.stitch or 1
+            if stitch * shortest < n_ctx + 1:
+                fail(f"dataset '{entry.id}': documents_random needs stitch x minimum_size >= n_ctx + 1 so that "
+                     f"every window is real text, but {stitch} x {shortest} = {stitch * shortest} < "
+                     f"{n_ctx + 1}; set stitch to at least {-(-(n_ctx + 1) // shortest)} in 'datasets'.")
+    for key, v in (("eos_id", cfg.data.eos_id), ("padding_id", cfg.data.padding_id),
+                   ("mlm_mask_id", cfg.run.mlm_mask_id), ("mlm_cls_token_id", cfg.run.mlm_cls_token_id)):
+        if v is not None and not 0 <= v < n_vocab:
+            fail(f"'{key}' ({v}) is outside the vocabulary 0..{n_vocab - 1}.")
+
+
+def _check_mlm(cfg: Config, fail: Fail) -> None:
+    """Masked-LM training (neo/mlm.py) needs a mask id and something left to mask."""
+    r = cfg.run
+    if r.mlm_mask_id is None:
+        fail("'mlm_training' needs 'mlm_mask_id' (the token id that replaces masked tokens).")
+    if r.mlm_same_token_prob + r.mlm_random_token_prob > 1.0:
+        fail(f"mlm_same_token_prob ({r.mlm_same_token_prob}) + mlm_random_token_prob "
+             f"({r.mlm_random_token_prob}) exceed 1; they are shares of the selected tokens.")
+    if set(range(mlm_vocab(cfg))) <= mlm_excluded_ids(cfg):
+        fail("every token id is excluded from masking (mlm_mask_ignore_ids); nothing could be masked.")
+
+
+def _fraction(key: str, v: float, fail: Fail) -> None:
+    if not 0.0 <= v < 1.0:
+        fail(f"'{key}' must be in [0, 1), got {v}.")
