@@ -13,7 +13,7 @@ import pytest
 
 from neo.distributed import initialize, manual_settings
 from neo.errors import NeoError
-from tests.multiprocess import ROOT, launch
+from tests.multiprocess_launch import ROOT, launch
 from tests.test_data_pipeline import write_records
 
 STEPS = 6
