@@ -93,6 +93,7 @@ def test_bad_config_errors_name_the_key(change, message, tiny_config):
     ({"intermediate_size": -4}, r"'intermediate_size' must be a positive integer"),
     ({"intermediate_size": 0}, r"'intermediate_size' must be a positive integer"),
     ({"rotary_emb_base": 0}, r"'rotary_emb_base' must be a finite number > 0"),
+    ({"num_mem_kv": -2}, r"'num_mem_kv' must be >= 0"),
     ({"axial_pos_emb": [-4, -8]}, r"'axial_pos_emb' must be two sizes"),
     ({"z_loss": -1}, r"'z_loss' must be a finite number >= 0"),
     ({"eval_batch_size": 0}, r"'eval_batch_size' must be a positive integer"),
@@ -120,6 +121,7 @@ def test_values_outside_their_range_are_refused_at_load(change, message, tiny_co
     ({"holdout": 1.0}, r"'holdout' must be in \[0, 1\)"),
     ({"holdout": -0.1}, r"'holdout' must be in \[0, 1\)"),
     ({"minimum_size": 0}, r"'minimum_size' must be >= 1 token"),
+    ({"eos_id": 500}, r"'eos_id' \(500, which joins stitched documents\) is outside the model's vocabulary 0..127"),
 ])
 def test_dataset_values_outside_their_range_are_refused(tmp_path, tiny_config, keys, message):
     (tmp_path / "dataset_configs").mkdir()

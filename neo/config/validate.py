@@ -77,6 +77,8 @@ def _check_model(m: ModelConfig, fail: Fail) -> None:
         fail(f"'rotary_pct' must be in (0, 1], got {m.rotary_pct}.")
     _above_zero("rotary_emb_base", m.rotary_emb_base, fail)
     _above_zero("layer_norm_epsilon", m.layer_norm_epsilon, fail)
+    if m.num_mem_kv < 0:
+        fail(f"'num_mem_kv' must be >= 0 (learned memory key/value slots), got {m.num_mem_kv}.")
     if m.intermediate_size is not None and m.intermediate_size <= 0:
         fail(f"'intermediate_size' must be a positive integer (or absent for 4 x n_embd), got {m.intermediate_size}.")
     if m.rotary_emb and int(m.features_per_head * m.rotary_pct) % 2:
@@ -180,6 +182,9 @@ def _check_data(cfg: Config, fail: Fail) -> None:
                  f"evaluation), got {ds.holdout} in {ds.source}.")
         if ds.n_vocab <= 0:
             fail(f"dataset '{entry.id}': 'n_vocab' must be positive, got {ds.n_vocab} in {ds.source}.")
+        if not 0 <= ds.eos_id < n_vocab:
+            fail(f"dataset '{entry.id}': 'eos_id' ({ds.eos_id}, which joins stitched documents) is outside the "
+                 f"model's vocabulary 0..{n_vocab - 1} (in {ds.source}).")
         if ds.minimum_size is not None and ds.minimum_size < 1:
             fail(f"dataset '{entry.id}': 'minimum_size' must be >= 1 token, got {ds.minimum_size} in {ds.source}.")
         shortest = entry.config.minimum_size
