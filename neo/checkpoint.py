@@ -141,7 +141,26 @@ def load_for_inference(cfg: Any, layout: Any, step: Optional[int] = None) -> tup
 def start_over(model_path: str, confirm: bool = True, log=print) -> None:
     """`--new`: remove what training wrote in model_path (training checkpoints, metrics,
     TensorBoard events, the loss plot). Parameters-only checkpoints (imported weights) and
-    config files stay, so an imported model restarts from its imported weights."""
+    config files stay, so an imported model restarts from its imported weights. model_path is
+    shared by all processes: process 0 removes (and asks, at a terminal); the others wait for it
+    and stop too if it did not finish, so no process deletes what another is reading."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    failure = None
+    if jax.process_index() == 0:
+        try:
+            _remove_training_outputs(model_path, confirm, log)
+        except Exception as e:  # raised below, once the others know
+            failure = e
+    done = multihost_utils.broadcast_one_to_all(np.int32(failure is None))  # every process waits here
+    if failure is not None:
+        raise failure
+    if not done:
+        raise NeoError(f"--new: process 0 did not clear {model_path} (its message says why); stopping.")
+
+
+def _remove_training_outputs(model_path: str, confirm: bool, log) -> None:
     import sys
 
     from etils import epath
