@@ -113,6 +113,29 @@ def test_check_dataset_refuses_out_of_vocabulary_ids(tmp_path):
     assert any("token ids  41 .. 70" in line and "ERROR in 1 file(s)" in line for line in lines)
 
 
+def test_check_dataset_refuses_a_tokenizer_that_does_not_load(tmp_path):
+    """The examples are decoded with the dataset's tokenizer; one that fails to load is an error
+    naming its file, not a silent fall back to token ids."""
+    from neo.config import load_model_config
+    from neo.data.check import check_dataset
+    from neo.data.tfrecords import RecordWriter
+
+    (tmp_path / "d").mkdir()
+    w = RecordWriter(str(tmp_path / "d" / "x_0"))
+    for _ in range(4):
+        w.write(np.arange(1, 11))
+    w.close()
+    (tmp_path / "broken.json").write_text("{not a tokenizer")
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "x.json").write_text(json.dumps(
+        {"n_vocab": 64, "path": str(tmp_path / "d" / "*.tfrecords"), "tokenizer_path": str(tmp_path / "broken.json")}))
+    (tmp_path / "m.json").write_text(json.dumps({"n_embd": 32, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 64,
+                                                 "attention_types": [[["global"], 1]], "datasets": ["x"],
+                                                 "train_batch_size": 2}))
+    with pytest.raises(NeoError, match=r"tokenizer file .*broken.json does not load"):
+        check_dataset(load_model_config(str(tmp_path / "m.json")), log=lambda _: None)
+
+
 def test_chunks_carry_tails_across_documents_and_files(tmp_path, shared_data):
     """The records are the documents' token stream cut into chunk_size+1 pieces: nothing is
     dropped but the final partial chunk, even when documents are shorter than a chunk."""
