@@ -108,9 +108,14 @@ def test_dataset_config_beside_model_config(tmp_path, tiny_config):
         load_model_config(str(path))
 
 
-def test_runtime_keys_of_saved_configs_are_ignored(tiny_config):
-    cfg = parse_model_config({**tiny_config(), "num_cores": 8, "use_tpu": True, "mode": "train"})
-    assert cfg.model.n_layer == 2
+def test_runtime_keys_of_gpt_neos_main_are_refused_with_where_they_come_from(tiny_config):
+    """Keys GPT-Neo's main.py wrote into its params at run time are flags or derived values in
+    neo: refused, naming the source, never accepted and ignored."""
+    for key, value, source in (("num_cores", 8, "follows from mesh_shape"), ("use_tpu", True, "the --tpu flag"),
+                               ("mode", "train", "chosen by the flags"),
+                               ("steps_per_checkpoint", 10, "--steps_per_checkpoint flag")):
+        with pytest.raises(NeoError, match=rf"'{key}' is not a config key: GPT-Neo's main.py wrote it.*{source}"):
+            parse_model_config({**tiny_config(), key: value})
 
 
 def test_sections_hold_every_key_once_and_the_model_only_the_architecture(tiny_config):

@@ -193,8 +193,10 @@ def _show_examples(cfg: Config, log, show: int) -> None:
         tokenizer = None
         log(f"(cannot decode the examples: {e})")
     for row in range(min(show, len(batch))):
-        log(f"--- training example {row + 1} of the first batch: {batch.shape[1]} tokens "
-            f"(ids {batch[row, :8].tolist()} ...) ---")
-        text = tokenizer.decode(batch[row]) if tokenizer else " ".join(map(str, batch[row]))
+        tokens = batch[row][batch[row] >= 0]  # without the padding (PAD), which is no token
+        padding = f", then {len(batch[row]) - len(tokens)} padding (no target)" if len(tokens) < len(batch[row]) else ""
+        log(f"--- training example {row + 1} of the first batch: {len(tokens)} tokens{padding} "
+            f"(ids {tokens[:8].tolist()} ...) ---")
+        text = tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))
         log(text if len(text) <= 2 * SHOW_CHARS else f"{text[:SHOW_CHARS]}\n...\n{text[-SHOW_CHARS:]}")
     log("-" * 40)

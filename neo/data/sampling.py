@@ -8,14 +8,16 @@ reading at most one shuffle block, which is what makes resuming exact and cheap.
   many files as hosts, host p reads files p, p+P, ... of that order; with fewer, every host
   reads all files and keeps records p, p+P, ... . Epochs follow each other forever.
 - Within an epoch, records are shuffled in blocks of SHUFFLE_BLOCK consecutive records, each by
-  its own generator seeded with (seed, host, epoch, block).
+  its own generator seeded with (seed, host, epoch, block) (not for GPT-Neo's sequential_input,
+  which reads them in order).
 - Sampling modes turn records into [n_ctx + 1]-token examples:
   `chunks`: records of equal length R give (R - 1) // n_ctx windows each, consecutive windows
   sharing one token (the last target of one is the first input of the next), so a record of
   n_ctx + 1 tokens is one example and none is wasted;
   `documents_fixed`: `stitch` consecutive documents joined by eos_id, first n_ctx + 1 tokens;
   `documents_random`: the same, then a random window of n_ctx + 1 tokens.
-  Short stitched documents are padded with padding_id (documents_random warns: raise stitch).
+  Short stitched documents are padded with PAD (neo/data/__init__.py), never a target
+  (documents_random warns: raise stitch).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from neo.data import PAD
 from neo.data.tfrecords import read_records
 from neo.errors import NeoError
 
@@ -44,10 +47,10 @@ class DatasetSpec:
     stitch: int
     n_ctx: int
     eos_id: int
-    padding_id: int
     n_vocab: int
     seed: tuple[int, ...]
     shuffle_files: bool = True
+    shuffle_records: bool = True
 
 
 @dataclass
@@ -151,7 +154,8 @@ class DatasetStream:
                                    f"records on host {self.p}, expected {n}: do the files' names give "
                                    f"their true record counts?")
                 rng = np.random.default_rng([*self.spec.seed, 1, self.p, epoch, block])
-                perm, u = rng.permutation(size), rng.random(size)
+                perm = rng.permutation(size) if self.spec.shuffle_records else np.arange(size)
+                u = rng.random(size)
                 for q in range(i - lo, size):
                     tokens, path = items[perm[q]]
                     yield Record(tokens, path, float(u[q]))
@@ -187,10 +191,10 @@ class DatasetStream:
             elif len(seq) < n + 1:
                 if s.mode == "documents_random" and not self._warned_short:
                     logging.warning("dataset '%s': %d stitched document(s) hold only %d tokens, fewer than "
-                                    "n_ctx + 1 = %d; padding with padding_id. Raise 'stitch' (%s).",
+                                    "n_ctx + 1 = %d; the rest is padding (no target). Raise 'stitch' (%s).",
                                     s.name, s.stitch, len(seq), n + 1, group[0].file)
                     self._warned_short = True
-                seq = np.concatenate([seq, np.full(n + 1 - len(seq), s.padding_id, np.int32)])
+                seq = np.concatenate([seq, np.full(n + 1 - len(seq), PAD, np.int32)])
             yield seq[:n + 1], group[0].file
 
     def _stitch(self, docs: list[np.ndarray]) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 
 from neo.config import Config
 from neo.errors import NeoError
+from neo.loss import shift
 from neo.mesh import Layout
 from neo.model import GPT
 
@@ -24,15 +25,18 @@ PILE_TOKENS_PER_BYTE = 0.29335  # GPT-Neo's constant (reference 1.17)
 
 
 def make_eval_step(cfg: Config, layout: Layout, param_shardings: Any) -> Callable:
-    """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count."""
+    """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count, over the
+    real targets only (padding is neither scored nor counted; neo/loss.py `shift`)."""
     model = GPT(cfg.model)
 
     def step(params: Any, batch: jax.Array) -> dict:
         with layout.active():
-            logits = model.apply({"params": params}, batch[:, :-1])
+            inputs, targets, mask = shift(batch, cfg.data.padding_id)
+            logits = model.apply({"params": params}, inputs)
             log_z = jax.nn.logsumexp(logits, axis=-1)
-            target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
-            return {"nll": (log_z - target).sum(), "tokens": jnp.asarray(target.size, jnp.float32)}
+            target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            nll = jnp.where(mask, log_z - target, 0.0)
+            return {"nll": nll.sum(), "tokens": mask.sum().astype(jnp.float32)}
 
     return jax.jit(step, in_shardings=(param_shardings, layout.rows), out_shardings=layout.replicated)
 
@@ -52,12 +56,13 @@ def byte_tokenizer(cfg: Config) -> Any:
 
 
 def token_bytes(tokenizer: Any, rows: np.ndarray) -> Optional[int]:
-    """UTF-8 bytes of the target tokens of each row (None without a tokenizer)."""
+    """UTF-8 bytes of the (real, not padded) target tokens of each row (None without a tokenizer)."""
     if tokenizer is None:
         return None
+    targets = [row[1:][row[1:] >= 0] for row in rows]
     if getattr(tokenizer, "vocab_size", None) == 256 and type(tokenizer).__name__ == "ByteTokenizer":
-        return int(rows[:, 1:].size)
-    return sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in rows)
+        return sum(len(t) for t in targets)
+    return sum(len(tokenizer.decode(t).encode("utf-8")) for t in targets)
 
 
 class Validation:
