@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
-def run(command: str, cwd: Path, root: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """A README command line (python3/python replaced by this interpreter), run in `cwd`."""
+def run(command: str, cwd: Path = ROOT, root: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A README command line (python3/python replaced by this interpreter), run in `cwd`: by
+    default the repository, where the README's user is after `cd GPTNeo`."""
     args = command.split()
     assert args[0] in ("python", "python3"), command
     env = {**ENV, "PYTHONPATH": str(root)}
@@ -95,28 +96,29 @@ def trained(tmp_path_factory):
     cfg = {**json.loads((ROOT / "configs" / "tiny.json").read_text()), "model_path": str(tmp / "run"),
            "train_steps": 4}
     (tmp / "my_model.json").write_text(json.dumps(cfg))
-    out = run(f"python main.py --model {tmp / 'my_model.json'} --steps_per_checkpoint 4", cwd=tmp)
+    out = run(f"python main.py --model {tmp / 'my_model.json'} --steps_per_checkpoint 4")
     assert out.returncode == 0, out.stderr
     (tmp / "example_prompt.txt").write_text("ROMEO:\n")
     return tmp
 
 
 def test_2_predict_with_a_tpu_name_off_a_tpu_vm_says_how_to_launch_and_samples_without_it(trained):
-    command = f"python3 main.py --predict --prompt example_prompt.txt --tpu my-tpu --model {trained / 'my_model.json'}"
-    out = run(command, cwd=trained)
+    command = (f"python3 main.py --predict --prompt {trained / 'example_prompt.txt'} --tpu my-tpu "
+               f"--model {trained / 'my_model.json'}")
+    out = run(command)
     assert out.returncode == 2 and "not a Cloud TPU VM" in out.stderr and "scripts/tpu_run.sh my-tpu" in out.stderr
-    out = run(command.replace(" --tpu my-tpu", ""), cwd=trained)
+    out = run(command.replace(" --tpu my-tpu", ""))
     assert out.returncode == 0, out.stderr
     written = list((trained / "run").glob("predictions_nosacred_4.txt"))
     assert written and "ROMEO:" in written[0].read_text()
 
 
 def test_3_and_9_gpu_ids_in_the_readmes_form_parse_and_are_refused_without_gpus(trained):
-    for command in (f"python3 main.py --predict --prompt example_prompt.txt --gpu_ids device:GPU:0 device:GPU:1 "
-                    f"--model {trained / 'my_model.json'}",
+    for command in (f"python3 main.py --predict --prompt {trained / 'example_prompt.txt'} "
+                    f"--gpu_ids device:GPU:0 device:GPU:1 --model {trained / 'my_model.json'}",
                     f"python3 main.py --model {trained / 'my_model.json'} --steps_per_checkpoint 2 "
                     f"--gpu_ids device:GPU:0 device:GPU:1"):
-        out = run(command, cwd=trained)
+        out = run(command)
         assert out.returncode == 2 and "--gpu_ids 0 1 given, but JAX sees no GPUs" in out.stderr, out.stderr
 
 
@@ -159,7 +161,7 @@ def test_7_create_tfrecords_as_written_writes_gpt2_documents(bundestag):
 
 def test_8_train_on_the_readmes_dataset_entry(bundestag, tmp_path):
     """The README's parameter reference entry [["bundestag_*.tfrecords", "", 10, "random_sample", 1.0]]
-    (train glob, eval glob, stitch, sampling mode, weight), run from the folder holding the files."""
+    (train glob, eval glob, stitch, sampling mode, weight): the glob is found beside the config."""
     data, _, _ = bundestag
     for f in (data / "output").glob("*.tfrecords"):
         shutil.copy(f, tmp_path)
@@ -168,10 +170,10 @@ def test_8_train_on_the_readmes_dataset_entry(bundestag, tmp_path):
            "train_steps": 4, "iterations": 2, "eos_id": 50256, "padding_id": 50257,
            "datasets": [["bundestag_*.tfrecords", "", 10, "random_sample", 1.0]], "model_path": str(tmp_path / "run")}
     (tmp_path / "my_config.json").write_text(json.dumps(cfg))
-    command = "python3 main.py --model my_config.json --steps_per_checkpoint 2 --tpu my-tpu"
-    out = run(command, cwd=tmp_path)
+    command = f"python3 main.py --model {tmp_path / 'my_config.json'} --steps_per_checkpoint 2 --tpu my-tpu"
+    out = run(command)
     assert out.returncode == 2 and "not a Cloud TPU VM" in out.stderr
-    out = run(command.replace(" --tpu my-tpu", ""), cwd=tmp_path)
+    out = run(command.replace(" --tpu my-tpu", ""))
     assert out.returncode == 0, out.stderr
     assert "step 4/4 | loss" in out.stdout
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -185,7 +187,7 @@ def test_10_check_dataset(bundestag, tmp_path):
            "attention_types": [[["global"], 1]], "tokenizer_path": "gpt2", "eos_id": 50256,
            "datasets": [[str(data / "output" / "bundestag_*.tfrecords"), "", 10, "random_sample", 1.0]]}
     (tmp_path / "config_name.json").write_text(json.dumps(cfg))
-    out = run("python main.py --model config_name.json --check_dataset", cwd=tmp_path)
+    out = run(f"python main.py --model {tmp_path / 'config_name.json'} --check_dataset")
     assert out.returncode == 0, out.stderr
     assert "sampling documents_random, stitch 10" in out.stdout and "(dataset n_vocab 50,257, model n_vocab 50,257): ok" in out.stdout
     assert "--- training example 1 of the first batch" in out.stdout
@@ -208,5 +210,5 @@ def test_colab_create_tfrecords_lines_as_written(extra, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(model))
     assert load_model_config(str(tmp_path / "m.json")).data.datasets[0].config.n_vocab == 50257
     # the notebook then trains `--model colab_XL`, a name it never wrote (its cell writes GPT3_XL.json)
-    out = run("python3 main.py --model colab_XL --steps_per_checkpoint 500 --tpu colab", cwd=tmp_path)
+    out = run("python3 main.py --model colab_XL --steps_per_checkpoint 500 --tpu colab")
     assert out.returncode == 2 and "no config named 'colab_XL'" in out.stderr and "Traceback" not in out.stderr
