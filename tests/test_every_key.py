@@ -166,7 +166,7 @@ def world(tmp_path_factory):
     write_dataset(tmp, "text", {})
     (tmp / "prompt.txt").write_text("ROMEO:\n")
     (tmp / "other_prompt.txt").write_text("JULIET: O\n")
-    (tmp / "lambada.jsonl").write_text(json.dumps({"text": "a b c"}) + "\n")
+    (tmp / "dataset_configs" / "lambada.jsonl").write_text(json.dumps({"text": "a b c"}) + "\n")  # beside "docs"
     return tmp
 
 
@@ -440,3 +440,73 @@ def test_moe_keys_without_prefix_are_the_same_keys(world):
     a = config(world, dict(MODEL, moe_layers=[0], moe_params={"moe_num_experts": 2, "moe_gating": "top_1"}))
     b = config(world, dict(MODEL, moe_layers=[0], moe_params={"num_experts": 2, "gating": "top_1"}), tag="b")
     assert a.model.moe_params == b.model.moe_params != MoEParams()
+
+
+# ------------------------------------------------------------------------------------------------
+# The meaning of GPT-Neo's reader keys, beyond "it changes something"
+
+
+def test_sequential_input_reads_every_datasets_files_in_order_as_chunks(world):
+    """GPT-Neo's sequential_input: one stream over all datasets' files (natural order without
+    shuffle_input_filenames), each file's records in order, n_ctx + 1 tokens each; the
+    entries' stitch, sampling mode and weight are not used."""
+    from neo.data import make_source
+    from neo.data.tfrecords import natural_key, read_records
+
+    cfg = config(world, dict(MODEL, n_vocab=256, n_ctx=16, train_batch_size=8, input_fn="sequential_input",
+                             shuffle_input_filenames=False, datasets=[["chunks", 5, "documents_random", 9.0]]),
+                 tag="sequential")
+    files = sorted((world / "chunks").glob("*.tfrecords"), key=lambda p: natural_key(str(p)))
+    records = [r for f in files for r in read_records(str(f))]
+    rows = np.concatenate([next(make_source(cfg)) for _ in range(1)])
+    assert [r.tolist() for r in rows] == [r.tolist() for r in records[:8]]
+
+
+def test_lambada_tokens_path_reads_gpt_neos_token_cache(world, tmp_path):
+    """GPT-Neo cached LAMBADA as a JSON list of token lists (tasks.py); neo decodes it with the
+    dataset's tokenizer into the text lm-eval's task reads."""
+    from neo.data.tokenizer import load_tokenizer
+    from neo.evaluate.harness import lambada_metadata
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "lambada_openai_test.jsonl").open()][:5]
+    gpt2 = load_tokenizer("gpt2")
+    (world / "dataset_configs" / "lambada.json").write_text(json.dumps([gpt2.encode(t) for t in texts]))
+    cfg = config(world, dict(MODEL, n_vocab=50257, datasets=[["docs", 2, "documents_fixed", None]]),
+                 "dataset:lambada_tokens_path", "lambada.json", tag="lambada_cache")
+    write_dataset(world, "docs", {"lambada_tokens_path": "lambada.json", "tokenizer_path": "gpt2"})
+    cfg = load_model_config(cfg.source)
+    path = lambada_metadata(cfg, log=lambda *a: None)["lambada_path"]
+    assert [json.loads(line)["text"] for line in open(path)] == texts
+    write_dataset(world, "docs", {"lambada_tokens_path": "missing.json"})
+    with pytest.raises(NeoError, match="does not exist: GPT-Neo downloaded LAMBADA there"):
+        lambada_metadata(load_model_config(cfg.source), log=lambda *a: None)
+
+
+def test_log_grads_logs_each_parameters_gradient_norm_under_its_name(world):
+    """At a log step metrics.jsonl (and TensorBoard) hold grads/norm/<path> for every parameter,
+    the norm of that parameter's gradient (checked against jax.grad of the same loss)."""
+    from neo.data import make_source
+    from neo.loop import fit
+    from neo.loss import lm_loss, shift
+    from neo.mesh import parameter_name
+    from neo.model import GPT
+    from neo.train import build
+
+    cfg = config(world, dict(FIT, train_steps=1, iterations=1, log_grads=True), tag="log_grads")
+    shutil.rmtree(cfg.run.model_path, ignore_errors=True)
+    fit(cfg, one_device(), steps_per_checkpoint=1, log=lambda *a: None)
+    (record,) = [json.loads(line) for line in (Path(cfg.run.model_path) / "metrics.jsonl").read_text().splitlines()]
+    params = build(cfg, one_device()).init().params
+    batch = jnp.asarray(next(make_source(cfg)))
+
+    def objective(p):
+        inputs, targets, mask = shift(batch, cfg.data.padding_id)
+        return lm_loss(GPT(cfg.model).apply({"params": p}, inputs), targets, cfg.run.z_loss, mask)[0]
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(jax.grad(objective)(params))
+    want = {f"grads/norm/{parameter_name(path)}": float(jnp.linalg.norm(g.ravel())) for path, g in flat}
+    assert "grads/norm/h_0/attn/q/kernel" in want and {k for k in record if k.startswith("grads/")} == set(want)
+    for name, norm in want.items():
+        assert abs(record[name] - norm) <= 1e-4 * norm + 1e-7, name
+    events = b"".join(p.read_bytes() for p in (Path(cfg.run.model_path) / "tensorboard").rglob("*"))
+    assert b"train/grads/norm/h_0/attn/q/kernel" in events

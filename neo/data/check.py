@@ -44,6 +44,8 @@ def check_dataset(cfg: Config, log=print, show: int = 3) -> dict[str, dict[str, 
     """Print the report; raise NeoError if any token id is outside the vocabulary."""
     from neo.data import dataset_file
 
+    if cfg.data.no_dataset:
+        raise NeoError(f"{cfg.source}: no_dataset is true: this config has no data to check.")
     if not cfg.data.datasets:
         raise NeoError(f"{cfg.source}: no 'datasets' configured; nothing to check.")
     reports: dict[str, dict[str, SplitReport]] = {}
