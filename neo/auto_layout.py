@@ -460,8 +460,8 @@ def report(cfg: Config, target: Target, ranked: list[Estimate], top: int = 12,
     shown = ranked[:top] + [e for e in ranked[top:] if e.own]  # the config's own layout always shows
     for e in shown:
         acts = e.activations_remat if e.remat else e.activations
-        rows.append([f"{ranked.index(e) + 1}{'*' if e.own else ''}", e.mesh_shape, e.layout, _gib(e.params), _gib(e.optimizer), _gib(e.gradients),
-                     _gib(acts), _gib(e.memory), str(e.microbatch), "yes" if e.remat else "no",
+        rows.append([f"{ranked.index(e) + 1}{'*' if e.own else ''}", e.mesh_shape, e.layout, _gib(e.params),
+                     _gib(e.optimizer), _gib(e.gradients), _gib(acts), _gib(e.memory), str(e.microbatch), "yes" if e.remat else "no",
                      _bytes(e.communication), "yes" if e.fits else "no"])
     widths = [max(len(r[k]) for r in rows + [head]) for k in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()

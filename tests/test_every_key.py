@@ -503,7 +503,7 @@ def test_log_grads_logs_each_parameters_gradient_norm_under_its_name(world):
         inputs, targets, mask = shift(batch, cfg.data.padding_id)
         return lm_loss(GPT(cfg.model).apply({"params": p}, inputs), targets, cfg.run.z_loss, mask)[0]
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(jax.grad(objective)(params))
+    flat, _ = jax.tree_util.tree_flatten_with_path(jax.jit(jax.grad(objective))(params))
     want = {f"grads/norm/{parameter_name(path)}": float(jnp.linalg.norm(g.ravel())) for path, g in flat}
     assert "grads/norm/h_0/attn/q/kernel" in want and {k for k in record if k.startswith("grads/")} == set(want)
     for name, norm in want.items():

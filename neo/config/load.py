@@ -162,12 +162,13 @@ def parse_model_config(raw: dict, source: str = "<dict>") -> Config:
 def replace_keys(cfg: Config, changes: dict) -> Config:
     """`Config.replace`: flat keys with typed (or JSON-form) values, read and checked as at load."""
     where, base = cfg.source or "<config>", _config_dir(cfg.source)
+    context = {"n_vocab": cfg.model.n_vocab, "eos_id": cfg.data.eos_id, "padding_id": cfg.data.padding_id,
+               "tokenizer_path": cfg.data.tokenizer_path, **changes}
     grouped: dict[str, dict] = {}
     for key, value in changes.items():
         if key not in KEY_SECTION:
             raise NeoError(f"{where}: unknown key '{key}'.{did_you_mean(key, sorted(KEY_SECTION))} "
                            f"(docs/configs.md lists every key.)")
-        context = {"n_vocab": cfg.model.n_vocab, "eos_id": cfg.data.eos_id, "padding_id": cfg.data.padding_id, **changes}
         grouped.setdefault(KEY_SECTION[key], {})[key] = _read_value(key, value, where, base, context)
     sections = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in grouped.items()}
     return validate(dataclasses.replace(cfg, **sections))
