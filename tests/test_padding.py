@@ -88,7 +88,7 @@ def test_validation_loss_and_perplexity_count_real_targets_only(padding_id, tmp_
     params = init_params(cfg.model, jax.random.PRNGKey(0))
     validation = Validation(cfg, layout, jax.tree.map(lambda _: layout.replicated, params))
     out = validation.run(params)
-    rows = np.concatenate(validation.rows)
+    rows = np.concatenate(validation.batches)
     want, _ = reference_loss(cfg, params, rows)
     assert abs(out["eval_loss"] - want) < 1e-5 and abs(out["eval_perplexity"] - np.exp(want)) < 1e-3
 
