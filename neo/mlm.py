@@ -50,4 +50,6 @@ def mask_tokens(cfg: Config, batch: jax.Array, rng: jax.Array) -> tuple[jax.Arra
     random_ids = pool[jax.random.randint(k_token, tokens.shape, 0, pool.shape[0])]
     inputs = jnp.where(selected & randomize, random_ids, tokens)
     inputs = jnp.where(selected & ~same & ~randomize, cfg.run.mlm_mask_id, inputs)
-    return inputs, tokens, selected
+    # labels of unselected positions are never scored; padded ones hold a valid id, not padding_id
+    # (which may lie past the vocabulary, where a gather of the logits would give NaN)
+    return inputs, jnp.where(padded, 0, tokens), selected

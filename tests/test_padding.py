@@ -119,3 +119,22 @@ def test_masked_lm_never_selects_padding(tmp_path):
     padded = rows[:, :N_CTX] < 0
     assert padded.any() and not selected[padded].any() and (inputs[padded] == EOS).all()
     assert selected[~padded & (rows[:, :N_CTX] != EOS)].mean() > 0.7
+
+
+def test_masked_lm_trains_with_padding_past_the_vocabulary(tmp_path):
+    """GPT-Neo's GPT-2 padding_id (one past the vocabulary) in a masked-LM run: padded inputs
+    embed as zeros, and every label is an id of the vocabulary, so gathering the label logits
+    never gives NaN (which a zero loss weight would not cancel: NaN x 0 is NaN)."""
+    from neo.loss import lm_loss
+    from neo.mlm import mask_tokens
+
+    cfg = write_dataset(tmp_path, VOCAB, "documents_fixed", 2).replace(mlm_training=True, mlm_mask_id=0,
+                                                                       mlm_mask_prob=0.5)
+    rows = next(make_source(cfg))
+    assert (rows[:, :N_CTX] == PAD).any()
+    inputs, labels, selected = mask_tokens(cfg, jnp.asarray(rows), jax.random.PRNGKey(0))
+    assert 0 <= int(labels.min()) and int(labels.max()) < VOCAB
+    assert np.isfinite(float(lm_loss(jnp.zeros((*labels.shape, VOCAB)), labels, 1e-4, selected)[0]))
+    setup = build(cfg, make_layout("x:8", "batch:x"))
+    _, metrics = setup.step(setup.init(), global_batch(setup, rows))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
