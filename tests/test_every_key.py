@@ -111,7 +111,7 @@ WALK = [
     # dataset configs (configs/dataset_configs/<id>.json)
     ("dataset:n_vocab", 512, "refused:raise the model's 'n_vocab' to at least 512", DOCS),
     ("dataset:path", "chunks", "batch", DOCS), ("dataset:eval_path", "chunks", "eval_batch", DOCS),
-    ("text:tokenizer_is_pretrained", True, "batch", dict(TEXT, datasets=[["text", None, None, None]])),
+    ("hub:tokenizer_is_pretrained", True, "batch", dict(TEXT, datasets=[["hub", None, None, None]])),
     ("text:tokenizer_path", "gpt2", "batch", dict(TEXT, n_vocab=50304, datasets=[["text", None, None, None]])),
     ("dataset:eos_id", 5, "batch", DOCS), ("dataset:padding_id", 7, "mlm", MLM),
     ("dataset:lambada_tokens_path", "lambada.jsonl", "lambada", DOCS),
@@ -129,7 +129,7 @@ def test_the_walk_covers_every_key():
     aliases = {"activation_function", "gpt_j_residual", "axial_pos_emb_"}
     moe = {f"moe:{f.name}" for f in dataclasses.fields(MoEParams)} | {f"moe:{k}" for k in MOE_UNUSED}
     dataset = {f.name for f in dataclasses.fields(DatasetConfig)} - {"id", "source"}
-    walked_dataset = {k.split(":")[1] for k in walked if k.startswith(("dataset:", "text:"))}
+    walked_dataset = {k.split(":")[1] for k in walked if k.startswith(("dataset:", "text:", "hub:"))}
     assert walked - moe - aliases - {k for k in walked if ":" in k} == set(KEY_SECTION) | {"model"} | set(RUNTIME_KEYS)
     assert moe <= walked and aliases <= walked and walked_dataset == dataset
 
@@ -175,13 +175,14 @@ def write_dataset(tmp: Path, name: str, change: dict) -> None:
                      "eos_id": 255, "padding_id": 0, "tokenizer_path": "bytes"},
             "chunks": {"n_vocab": 256, "path": str(tmp / "chunks" / "*.tfrecords"), "eos_id": 255},
             "text": {"n_vocab": 256, "path": str(ROOT / "data" / "tinyshakespeare.txt"), "holdout": 0.1,
-                     "tokenizer_path": "bytes", "eos_id": 0, "padding_id": 0}}[name]
+                     "tokenizer_path": "bytes", "eos_id": 0, "padding_id": 0},
+            # a tokenizer named like a hub repository: a local path, unless tokenizer_is_pretrained
+            "hub": {"n_vocab": 256, "path": str(ROOT / "data" / "tinyshakespeare.txt"),
+                    "tokenizer_path": "EleutherAI/gpt-neox-20b", "eos_id": 0}}[name]
     if "path" in change and not str(change["path"]).startswith("/"):
         change = {**change, "path": base["path"].replace(name, change["path"])}
     if "eval_path" in change:
         change = {**change, "eval_path": str(tmp / change["eval_path"] / "*.tfrecords")}
-    if "tokenizer_is_pretrained" in change:
-        change = {**change, "tokenizer_path": "EleutherAI/gpt-neox-20b"}
     (tmp / "dataset_configs").mkdir(exist_ok=True)
     (tmp / "dataset_configs" / f"{name}.json").write_text(json.dumps({**base, **change}))
 
@@ -192,13 +193,14 @@ def config(world: Path, base: dict, key: str = None, value=None, tag: str = "bas
     user's would be. Its model_path depends on the base only."""
     raw = json.loads(json.dumps(base))
     raw.setdefault("model_path", str(world / "runs" / f"{abs(hash(json.dumps(base, sort_keys=True))):x}"))
-    for name in ("docs", "chunks", "text"):
+    for name in ("docs", "chunks", "text", "hub"):
         write_dataset(world, name, {})
     if key is not None:
         if key.startswith("moe:"):
             raw["moe_params"] = {**raw.get("moe_params", {}), key[4:]: value}
-        elif key.startswith(("dataset:", "text:")):
-            write_dataset(world, "docs" if key.startswith("dataset:") else "text", {key.split(":")[1]: value})
+        elif key.startswith(("dataset:", "text:", "hub:")):  # a key of dataset config "docs", "text" or "hub"
+            name, field = key.split(":")
+            write_dataset(world, {"dataset": "docs"}.get(name, name), {field: value})
         elif isinstance(value, dict) and key != "moe_params":
             raw.update(value)
         else:
@@ -309,7 +311,7 @@ def probe_mlm(cfg, world):
     from neo.mlm import mask_tokens
 
     rows = next(make_source(cfg))
-    rows[0, :4] = cfg.data.padding_id  # a real token equal to padding_id is not maskable
+    rows[0, :4] = 7  # real tokens equal to the padding_id the walk sets: then not maskable
     return [np.asarray(x) for x in mask_tokens(cfg, jnp.asarray(rows), jax.random.PRNGKey(0))]
 
 
