@@ -203,6 +203,8 @@ def config(world: Path, base: dict, key: str = None, value=None, tag: str = "bas
             write_dataset(world, {"dataset": "docs"}.get(name, name), {field: value})
         elif isinstance(value, dict) and key != "moe_params":
             raw.update(value)
+        elif key == "model_path":  # a different folder, inside this test's world (not the cwd)
+            raw[key] = str(world / value)
         else:
             raw[key] = value
     path = world / f"{tag}.json"
