@@ -86,7 +86,7 @@ def _run(argv: list[str]) -> None:
 
         target = target_from(FLAGS.num_devices, FLAGS.device_memory_gb, FLAGS.auto_layout_target)
         mesh_shape = None if FLAGS.auto_layout_and_mesh_shape else cfg.run.mesh_shape
-        print(report(cfg, target, rank(cfg, target, mesh_shape)))
+        print(report(cfg, target, rank(cfg, target, mesh_shape), mesh_shape=mesh_shape))
         return
     if FLAGS.export:
         raise NeoError("--export (a TF SavedModel in the original) is replaced by "

@@ -22,9 +22,10 @@ from jax.sharding import NamedSharding
 
 from neo.config import Config
 from neo.errors import NeoError
-from neo.loss import lm_loss
+from neo.loss import lm_loss, shift
 from neo.mesh import (
-    Layout, assemble_rows, check_divisible, constrain, num_microbatches, place, process_rows, shardings_of,
+    Layout, assemble_rows, check_divisible, constrain, num_microbatches, parameter_name, place, process_rows,
+    shardings_of,
 )
 from neo.mlm import mask_tokens
 from neo.model import GPT, init_params
@@ -95,7 +96,7 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
     schedule = lr_schedule(cfg.optimizer, cfg.run.train_steps)
 
     def loss_on(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
-        inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], None
+        inputs, targets, mask = shift(tokens, cfg.data.padding_id)  # padded targets masked
         if cfg.model.mlm_training:
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
         logits, extra = model.apply({"params": params}, inputs, deterministic=not dropout,
@@ -133,9 +134,20 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = {**aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+            if cfg.run.log_grads:
+                metrics.update(grad_norms(grads))
             return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
+
+
+def grad_norms(grads: Any) -> dict[str, jax.Array]:
+    """GPT-Neo's `log_grads`: every parameter's gradient norm, named as the parameter tree
+    ("grads/norm/h_0/attn/q/kernel"; the original logged "grads/norm" + the variable's name).
+    Traced into the step only when the key is on."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    return {f"grads/norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            for path, g in flat}
 
 
 def global_batch(setup: Setup, local: np.ndarray) -> jax.Array:

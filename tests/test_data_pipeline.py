@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neo.config import parse_model_config
+from neo.data import PAD
 from neo.errors import NeoError
 
 N_CTX = 8
@@ -92,10 +93,11 @@ def test_documents_fixed_stitches_with_eos_and_pads(tmp_path, model):
     cfg = model(tmp_path, [["d", 2, "documents_fixed", None]], shuffle_input_filenames=False)
     rows = [tuple(r) for r in np.concatenate(batches(make_source(cfg), 1))]
     # the 4 docs are shuffled, then grouped in pairs: every row is pair[0] eos pair[1], padded
+    # with PAD (never padding_id 998: padding is marked by the data side, docs/data.md)
     for row in rows:
         assert len(row) == N_CTX + 1
-        assert row.count(999) >= 1 and row[-1] == 998
-    flat = [t for r in rows for t in r if t not in (998, 999)]
+        assert row.count(999) >= 1 and row[-1] == PAD and 998 not in row
+    flat = [t for r in rows for t in r if t not in (PAD, 999)]
     assert sorted(flat) == sorted(list(range(1, 10)) * 2)  # two groups per epoch, batch of 4 = 2 epochs
 
 

@@ -27,7 +27,7 @@ ALLOWED = {
     "auto_layout": {"config", "errors", "mesh", "model"},
     "predict": {"checkpoint", "config", "data", "errors", "mesh", "model"},
     "convert": {"checkpoint", "config", "data", "errors", "mesh", "model"},
-    "evaluate": {"checkpoint", "config", "data", "distributed", "errors", "mesh", "model", "predict"},
+    "evaluate": {"checkpoint", "config", "data", "distributed", "errors", "loss", "mesh", "model", "predict"},
     "loop": {"auto_layout", "checkpoint", "config", "data", "errors", "evaluate", "flops", "memory", "mesh",
              "predict", "tracking", "train"},
     "lm_eval": {"evaluate"},

@@ -26,6 +26,12 @@ from typing import Any, Optional
 
 ATTENTION_KINDS = ("global", "local", "linear", "none")
 SAMPLING_MODES = ("chunks", "documents_fixed", "documents_random")
+# GPT-Neo's README calls documents_random `random_sample` (its parameter reference).
+SAMPLING_MODE_ALIASES = {"random_sample": "documents_random"}
+# GPT-Neo's readers (main.py `input_fn`), mapped onto neo's sampling (neo/data/__init__.py):
+# `sequential_input` reads every dataset's records in file order as chunks; `generic_text`
+# samples each `datasets` entry as it says. Absent: neo's reader, which is `generic_text`'s.
+INPUT_FNS = ("sequential_input", "generic_text")
 PRECISIONS = ("float32", "bfloat16")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adam", "adafactor")
@@ -79,6 +85,8 @@ class DatasetConfig:
     tokenizer_path: Optional[str] = None
     eos_id: int = 1
     padding_id: int = 0
+    # GPT-Neo's LAMBADA file for `eval_tasks: ["lambada"]`: its token cache (.json, a list of
+    # token lists) or the text (.jsonl); neo/evaluate/harness.py reads it.
     lambada_tokens_path: Optional[str] = None
     # neo: for a plain-text `path`, the last `holdout` fraction of its tokens is the eval split.
     holdout: float = 0.0
@@ -91,13 +99,16 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A model config's `datasets` element `[id, stitch, sampling_mode, weight]`."""
+    """A model config's `datasets` element `[id, stitch, sampling_mode, weight]`, or the
+    README's `[train_glob, eval_glob, stitch, sampling_mode, weight]` (`inline`: its files are
+    named in the entry itself, `id` is the train glob)."""
 
     id: str
     stitch: Optional[int]
     sampling_mode: Optional[str]
     weight: Optional[float]
     config: DatasetConfig
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,8 +224,8 @@ class DataConfig:
     """Where batches come from and the token ids that have a meaning."""
 
     datasets: tuple[DatasetEntry, ...] = ()
-    no_dataset: bool = False
-    input_fn: str = "sequential_input"
+    no_dataset: bool = False  # GPT-Neo: a config that runs without data (--auto_layout, --predict)
+    input_fn: Optional[str] = None  # None: neo's reader (= generic_text); see INPUT_FNS
     shuffle_input_filenames: bool = True
     eos_id: Optional[int] = None  # default: the last dataset's
     padding_id: Optional[int] = None  # default: the last dataset's

@@ -15,7 +15,7 @@ import re
 from typing import Callable, NoReturn
 
 from neo.config.sections import (
-    ACTIVATION_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config, ModelConfig, MoEParams,
+    ACTIVATION_FNS, INPUT_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config, ModelConfig, MoEParams,
     OptimizerConfig, RunConfig, SamplingConfig, mlm_excluded_ids, mlm_vocab,
 )
 from neo.errors import NeoError, did_you_mean
@@ -194,13 +194,42 @@ def _check_data(cfg: Config, fail: Fail) -> None:
                 fail(f"dataset '{entry.id}': documents_random needs stitch x minimum_size >= n_ctx + 1 so that "
                      f"every window is real text, but {stitch} x {shortest} = {stitch * shortest} < "
                      f"{n_ctx + 1}; set stitch to at least {-(-(n_ctx + 1) // shortest)} in 'datasets'.")
-    for key, v in (("eos_id", cfg.data.eos_id), ("padding_id", cfg.data.padding_id),
-                   ("mlm_mask_id", cfg.run.mlm_mask_id), ("mlm_cls_token_id", cfg.run.mlm_cls_token_id)):
+    for key, v in (("eos_id", cfg.data.eos_id), ("mlm_mask_id", cfg.run.mlm_mask_id),
+                   ("mlm_cls_token_id", cfg.run.mlm_cls_token_id)):
         if v is not None and not 0 <= v < n_vocab:
             fail(f"'{key}' ({v}) is outside the vocabulary 0..{n_vocab - 1}.")
     outside = [i for i in cfg.run.mlm_mask_ignore_ids if not 0 <= i < n_vocab]
     if outside:
         fail(f"'mlm_mask_ignore_ids' {outside} are outside the vocabulary 0..{n_vocab - 1}.")
+    # padding_id may lie outside the vocabulary, as in GPT-Neo's GPT-2 datasets (50257 of 50257
+    # ids): padded positions are never targets, and an id past the table embeds as zeros, as
+    # mesh-tf's gather gave (neo/model/gpt.py).
+    if cfg.data.padding_id is not None and cfg.data.padding_id < 0:
+        fail(f"'padding_id' ({cfg.data.padding_id}) must be >= 0.")
+    _check_readers(cfg, fail)
+
+
+def _check_readers(cfg: Config, fail: Fail) -> None:
+    """`input_fn`, `no_dataset` and `lambada_tokens_path`, GPT-Neo's keys about where data comes from."""
+    d = cfg.data
+    if d.input_fn is not None:
+        if d.input_fn == "pred_input":
+            fail("input_fn 'pred_input' is GPT-Neo's --predict reader (it always read the prompt that way), "
+                 f"not a training reader; use one of {', '.join(INPUT_FNS)} or leave input_fn out.")
+        if d.input_fn not in INPUT_FNS:
+            fail(f"input_fn {d.input_fn!r} is not one of GPT-Neo's readers {', '.join(INPUT_FNS)} "
+                 f"(docs/data.md).{did_you_mean(d.input_fn, INPUT_FNS)}")
+        if any(e.config.path.endswith(".txt") for e in d.datasets):
+            fail(f"input_fn {d.input_fn!r} chooses how tfrecords are read; a plain-text dataset is read whole "
+                 f"by neo's text source. Leave input_fn out, or make tfrecords with data/create_tfrecords.py.")
+    if d.no_dataset and d.datasets:
+        fail(f"no_dataset is true but 'datasets' lists {len(d.datasets)} dataset(s); keep one of them "
+             f"(no_dataset declares a config that runs without data, e.g. for --predict or --auto_layout).")
+    for entry in d.datasets:
+        path = entry.config.lambada_tokens_path
+        if path is not None and not path.endswith((".json", ".jsonl")):
+            fail(f"dataset '{entry.id}': lambada_tokens_path {path!r} must be GPT-Neo's token cache (.json) "
+                 f"or LAMBADA text, one {{\"text\": ...}} per line (.jsonl).")
 
 
 def _check_mlm(cfg: Config, fail: Fail) -> None:

@@ -10,7 +10,8 @@ cheap, and what lets each process read only the examples of its own rows of a ba
   concatenated. Record i of the dataset's stream is record i mod N of epoch i div N (N records
   in all). Epochs follow each other forever.
 - Within an epoch, records are shuffled in blocks of SHUFFLE_BLOCK consecutive records, each by
-  its own generator seeded with (seed, epoch, block).
+  its own generator seeded with (seed, epoch, block) (not for GPT-Neo's sequential_input, which
+  reads them in order).
 - Sampling modes turn records into [n_ctx + 1]-token examples:
   `chunks`: records of equal length R give (R - 1) // n_ctx windows each, consecutive windows
   sharing one token (the last target of one is the first input of the next), so a record of
@@ -20,7 +21,8 @@ cheap, and what lets each process read only the examples of its own rows of a ba
   first n_ctx + 1 tokens;
   `documents_random`: the same, then a window of n_ctx + 1 tokens at an offset drawn with the
   shuffle of the group's first record (a pure function of its position in the stream).
-  Short stitched documents are padded with padding_id (documents_random warns: raise stitch).
+  Short stitched documents are padded with PAD (neo/data/__init__.py), never a target
+  (documents_random warns: raise stitch).
 
 Which records an example needs is arithmetic (the shuffles are drawn, never read), so a process
 reads exactly the records of its own rows, by number (tfrecords.py `RecordFiles`: one seek and
@@ -36,6 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from neo.data import PAD
 from neo.data.tfrecords import RecordFiles
 from neo.errors import NeoError
 
@@ -53,10 +56,10 @@ class DatasetSpec:
     stitch: int
     n_ctx: int
     eos_id: int
-    padding_id: int
     n_vocab: int
     seed: tuple[int, ...]
     shuffle_files: bool = True
+    shuffle_records: bool = True
 
 
 @dataclass
@@ -114,7 +117,8 @@ class DatasetStream:
         if (epoch, block) not in self._shuffles:
             size = min(SHUFFLE_BLOCK, self.records_per_epoch - block * SHUFFLE_BLOCK)
             rng = np.random.default_rng([*self.spec.seed, 1, epoch, block])
-            perm, u = rng.permutation(size), rng.random(size)
+            perm = rng.permutation(size) if self.spec.shuffle_records else np.arange(size)
+            u = rng.random(size)
             if len(self._shuffles) >= 8:  # batches move forward through a few blocks at a time
                 self._shuffles.pop(next(iter(self._shuffles)))
             self._shuffles[(epoch, block)] = (perm, u)
@@ -202,10 +206,10 @@ class DatasetStream:
         elif len(seq) < n + 1:
             if s.mode == "documents_random" and not self._warned_short:
                 logging.warning("dataset '%s': %d stitched document(s) hold only %d tokens, fewer than "
-                                "n_ctx + 1 = %d; padding with padding_id. Raise 'stitch' (%s).",
+                                "n_ctx + 1 = %d; the rest is padding (no target). Raise 'stitch' (%s).",
                                 s.name, s.stitch, len(seq), n + 1, group[0].file)
                 self._warned_short = True
-            seq = np.concatenate([seq, np.full(n + 1 - len(seq), s.padding_id, np.int32)])
+            seq = np.concatenate([seq, np.full(n + 1 - len(seq), PAD, np.int32)])
         return seq[:n + 1]
 
     def _stitch(self, docs: list[np.ndarray]) -> np.ndarray:

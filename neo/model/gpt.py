@@ -220,7 +220,8 @@ class GPT(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         tokens = constrain(tokens, ("batch", "sequence"))
-        h = jnp.take(self.wte.astype(dtype), tokens, axis=0)
+        # an id past the table (GPT-Neo's padding_id 50257 of 50257) embeds as zeros, as mesh-tf's gather did
+        h = jnp.take(self.wte.astype(dtype), tokens, axis=0, mode="fill", fill_value=0)
         h = self.embed_drop(h, deterministic=deterministic)
         if not cfg.rotary_emb:
             # GPT-Neo drops token and position embeddings with separate masks (reference 1.9).
