@@ -1,13 +1,16 @@
 """Token sources: what the train loop pulls batches of [rows, n_ctx + 1] token ids from.
 
 Every source yields this process's rows of the global batch as numpy int32, and exposes
-`state()` / `restore(state)` so a checkpoint can resume it exactly. A dataset whose `path` is a
+`state()` / `restore(state)` so a checkpoint can resume it exactly; `take` stacks the next n
+batches for a compiled call of n train steps. A dataset whose `path` is a
 .txt file is read by neo/data/text.py; tfrecord globs by tfrecords.py -> sampling.py -> mixture.py.
 check.py is `--check_dataset`; the offline corpus tools (tfrecords and tokenizers from raw text)
 are in prep/.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from neo.config import Config, resolve_path
 from neo.errors import NeoError
@@ -38,6 +41,12 @@ def make_source(cfg: Config, split: str = "train", process_index: int = 0, proce
         seed = cfg.run.seed if split == "train" else cfg.run.seed + 1
         return TextSource(tokens, batch, cfg.model.n_ctx, seed, process_index, process_count, name=entry.id)
     return tfrecord_source(cfg, split, process_index, process_count)
+
+
+def take(source, n: int) -> np.ndarray:
+    """The next `n` batches of `source`, stacked: [n, rows, n_ctx + 1] int32, what one compiled
+    call of n train steps consumes (neo/train.py `Setup.steps`)."""
+    return np.stack([next(source) for _ in range(n)])
 
 
 def dataset_file(entry) -> str:
