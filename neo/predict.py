@@ -31,7 +31,7 @@ from neo.model import GPT, init_cache
 
 PROMPT_SEPARATOR = "<|endofprompt|>"
 MIN_BUCKET = 8
-CACHE_NAMES = ("batch", "memory_length", "heads", "features_per_head")
+CACHE_NAMES = ("batch", "heads", "memory_length", "features_per_head")
 # The original's default prompt when --prompt is not given (reference 1.18).
 UNICORNS = ("In a shocking finding, scientists discovered a herd of unicorns living in a remote, previously "
             "unexplored valley, in the Andes Mountains. Even more surprising to the researchers was the fact "

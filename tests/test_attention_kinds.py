@@ -101,8 +101,8 @@ def test_local_layers_cache_only_their_window_and_decode_as_the_full_pass(tiny_c
     tokens = jnp.asarray(RNG.randint(0, cfg.model.n_vocab, (2, 20)))
     full = GPT(cfg.model).apply({"params": params}, tokens)
     cache = init_cache(cfg.model, 2, 20)
-    assert cache[0]["k"].shape == (2, 20, 8, 8) and cache[1]["k"].shape == (2, 4, 8, 8)
-    assert init_cache(cfg.model, 2, 3)[1]["k"].shape == (2, 3, 8, 8)  # never more than the length
+    assert cache[0]["k"].shape == (2, 8, 20, 8) and cache[1]["k"].shape == (2, 8, 4, 8)  # [b, heads, slots, d]
+    assert init_cache(cfg.model, 2, 3)[1]["k"].shape == (2, 8, 3, 8)  # never more than the length
     every_slot = jnp.ones((2, 20), bool)  # key_valid as the sampler passes it (no padding here)
     decode = jax.jit(lambda tok, pos, cache, i: GPT(cfg.model).apply({"params": params}, tok, pos, cache=cache,
                                                                     cache_index=i, key_valid=every_slot))
