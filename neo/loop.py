@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo.checkpoint import Checkpointer, abstract_like
+from neo.checkpoint import Checkpointer, abstract_like, check_writable
 from neo.config import Config
 from neo.errors import NeoError
 from neo.mesh import Layout
 from neo.flops import mfu
+from neo.train import Setup, TrainState, batch_rows, build, global_batches
 
 STACK_BYTES = 256 * 2 ** 20  # the most host memory one call's stack of batches may take
-from neo.train import Setup, TrainState, build, global_batches
 
 
 def format_eta(seconds: float) -> str:
@@ -46,7 +46,8 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
     log(f"neo: {cfg.name}: {setup.param_count:,} parameters; {len(devices)} x {devices[0].device_kind}; "
         f"mesh {dict(layout.mesh.shape)}; layout {', '.join(f'{d}:{a}' for d, a in layout.rules)}; "
         f"{setup.num_microbatches} microbatch(es) of {cfg.run.train_batch_size // setup.num_microbatches} sequences")
-    limit = device_memory(devices[0])
+    local = next(d for d in devices if d.process_index == jax.process_index())
+    limit = device_memory(local)
     need = 2 * p + o  # parameters, their gradients, optimizer state
     activations = _activation_estimate(setup)
     total = need + activations
@@ -111,15 +112,16 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def steps_per_call(cfg: Config, steps_per_checkpoint: int, process_count: int = 1) -> tuple[int, str]:
+def steps_per_call(cfg: Config, steps_per_checkpoint: int, rows: int) -> tuple[int, str]:
     """(train steps per compiled call, why it is not `iterations`, or ""). GPT-Neo ran
     `iterations` steps per TPU loop and logged once per loop; here a call ends at every
     checkpoint too, so it runs gcd(iterations, steps_per_checkpoint) steps, cut to the largest
-    divisor of that whose stack of batches stays within STACK_BYTES on this host."""
+    divisor of that whose stack of batches (`rows` rows per step on this host) stays within
+    STACK_BYTES."""
     k = math.gcd(cfg.run.iterations, steps_per_checkpoint)
     why = f"gcd of iterations {cfg.run.iterations} and steps_per_checkpoint {steps_per_checkpoint}" \
         if k < cfg.run.iterations else ""
-    per_step = cfg.run.train_batch_size // process_count * (cfg.model.n_ctx + 1) * 4  # int32 tokens
+    per_step = rows * (cfg.model.n_ctx + 1) * 4  # int32 tokens
     fits = max(d for d in range(1, k + 1) if k % d == 0 and (d == 1 or d * per_step <= STACK_BYTES))
     if fits < k:
         why = (why + "; " if why else "") + f"{k} steps of batches would take {k * per_step / 2 ** 20:,.0f} MiB " \
@@ -144,14 +146,16 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     if not cfg.run.model_path:
         raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
     if steps_per_checkpoint < 1:
-        raise NeoError(f"--steps_per_checkpoint must be >= 1, got {steps_per_checkpoint}.")
+        raise NeoError(f"--steps_per_checkpoint {steps_per_checkpoint}: save every N >= 1 steps.")
+    check_writable(cfg.run.model_path)
     setup = build(cfg, layout)
     describe(setup, log)
-    per_call, why = steps_per_call(cfg, steps_per_checkpoint, jax.process_count())
+    rows = batch_rows(setup)
+    per_call, why = steps_per_call(cfg, steps_per_checkpoint, len(rows))
     if why:
         log(f"neo: {per_call} train step(s) per compiled call instead of iterations = {cfg.run.iterations}: {why}")
-    source = make_source(cfg, "train", jax.process_index(), jax.process_count())
-    validation = Validation(cfg, layout, setup.state_shardings.params) if cfg.run.eval_steps > 0 else None
+    source = make_source(cfg, "train", rows)
+    validation = Validation(cfg, layout, setup.state_shardings.params, log) if cfg.run.eval_steps > 0 else None
     samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
     ckpt = Checkpointer(cfg.run.model_path, max_to_keep=cfg.run.keep_checkpoints)

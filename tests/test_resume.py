@@ -176,13 +176,13 @@ def test_steps_per_call_divides_iterations_and_the_checkpoint_interval():
     from neo.loop import STACK_BYTES, steps_per_call
 
     cfg = lambda **kw: load_model_config("tiny", {"iterations": 500, **kw})
-    assert steps_per_call(cfg(), 5000) == (500, "")
-    k, why = steps_per_call(cfg(), 300)
+    assert steps_per_call(cfg(), 5000, 8) == (500, "")
+    k, why = steps_per_call(cfg(), 300, 8)
     assert k == 100 and "gcd of iterations 500 and steps_per_checkpoint 300" in why
     big = cfg(train_batch_size=256, n_ctx=2048)  # 2 MiB of tokens per step
-    k, why = steps_per_call(big, 5000)
+    k, why = steps_per_call(big, 5000, 256)
     assert k == 125 and k * 256 * 2049 * 4 <= STACK_BYTES and "MiB" in why  # the largest divisor of 500 that fits
-    assert steps_per_call(big, 5000, process_count=64)[0] == 500  # each host holds 1/64 of the rows
+    assert steps_per_call(big, 5000, 256 // 64)[0] == 500  # a host that holds 1/64 of the rows
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
