@@ -160,9 +160,10 @@ def measured_matmul_flops(dtype: str = "float32", n: int = 2048, reps: int = 10)
     return 2 * n ** 3 / best
 
 
-def mfu(cfg: ModelConfig, tokens_per_sec: float, devices: list) -> float:
-    """Model FLOPs utilisation of `devices` running at `tokens_per_sec`."""
+def mfu(cfg: ModelConfig, tokens_per_sec: float, devices: list, seq: int | None = None) -> float:
+    """Model FLOPs utilisation of `devices` running at `tokens_per_sec` on rows of `seq` tokens
+    (default n_ctx; shorter under a curriculum)."""
     peak, _ = device_peak_flops(devices[0], cfg.precision)
     # Simulated CPU devices share the same cores: the CPU peak is the whole machine's.
     total = peak if devices[0].platform == "cpu" else peak * len(devices)
-    return flops_per_token(cfg) * tokens_per_sec / total
+    return flops_per_token(cfg, seq) * tokens_per_sec / total

@@ -3,7 +3,9 @@
 A run restarts from the latest checkpoint in `<model_path>/checkpoints` by itself. Train steps
 run several per compiled call (`steps_per_call`: GPT-Neo's `iterations`); the loop
 synchronises with the devices once per call, stops on a NaN/Inf loss without saving the bad
-state, and on SIGTERM (preemption) saves at the end of the current call and exits.
+state, and on SIGTERM (preemption) saves at the end of the current call and exits. With a
+sequence-length curriculum (neo/curriculum.py) a call also ends where the length changes and
+its rows are cut to that length; each (steps, length) pair compiles once.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import numpy as np
 
 from neo.checkpoint import Checkpointer, abstract_like, check_writable
 from neo.config import Config
+from neo.curriculum import lengths, next_change, seq_len
 from neo.errors import NeoError
-from neo.mesh import Layout
+from neo.mesh import Layout, check_divisible
 from neo.flops import mfu
 from neo.train import Setup, TrainState, batch_rows, build, global_batches
 
@@ -149,6 +152,9 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
         raise NeoError(f"--steps_per_checkpoint {steps_per_checkpoint}: save every N >= 1 steps.")
     check_writable(cfg.run.model_path)
     setup = build(cfg, layout)
+    buckets = lengths(cfg) if cfg.run.curriculum_learning else []
+    for n_tokens in buckets:
+        check_divisible(layout, {"sequence": n_tokens}, " at a curriculum length")
     describe(setup, log)
     rows = batch_rows(setup)
     per_call, why = steps_per_call(cfg, steps_per_checkpoint, len(rows))
@@ -167,31 +173,36 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     if step >= cfg.run.train_steps:
         log(f"neo: already trained to step {step} (train_steps {cfg.run.train_steps}); nothing to do")
     devices = list(layout.mesh.devices.flat)
-    tokens_per_step = cfg.run.train_batch_size * cfg.model.n_ctx
-    call_end = lambda s: min((s // per_call + 1) * per_call, cfg.run.train_steps)  # calls end at multiples
-    calls: dict[int, Callable] = {}  # steps per call -> compiled call
+    if buckets and step < cfg.run.train_steps:
+        log(f"neo: curriculum: rows cut to {seq_len(cfg, step)} tokens at step {step}; lengths "
+            f"{', '.join(map(str, buckets))} (n_ctx from step {_full_from(cfg)})")
+    # calls end at multiples of per_call, at train_steps, and where the curriculum's length changes
+    call_end = lambda s: min((s // per_call + 1) * per_call, cfg.run.train_steps, next_change(cfg, s))
+    calls: dict[tuple[int, int], Callable] = {}  # (steps per call, tokens per row) -> compiled call
     preemption = _Preemption()
     last: dict = {}
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
     if step < cfg.run.train_steps:
         batches = take(source, call_end(step) - step)
         position = source.state()  # the source's position after these batches
     try:
         while step < cfg.run.train_steps:
-            n = len(batches)
-            stack = global_batches(setup, batches)
-            if n not in calls:  # compiled apart, so that compilation is not counted as training time
+            n, length = len(batches), seq_len(cfg, step)
+            stack = global_batches(setup, batches[:, :, :length + 1])  # the same rows, cut (curriculum)
+            if (n, length) not in calls:  # compiled apart, so that compilation is not counted as training time
                 t = time.perf_counter()
-                calls[n] = setup.steps.lower(state, stack).compile()
-                log(f"neo: compiled {n} train step(s) per call in {time.perf_counter() - t:.1f}s")
+                calls[n, length] = setup.steps.lower(state, stack).compile()
+                at = f" of {length} tokens" if buckets else ""
+                log(f"neo: compiled {n} train step(s) per call{at} in {time.perf_counter() - t:.1f}s")
                 interval_start += time.perf_counter() - t
-            state, metrics = calls[n](state, stack)
+            state, metrics = calls[n, length](state, stack)
             done, done_position = step + n, position
             if done < cfg.run.train_steps:  # the host reads the next batches while the devices compute
                 batches = take(source, call_end(done) - done)
                 position = source.state()
             m = jax.device_get(metrics)  # {name: [n]}: waits for the call
             interval_steps += n
+            interval_tokens += n * cfg.run.train_batch_size * length
             finite = np.isfinite(m["loss"]) & np.isfinite(m["grad_norm"])
             if not finite.all():
                 bad = int(np.argmin(finite))
@@ -200,9 +211,9 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
             step = done
             if step % cfg.run.iterations == 0 or step == cfg.run.train_steps:
                 elapsed = time.perf_counter() - interval_start
-                last = _log_train(cfg, tracker, log, step, _at(m, n - 1), interval_steps, elapsed, tokens_per_step,
-                                  devices)
-                interval_start, interval_steps = time.perf_counter(), 0
+                last = _log_train(cfg, tracker, log, step, _at(m, n - 1), interval_steps, elapsed, interval_tokens,
+                                  devices, length if buckets else None)
+                interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
             if step % steps_per_checkpoint == 0 or step == cfg.run.train_steps or preemption.requested:
                 pause = time.perf_counter()
                 ckpt.save(step, state.params, state.opt_state, {"data": done_position, "seed": cfg.run.seed})
@@ -239,16 +250,29 @@ def _stop_diverged(m: dict, step: int, ckpt: Checkpointer) -> None:
                    f"'gradient_clipping', or check the data; rerun to resume from the checkpoint.")
 
 
-def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_step, devices) -> dict:
+def _full_from(cfg: Config) -> int:
+    """The first step the curriculum trains at n_ctx (train_steps if it never does)."""
+    s = 0
+    while s < cfg.run.train_steps and seq_len(cfg, s) < cfg.model.n_ctx:
+        s = next_change(cfg, s)
+    return s
+
+
+def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, interval_tokens, devices,
+               length: Optional[int]) -> dict:
+    """The log line and record of step `done`; `length`: the curriculum's tokens per row."""
     record = {"kind": "train", "step": done, **m, "time": time.time()}
-    speed = ""
+    speed = at = ""
+    if length is not None:
+        record["seq_len"] = length
+        at = f" | seq_len {length}"
     if interval_steps:  # no rate for an interval that held only the compiling step
-        tps = interval_steps * tokens_per_step / elapsed
-        record.update(tokens_per_sec=tps, mfu=mfu(cfg.model, tps, devices))
+        tps = interval_tokens / elapsed
+        record.update(tokens_per_sec=tps, mfu=mfu(cfg.model, tps, devices, length))
         speed = f" | {tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
     eta = (cfg.run.train_steps - done) * elapsed / interval_steps if interval_steps else float("nan")
     log(f"step {done}/{cfg.run.train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-        f"grad_norm {m['grad_norm']:.3f}{speed} | ETA {format_eta(eta)}")
+        f"grad_norm {m['grad_norm']:.3f}{at}{speed} | ETA {format_eta(eta)}")
     tracker.log(record)
     return record
 
