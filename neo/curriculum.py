@@ -34,14 +34,18 @@ def difficulty(c: Curriculum, n_ctx: int, global_steps: int) -> int:
     return min(grown - grown % c.difficulty_step, top)
 
 
+def active(cfg: Config) -> bool:
+    c = cfg.run.curriculum_learning
+    return c is not None and c.enabled
+
+
 def seq_len(cfg: Config, step: int) -> int:
     """Tokens per row (inputs, without the shifted target) that train step `step` (0-based:
     the state's step count before it) trains on; n_ctx without a curriculum."""
-    c = cfg.run.curriculum_learning
-    if c is None or not c.enabled:
+    if not active(cfg):
         return cfg.model.n_ctx
     start = step - step % cfg.run.iterations
-    return difficulty(c, cfg.model.n_ctx, start + 1)  # DeepSpeed updates to global_steps + 1 first
+    return difficulty(cfg.run.curriculum_learning, cfg.model.n_ctx, start + 1)  # DeepSpeed: global_steps + 1
 
 
 def next_change(cfg: Config, step: int) -> int:
@@ -63,3 +67,11 @@ def lengths(cfg: Config) -> list[int]:
         out.append(seq_len(cfg, s))
         s = next_change(cfg, s)
     return out
+
+
+def full_from(cfg: Config) -> int:
+    """The first step that trains at n_ctx (train_steps if none does)."""
+    s = 0
+    while s < cfg.run.train_steps and seq_len(cfg, s) < cfg.model.n_ctx:
+        s = next_change(cfg, s)
+    return s

@@ -21,7 +21,7 @@ import numpy as np
 
 from neo.checkpoint import Checkpointer, abstract_like, check_writable
 from neo.config import Config
-from neo.curriculum import lengths, next_change, seq_len
+from neo.curriculum import active, full_from, lengths, next_change, seq_len
 from neo.errors import NeoError
 from neo.mesh import Layout, check_divisible
 from neo.flops import mfu
@@ -152,7 +152,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
         raise NeoError(f"--steps_per_checkpoint {steps_per_checkpoint}: save every N >= 1 steps.")
     check_writable(cfg.run.model_path)
     setup = build(cfg, layout)
-    buckets = lengths(cfg) if cfg.run.curriculum_learning else []
+    buckets = lengths(cfg) if active(cfg) else []
     for n_tokens in buckets:
         check_divisible(layout, {"sequence": n_tokens}, " at a curriculum length")
     describe(setup, log)
@@ -175,7 +175,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     devices = list(layout.mesh.devices.flat)
     if buckets and step < cfg.run.train_steps:
         log(f"neo: curriculum: rows cut to {seq_len(cfg, step)} tokens at step {step}; lengths "
-            f"{', '.join(map(str, buckets))} (n_ctx from step {_full_from(cfg)})")
+            f"{', '.join(map(str, buckets))} (n_ctx from step {full_from(cfg)})")
     # calls end at multiples of per_call, at train_steps, and where the curriculum's length changes
     call_end = lambda s: min((s // per_call + 1) * per_call, cfg.run.train_steps, next_change(cfg, s))
     calls: dict[tuple[int, int], Callable] = {}  # (steps per call, tokens per row) -> compiled call
@@ -248,14 +248,6 @@ def _stop_diverged(m: dict, step: int, ckpt: Checkpointer) -> None:
     raise NeoError(f"loss {m['loss']} / gradient norm {m['grad_norm']} at step {step}: training diverged; "
                    f"stopping without saving ({keep}). Lower 'lr', raise 'warmup_steps', set "
                    f"'gradient_clipping', or check the data; rerun to resume from the checkpoint.")
-
-
-def _full_from(cfg: Config) -> int:
-    """The first step the curriculum trains at n_ctx (train_steps if it never does)."""
-    s = 0
-    while s < cfg.run.train_steps and seq_len(cfg, s) < cfg.model.n_ctx:
-        s = next_change(cfg, s)
-    return s
 
 
 def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, interval_tokens, devices,

@@ -152,6 +152,18 @@ def test_bad_curriculum_values_are_refused_at_load(change, message):
         tiny(curriculum_learning=[16, 64])
 
 
+def test_masked_lm_training_is_refused():
+    with pytest.raises(NeoError, match=r"curriculum_learning: GPT-NeoX's sequence-length warmup is for causal"):
+        tiny(curriculum_learning=curriculum(), mlm_training=True, mlm_mask_id=1)
+
+
+def test_a_disabled_curriculum_trains_at_n_ctx(tmp_path):
+    lines = []
+    fit(tiny(model_path=str(tmp_path), train_steps=2, curriculum_learning=curriculum(enabled=False)),
+        make_layout("", "", jax.devices()[:1]), 2, log=lines.append)
+    assert not any("curriculum" in l or "seq_len" in l or " of 64 tokens" in l for l in lines)
+
+
 def test_a_length_the_sequence_axis_does_not_divide_is_refused_before_compiling(tmp_path):
     cfg = tiny(model_path=str(tmp_path), curriculum_learning=curriculum(4, 64, 4))
     with pytest.raises(NeoError, match=r"layout maps 'sequence' \(size 4 at a curriculum length\) to mesh axis"):

@@ -40,7 +40,7 @@ def validate(cfg: Config, family: str = "GPT") -> Config:
     _check_run(cfg.run, fail)
     _check_data(cfg, fail)
     if cfg.run.curriculum_learning is not None:
-        _check_curriculum(cfg.run.curriculum_learning, cfg.model.n_ctx, fail)
+        _check_curriculum(cfg.run.curriculum_learning, cfg.model.n_ctx, cfg.model.mlm_training, fail)
     _check_sampling(cfg.sampling, fail)
     if cfg.model.mlm_training:
         _check_mlm(cfg, fail)
@@ -162,7 +162,7 @@ def _check_run(r: RunConfig, fail: Fail) -> None:
         fail("entmax_loss not supported yet in neo; remove it from the config.")
 
 
-def _check_curriculum(c: Curriculum, n_ctx: int, fail: Fail) -> None:
+def _check_curriculum(c: Curriculum, n_ctx: int, mlm: bool, fail: Fail) -> None:
     """GPT-NeoX's sequence-length curriculum (neo/curriculum.py), checked even when disabled."""
     fail_c = lambda msg: fail(f"curriculum_learning: {msg}")
     if c.curriculum_type != "seqlen":
@@ -182,6 +182,9 @@ def _check_curriculum(c: Curriculum, n_ctx: int, fail: Fail) -> None:
                f"({c.min_difficulty}) and n_ctx ({n_ctx}): every length is a multiple of it.")
     if c.schedule_type == "fixed_root" and (c.root_degree is None or c.root_degree < 1):
         fail_c(f"fixed_root needs schedule_config 'root_degree' >= 1, got {c.root_degree}.")
+    if c.enabled and mlm:
+        fail_c("GPT-NeoX's sequence-length warmup is for causal training; turn it off (enabled: false) or "
+               "turn off mlm_training.")
     if c.schedule_type == "fixed_linear" and c.root_degree is not None:
         fail_c("'root_degree' belongs to schedule_type fixed_root; remove it or set schedule_type fixed_root.")
 
