@@ -102,9 +102,10 @@ def test_killed_mid_curriculum_and_resumed_gives_identical_losses(tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(command(run, settings, 2), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    committed = lambda: [p for p in (run / "checkpoints").glob("*") if p.name.isdigit()]
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+    while time.time() < deadline and proc.poll() is None:  # kill once checkpoint 2 is committed
+        if (run / "checkpoints").exists() and committed():
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -116,6 +117,18 @@ def test_killed_mid_curriculum_and_resumed_gives_identical_losses(tmp_path):
     assert f"rows cut to {seq_len(tiny(curriculum_learning=curriculum()), resumed)} tokens at step {resumed}" \
         in out.stdout
     assert losses(run) == expected  # bit for bit
+
+
+def test_a_curriculum_splitting_batch_and_sequence_equals_one_device(tmp_path):
+    """Cut rows keep the layout's placement: batch over one mesh axis, sequence over another."""
+    keys = dict(train_steps=6, iterations=2, curriculum_learning=curriculum(total=6))
+    quiet = lambda _m: None
+    fit(tiny(model_path=str(tmp_path / "one"), **keys), make_layout("", "", jax.devices()[:1]), 6, log=quiet)
+    fit(tiny(model_path=str(tmp_path / "four"), **keys),
+        make_layout("x:2,y:2", "batch:x,sequence:y", jax.devices()[:4]), 6, log=quiet)
+    one, four = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert sorted(one) == [2, 4, 6]
+    np.testing.assert_allclose([four[s] for s in one], [one[s] for s in one], atol=1e-5)
 
 
 def test_saved_config_reloads_with_its_curriculum():
