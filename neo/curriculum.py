@@ -75,3 +75,13 @@ def full_from(cfg: Config) -> int:
     while s < cfg.run.train_steps and seq_len(cfg, s) < cfg.model.n_ctx:
         s = next_change(cfg, s)
     return s
+
+
+def summary(cfg: Config, step: int) -> str:
+    """The startup line: the length at `step`, the run's lengths (elided when many), and when
+    n_ctx is reached."""
+    all_ = lengths(cfg)
+    shown = ", ".join(map(str, all_)) if len(all_) <= 8 else \
+        f"{', '.join(map(str, all_[:3]))}, ..., {all_[-1]} ({len(all_)} lengths)"
+    return (f"neo: curriculum: rows cut to {seq_len(cfg, step)} tokens at step {step}; lengths {shown} "
+            f"(n_ctx from step {full_from(cfg)})")

@@ -21,7 +21,8 @@ import numpy as np
 
 from neo.checkpoint import Checkpointer, abstract_like, check_writable
 from neo.config import Config
-from neo.curriculum import active, full_from, lengths, next_change, seq_len
+from neo.curriculum import active, lengths, next_change, seq_len
+from neo.curriculum import summary as curriculum_summary
 from neo.errors import NeoError
 from neo.mesh import Layout, check_divisible
 from neo.flops import mfu
@@ -174,8 +175,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
         log(f"neo: already trained to step {step} (train_steps {cfg.run.train_steps}); nothing to do")
     devices = list(layout.mesh.devices.flat)
     if buckets and step < cfg.run.train_steps:
-        log(f"neo: curriculum: rows cut to {seq_len(cfg, step)} tokens at step {step}; lengths "
-            f"{', '.join(map(str, buckets))} (n_ctx from step {full_from(cfg)})")
+        log(curriculum_summary(cfg, step))
     # calls end at multiples of per_call, at train_steps, and where the curriculum's length changes
     call_end = lambda s: min((s // per_call + 1) * per_call, cfg.run.train_steps, next_change(cfg, s))
     calls: dict[tuple[int, int], Callable] = {}  # (steps per call, tokens per row) -> compiled call

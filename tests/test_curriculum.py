@@ -12,7 +12,7 @@ import pytest
 
 import neo.loop
 from neo.config import load_model_config, parse_model_config, to_json_dict
-from neo.curriculum import lengths, seq_len
+from neo.curriculum import lengths, seq_len, summary
 from neo.errors import NeoError
 from neo.loop import fit
 from neo.mesh import make_layout
@@ -42,6 +42,11 @@ def test_schedule_is_deepspeeds_fixed_linear_and_fixed_root():
     root = tiny(n_ctx=64, train_steps=20, curriculum_learning=curriculum(
         8, 16, 8, schedule_type="fixed_root", schedule={"root_degree": 2}))
     assert [seq_len(root, s) for s in (0, 3, 8, 15)] == [16, 32, 48, 64]
+    long = tiny(n_ctx=2048, train_steps=30000, curriculum_learning=curriculum(
+        64, 20000, 8, max_difficulty=2048))
+    assert len(lengths(long)) == 249 and lengths(long)[-1] == 2048  # 64, 72, ..., 2048
+    assert summary(long, 0) == ("neo: curriculum: rows cut to 64 tokens at step 0; lengths 64, 72, 80, ..., 2048 "
+                                "(249 lengths) (n_ctx from step 19999)")
     off = tiny(curriculum_learning=curriculum(enabled=False))
     assert {seq_len(off, s) for s in range(10)} == {64}
 
