@@ -300,18 +300,21 @@ def process_rows(sharding: jax.sharding.Sharding, n: int) -> np.ndarray:
     return np.array(sorted(held), dtype=np.int64)
 
 
-def assemble_rows(sharding: jax.sharding.Sharding, rows: np.ndarray, local: np.ndarray, n: int) -> jax.Array:
-    """The global [n, ...] array whose rows `rows` (from `process_rows`) are `local`; each device
-    gets its slice of them (the other processes supply the other rows)."""
-    if len(local) != len(rows):
-        raise ValueError(f"{len(local)} local rows for the {len(rows)} rows this process holds")
+def assemble_rows(sharding: jax.sharding.Sharding, rows: np.ndarray, local: np.ndarray, n: int,
+                  axis: int = 0) -> jax.Array:
+    """The global array of n rows along `axis` ([n, ...], or a stack of batches [steps, n, ...]
+    with axis 1) whose rows `rows` (from `process_rows`) are `local`; each device gets its slice
+    of them (the other processes supply the other rows)."""
+    if local.shape[axis] != len(rows):
+        raise ValueError(f"{local.shape[axis]} local rows for the {len(rows)} rows this process holds")
 
     def part(index: tuple) -> np.ndarray:
-        start, stop, _ = index[0].indices(n)
+        start, stop, _ = index[axis].indices(n)
         i = int(np.searchsorted(rows, start))
-        return local[i:i + stop - start]
+        return local[index[:axis] + (slice(i, i + stop - start),)]
 
-    return jax.make_array_from_callback((n, *local.shape[1:]), sharding, part)
+    shape = local.shape[:axis] + (n,) + local.shape[axis + 1:]
+    return jax.make_array_from_callback(shape, sharding, part)
 
 
 def num_microbatches(batch_size: int, n_ctx: int, tokens_per_mb_per_replica: int, batch_shards: int) -> int:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from neo.config.sections import (
-    ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODE_ALIASES, SAMPLING_MODES, SECTIONS, Config, DatasetConfig,
-    DatasetEntry, MoEParams,
+    ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODE_ALIASES, SAMPLING_MODES, SECTIONS, Config, Curriculum,
+    DatasetConfig, DatasetEntry, MoEParams,
 )
 from neo.config.validate import validate
 from neo.errors import NeoError, did_you_mean
@@ -208,6 +208,8 @@ def _read_value(key: str, value: Any, where: str, base: Path, raw: dict) -> Any:
         return _resolve_datasets(value, where, base, raw)
     if key == "moe_params":
         return value if isinstance(value, MoEParams) else parse_moe_params(value, where)
+    if key == "curriculum_learning" and value is not None:
+        return value if isinstance(value, Curriculum) else parse_curriculum(value, where)
     return _coerce(key, value, _hints(SECTIONS[KEY_SECTION[key]])[key], where)
 
 
@@ -266,6 +268,34 @@ def parse_moe_params(value: Any, where: str) -> MoEParams:
             raise NeoError(f"{where}: moe_params {key!r} must be a {kind.__name__}, got {v!r}.")
         values[name] = kind(v)
     return MoEParams(**values)
+
+
+def parse_curriculum(value: Any, where: str) -> Curriculum:
+    """GPT-NeoX's (DeepSpeed's) `curriculum_learning` object: `enabled`, `curriculum_type`,
+    `min_difficulty`, `max_difficulty`, `schedule_type` and `schedule_config` {`total_curriculum_step`,
+    `difficulty_step`, `root_degree`}. Unknown keys and wrong types are errors here; what the
+    values mean is checked in validate (they need n_ctx)."""
+    where = f"{where}: curriculum_learning"
+    if not isinstance(value, dict):
+        raise NeoError(f"{where} must be an object like {{\"min_difficulty\": 64, \"schedule_config\": "
+                       f"{{\"total_curriculum_step\": 1000, \"difficulty_step\": 8}}}}.")
+    value = dict(value)
+    schedule = value.pop("schedule_config", {})
+    if not isinstance(schedule, dict):
+        raise NeoError(f"{where} 'schedule_config' must be an object with total_curriculum_step, difficulty_step.")
+    top = [f.name for f in dataclasses.fields(Curriculum) if f.name not in Curriculum.SCHEDULE_KEYS]
+    fields: dict[str, Any] = {}
+    for keys, given, name in ((top + ["schedule_config"], value, ""), (Curriculum.SCHEDULE_KEYS, schedule,
+                                                                       "schedule_config ")):
+        for key, v in given.items():
+            if key not in keys:
+                raise NeoError(f"{where}: unknown {name}key {key!r}.{did_you_mean(key, list(keys))} "
+                               f"Known: {', '.join(keys)}.")
+            fields[key] = _coerce(f"curriculum_learning {key}", v, _hints(Curriculum)[key], where.split(":")[0])
+    for key in ("min_difficulty", "total_curriculum_step"):
+        if key not in fields:
+            raise NeoError(f"{where}: '{key}' is required (schedule_config holds total_curriculum_step).")
+    return Curriculum(**fields)
 
 
 def _resolve_datasets(entries: Any, where: str, base: Path, raw: dict) -> tuple[DatasetEntry, ...]:
@@ -429,12 +459,21 @@ def to_json_dict(cfg: Config) -> dict:
                                else [e.id, e.stitch, e.sampling_mode, e.weight] for e in v]
             elif f.name not in REQUIRED and v == _default(f):
                 continue
+            elif f.name == "curriculum_learning":
+                out[f.name] = curriculum_json(v)
             elif f.name == "moe_params":
                 defaults = MoEParams()
                 out[f.name] = {k: x for k, x in dataclasses.asdict(v).items() if x != getattr(defaults, k)}
             else:
                 out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def curriculum_json(c: Curriculum) -> dict:
+    """A Curriculum in GPT-NeoX's nested form (what parse_curriculum reads)."""
+    flat = {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+    return {**{k: v for k, v in flat.items() if k not in Curriculum.SCHEDULE_KEYS},
+            "schedule_config": {k: v for k, v in flat.items() if k in Curriculum.SCHEDULE_KEYS}}
 
 
 def _default(f: dataclasses.Field) -> Any:

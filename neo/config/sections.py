@@ -46,6 +46,7 @@ ACTIVATION_FNS = (
     "aria", "prelu", "parcsinh", "psoftplus", "proottanh",
 )
 MOE_POLICIES = ("random", "threshold", "all", "none")
+CURRICULUM_SCHEDULES = ("fixed_linear", "fixed_root")
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,25 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class Curriculum:
+    """GPT-NeoX's `curriculum_learning` (DeepSpeed's seqlen curriculum, its config form): train
+    on the first `length` tokens of each row, growing from `min_difficulty` to
+    `max_difficulty` (= n_ctx) over `total_curriculum_step` steps in multiples of
+    `difficulty_step` (neo/curriculum.py). `schedule_config` keys are flattened here."""
+
+    min_difficulty: int
+    total_curriculum_step: int
+    max_difficulty: Optional[int] = None  # None: n_ctx
+    enabled: bool = True
+    curriculum_type: str = "seqlen"
+    schedule_type: str = "fixed_linear"
+    difficulty_step: int = 1
+    root_degree: Optional[int] = None  # fixed_root only
+
+    SCHEDULE_KEYS = ("total_curriculum_step", "difficulty_step", "root_degree")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """How a run trains and evaluates: batches and steps, the objective (z-loss, masked-LM
     masking), where checkpoints go, the mesh and layout, seed and tracking."""
@@ -212,6 +232,7 @@ class RunConfig:
     keep_checkpoints: int = 5  # neo (docs/configs.md)
     wandb_project: Optional[str] = None  # neo
     log_grads: bool = False
+    curriculum_learning: Optional[Curriculum] = None  # GPT-NeoX's sequence-length warmup
 
     @property
     def eval_rows(self) -> int:

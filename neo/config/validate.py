@@ -15,8 +15,8 @@ import re
 from typing import Callable, NoReturn
 
 from neo.config.sections import (
-    ACTIVATION_FNS, INPUT_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config, ModelConfig, MoEParams,
-    OptimizerConfig, RunConfig, SamplingConfig, mlm_excluded_ids, mlm_vocab,
+    ACTIVATION_FNS, CURRICULUM_SCHEDULES, INPUT_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config,
+    Curriculum, ModelConfig, MoEParams, OptimizerConfig, RunConfig, SamplingConfig, mlm_excluded_ids, mlm_vocab,
 )
 from neo.errors import NeoError, did_you_mean
 
@@ -39,6 +39,8 @@ def validate(cfg: Config, family: str = "GPT") -> Config:
     _check_optimizer(cfg.optimizer, fail)
     _check_run(cfg.run, fail)
     _check_data(cfg, fail)
+    if cfg.run.curriculum_learning is not None:
+        _check_curriculum(cfg.run.curriculum_learning, cfg.model.n_ctx, cfg.model.mlm_training, fail)
     _check_sampling(cfg.sampling, fail)
     if cfg.model.mlm_training:
         _check_mlm(cfg, fail)
@@ -158,6 +160,33 @@ def _check_run(r: RunConfig, fail: Fail) -> None:
         fail(f"'seed' must be in 0..{2 ** 31 - 1} (JAX keeps 32 bits of it), got {r.seed}.")
     if r.entmax_loss:
         fail("entmax_loss not supported yet in neo; remove it from the config.")
+
+
+def _check_curriculum(c: Curriculum, n_ctx: int, mlm: bool, fail: Fail) -> None:
+    """GPT-NeoX's sequence-length curriculum (neo/curriculum.py), checked even when disabled."""
+    fail_c = lambda msg: fail(f"curriculum_learning: {msg}")
+    if c.curriculum_type != "seqlen":
+        fail_c(f"'curriculum_type' must be \"seqlen\" (GPT-NeoX's only kind), got {c.curriculum_type!r}.")
+    if c.schedule_type not in CURRICULUM_SCHEDULES:
+        fail_c(f"'schedule_type' must be one of {', '.join(CURRICULUM_SCHEDULES)}, got {c.schedule_type!r}."
+               f"{did_you_mean(c.schedule_type, CURRICULUM_SCHEDULES)}")
+    if c.max_difficulty is not None and c.max_difficulty != n_ctx:
+        fail_c(f"'max_difficulty' ({c.max_difficulty}) must equal n_ctx ({n_ctx}): the curriculum ends at the "
+               f"full context (leave it out to mean n_ctx).")
+    if not 1 <= c.min_difficulty <= n_ctx:
+        fail_c(f"'min_difficulty' must be in 1..n_ctx ({n_ctx}): the first length trained on, got {c.min_difficulty}.")
+    if c.total_curriculum_step < 1:
+        fail_c(f"'total_curriculum_step' must be >= 1 (steps to grow to n_ctx), got {c.total_curriculum_step}.")
+    if c.difficulty_step < 1 or c.min_difficulty % c.difficulty_step or n_ctx % c.difficulty_step:
+        fail_c(f"'difficulty_step' ({c.difficulty_step}) must be >= 1 and divide both min_difficulty "
+               f"({c.min_difficulty}) and n_ctx ({n_ctx}): every length is a multiple of it.")
+    if c.schedule_type == "fixed_root" and (c.root_degree is None or c.root_degree < 1):
+        fail_c(f"fixed_root needs schedule_config 'root_degree' >= 1, got {c.root_degree}.")
+    if c.enabled and mlm:
+        fail_c("GPT-NeoX's sequence-length warmup is for causal training; turn it off (enabled: false) or "
+               "turn off mlm_training.")
+    if c.schedule_type == "fixed_linear" and c.root_degree is not None:
+        fail_c("'root_degree' belongs to schedule_type fixed_root; remove it or set schedule_type fixed_root.")
 
 
 def _check_data(cfg: Config, fail: Fail) -> None:

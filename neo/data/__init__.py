@@ -2,8 +2,9 @@
 
 Every source yields the rows it is asked for (the rows this process's devices hold, from
 neo/mesh.py `process_rows`) of each global batch as numpy int32, and exposes `state()` /
-`restore(state)` so a checkpoint can resume it exactly. The global batches are a function of
-the config, the seed and the step only: the same whatever the number of processes. A dataset whose `path` is a
+`restore(state)` so a checkpoint can resume it exactly; `take` stacks the next n batches for
+a compiled call of n train steps. The global batches are a function of the config, the seed
+and the step only: the same whatever the number of processes. A dataset whose `path` is a
 .txt file is read by neo/data/text.py; tfrecord globs by tfrecords.py -> sampling.py -> mixture.py.
 check.py is `--check_dataset`; the offline corpus tools (tfrecords and tokenizers from raw text)
 are in prep/.
@@ -23,6 +24,8 @@ it says and mix the datasets by weight (docs/data.md).
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+import numpy as np
 
 from neo.config import Config, resolve_path
 from neo.errors import NeoError
@@ -59,6 +62,12 @@ def make_source(cfg: Config, split: str = "train", rows: Optional[Sequence[int]]
         seed = cfg.run.seed if split == "train" else cfg.run.seed + 1
         return TextSource(tokens, batch, cfg.model.n_ctx, seed, rows, name=entry.id)
     return tfrecord_source(cfg, split, rows)
+
+
+def take(source, n: int) -> np.ndarray:
+    """The next `n` batches of `source`, stacked: [n, rows, n_ctx + 1] int32, what one compiled
+    call of n train steps consumes (neo/train.py `Setup.steps`)."""
+    return np.stack([next(source) for _ in range(n)])
 
 
 def dataset_file(entry) -> str:
