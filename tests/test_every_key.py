@@ -96,6 +96,8 @@ WALK = [
     ("mlm_mask_ignore_ids", list(range(4, 200)), "mlm", MLM), ("model_path", "elsewhere", "tracker", TEXT),
     ("mesh_shape", "x:2,y:4", "mesh", MODEL), ("layout", "batch:x,embd:x", "mesh", MODEL),
     ("seed", 7, "batch", TEXT), ("keep_checkpoints", 1, "fit", FIT), ("wandb_project", "neo", "tracker", TEXT),
+    ("curriculum_learning", {"min_difficulty": 8, "schedule_config": {"total_curriculum_step": 2, "difficulty_step": 8}},
+     "trained_lengths", dict(FIT, iterations=1)),
     ("log_grads", True, "step", TEXT),
     # data
     ("datasets", [["tinyshakespeare", None, None, None]], "batch", dict(TEXT, datasets=[])),
@@ -201,7 +203,7 @@ def config(world: Path, base: dict, key: str = None, value=None, tag: str = "bas
         elif key.startswith(("dataset:", "text:", "hub:")):  # a key of dataset config "docs", "text" or "hub"
             name, field = key.split(":")
             write_dataset(world, {"dataset": "docs"}.get(name, name), {field: value})
-        elif isinstance(value, dict) and key != "moe_params":
+        elif isinstance(value, dict) and key not in ("moe_params", "curriculum_learning"):  # a dict: several keys
             raw.update(value)
         elif key == "model_path":  # a different folder, inside this test's world (not the cwd)
             raw[key] = str(world / value)
@@ -354,6 +356,17 @@ def probe_fit(cfg, world):
     fit(cfg, one_device(), steps_per_checkpoint=1, log=lambda *a: None, prompt_path=str(world / "prompt.txt"))
     records = [(r["kind"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     return records, sorted(p.name for p in (run / "checkpoints").iterdir()), sorted(p.name for p in run.glob("predictions_*"))
+
+
+def probe_trained_lengths(cfg, world):
+    """The context length of each logged train step, and its loss."""
+    from neo.loop import fit
+
+    run = Path(cfg.run.model_path)
+    shutil.rmtree(run, ignore_errors=True)
+    fit(cfg, one_device(), steps_per_checkpoint=10, log=lambda *a: None, prompt_path=str(world / "prompt.txt"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("seq_len", cfg.model.n_ctx), round(r["loss"], 6)) for r in records if r["kind"] == "train"]
 
 
 _SAMPLER = {}
