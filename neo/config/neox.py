@@ -79,12 +79,13 @@ NOT_APPLIED = {
     "extra_save_iters": "neo saves every --steps_per_checkpoint steps",
     "eval_interval": "neo validates every `iterations` (log_interval) steps when eval_steps > 0",
     "eval_iters": "neo's eval_steps: set it with --set eval_steps=N",
+    "split": "neo's validation data is the dataset config's eval_path or holdout",
 }
 
 # Keys refused whatever their value: the fix.
 REFUSED = {
     **dict.fromkeys(("data_path", "train_data_paths", "valid_data_paths", "test_data_paths", "train_data_weights",
-                     "valid_data_weights", "test_data_weights", "label_data_paths", "split", "weight_by_num_documents"),
+                     "valid_data_weights", "test_data_weights", "label_data_paths", "weight_by_num_documents"),
                     "neo reads tfrecords or text named by a dataset config, not Megatron .bin/.idx files; "
                     "remove it and name a dataset with neo's 'datasets' key (docs/data.md)"),
     "text_gen_type": "use python main.py --predict (docs/predict.md)",
@@ -172,6 +173,7 @@ class _Mapping:
     def __init__(self, neox: dict, where: dict):
         self.neox, self.where, self.out, self.notes = neox, where, {}, []
         self.ignored: dict[str, list[str]] = {}  # why -> the keys
+        self.first = next(iter(where.values()), "<neox>")  # where a key's default came from
 
     def pop(self, key: str, default: Any = None) -> Any:
         return self.neox.pop(key, default)
@@ -180,7 +182,7 @@ class _Mapping:
         return key in self.neox
 
     def refuse(self, key: str, why: str) -> NeoError:
-        return NeoError(f"{self.where.get(key, '<neox>')}: GPT-NeoX key '{key}': {why}.")
+        return NeoError(f"{self.where.get(key, self.first)}: GPT-NeoX key '{key}': {why}.")
 
     def pass_on(self, key: str, value: Any) -> None:
         if key not in KEY_SECTION:
@@ -205,7 +207,7 @@ class _Mapping:
             self.out[key] = value  # one of neo's own keys
         else:
             hint = did_you_mean(key, NEOX_KEYS + sorted(KEY_SECTION))
-            raise NeoError(f"{self.where.get(key, '<neox>')}: unknown key '{key}'.{hint} (docs/convert.md "
+            raise NeoError(f"{self.where.get(key, self.first)}: unknown key '{key}'.{hint} (docs/convert.md "
                            f"lists the GPT-NeoX keys neo takes, docs/configs.md neo's own.)")
 
     # --- the architecture
@@ -336,7 +338,9 @@ class _Mapping:
 
         vocab = Path(resolve_path(vocab_file, base))
         if merge_file is None or Path(resolve_path(merge_file, base)).parent != vocab.parent:
-            raise self.refuse("merge_file", "GPT2BPETokenizer needs merge_file beside vocab_file")
+            raise self.refuse("tokenizer_type", "GPT2BPETokenizer (GPT-NeoX's default) needs vocab_file and "
+                                                "merge_file in one folder; for a tokenizers JSON file (such as "
+                                                "data/20B_tokenizer.json) set tokenizer_type: HFTokenizer")
         return str(vocab.parent)
 
     # --- the optimizer and its schedule
