@@ -108,6 +108,7 @@ def test_unknown_and_unhonoured_neox_keys_are_refused_by_name(tmp_path):
         return load_model_config(f"{write(tmp_path, 'm.yml', base % extra)},{vocab}")
 
     assert load('"bias_gelu_fusion": false').model.activation_fn == "gelu_exact"
+    assert load('"eval_steps": 3').run.eval_steps == 3  # one of neo's own keys
     with pytest.raises(NeoError, match=r"m.yml: GPT-NeoX key 'tokenizer_type': GPT2BPETokenizer .* needs vocab_file"):
         no_type = (base % '').replace(', "tokenizer_type": "HFTokenizer"', '')
         load_model_config(f"{write(tmp_path, 'm.yml', no_type)},{vocab}")
@@ -121,12 +122,18 @@ def test_unknown_and_unhonoured_neox_keys_are_refused_by_name(tmp_path):
         '"gpt_j_tied": true': r"'gpt_j_tied'",
         '"load": "elsewhere"': r"'load': 'elsewhere'",
         '"max_position_embeddings": 16': r"'max_position_embeddings': 16 is below seq_length 32",
+        '"n_layer": 4': r"'n_layer' sets neo's 'n_layer', which other keys of these files set too",
+        '"weight_decay": 0.0, "optimizer_": 0': r"unknown key 'optimizer_'\. Did you mean 'optimizer'\?",
+        '"fp16": true': r"'fp16': must be a mapping",
     }
     for extra, message in cases.items():
         with pytest.raises(NeoError, match=message):
             load(extra)
     with pytest.raises(NeoError, match=r"'min_lr': 0.0002: neo's schedule .* decays to 10% of lr"):
         load_model_config(f"{write(tmp_path, 'm.yml', (base % '').replace('1.0e-4', '2.0e-4'))},{vocab}")
+    no_layers = (base % '').replace('"num_layers": 2, ', '')
+    with pytest.raises(NeoError, match=r"'num_layers': is required, a positive integer \(got None\)"):
+        load_model_config(f"{write(tmp_path, 'm.yml', no_layers)},{vocab}")
     with pytest.raises(NeoError, match=r"'optimizer': type 'SGD'"):
         load_model_config(f"{write(tmp_path, 'm.yml', (base % '').replace('Adam', 'SGD'))},{vocab}")
 

@@ -155,14 +155,17 @@ def read_yaml(path: Path) -> dict:
 
 def to_neo_keys(neox: dict, where: dict) -> tuple[dict, list[str]]:
     """GPT-NeoX keys (underscored) -> neo's keys and the notes (module docstring)."""
-    m = _Mapping({**NEOX_DEFAULTS, **neox}, where)
-    m.out["z_loss"] = 0.0  # GPT-NeoX's loss is plain cross-entropy
+    m = _Mapping(dict(neox), where)
     m.model()
     m.vocabulary()
     m.optimizer()
     m.training()
+    for key, value in NEOX_DEFAULTS.items():
+        if key not in m.neox and RENAMED[key] not in m.out:
+            m.neox[key] = value
     for key in list(m.neox):
         m.take(key)
+    m.out.setdefault("z_loss", 0.0)  # GPT-NeoX's loss is plain cross-entropy
     m.notes += [f"ignored ({why}): {', '.join(keys)}" for why, keys in m.ignored.items()]
     return m.out, m.notes
 
@@ -193,6 +196,10 @@ class _Mapping:
     def take(self, key: str) -> None:
         """A key no section below consumed: renamed, passed on, listed, refused or unknown."""
         value = self.pop(key)
+        target = RENAMED.get(key, key if key in KEY_SECTION and key not in PASSED_ON else None)
+        if target in self.out:
+            raise NeoError(f"{self.where.get(key, self.first)}: '{key}' sets neo's '{target}', which other keys "
+                           f"of these files set too; keep one.")
         if key in RENAMED:
             self.out[RENAMED[key]] = value
         elif key in PASSED_ON:
@@ -213,6 +220,9 @@ class _Mapping:
     # --- the architecture
 
     def model(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            if not isinstance(self.neox.get(key), int) or isinstance(self.neox.get(key), bool):
+                raise self.refuse(key, f"is required, a positive integer (got {self.neox.get(key)!r})")
         seq = self.neox.get("seq_length")
         max_pos = self.pop("max_position_embeddings")
         pos_emb = str(self.pop("pos_emb", "learned")).lower()
@@ -355,15 +365,20 @@ class _Mapping:
             if kind not in ("adam", "adamw"):
                 raise self.refuse("optimizer", f"type {opt.get('type')!r}: neo trains with Adam (GPT-NeoX's "
                                                f"Adam is AdamW) or Adafactor (neo's opt_name)")
-            params = dict(opt.get("params", {}))
+            params = opt.get("params", {})
+            if not isinstance(params, dict):
+                raise self.refuse("optimizer", "params must be {lr: ..., betas: [...], eps: ...}")
             unknown = set(opt) - {"type", "params"} | set(params) - {"lr", "betas", "eps", "weight_decay"}
             if unknown:
                 raise self.refuse("optimizer", f"{sorted(unknown)[0]!r} is not taken; neo's Adam has lr, "
                                                f"betas, eps and weight_decay")
             lr = params.get("lr", lr)
-            self.out["beta1"], self.out["beta2"] = params.get("betas", [0.9, 0.999])
+            betas = params.get("betas", [0.9, 0.999])
+            if not isinstance(betas, list) or len(betas) != 2:
+                raise self.refuse("optimizer", f"betas must be [beta1, beta2], got {betas!r}")
+            self.out["beta1"], self.out["beta2"] = betas
             self.out["epsilon"] = params.get("eps", 1e-8)
-            if "weight_decay" in params:
+            if "weight_decay" in params:  # the top-level key, if also set, is refused as a repeat
                 self.out["weight_decay"] = params["weight_decay"]
         self.out["opt_name"] = "adam"
         if lr is None:
@@ -416,6 +431,9 @@ class _Mapping:
         """GPT-NeoX's precision (arguments.py: fp16.type bfloat16, else fp16.enabled, else fp32;
         or bf16.enabled, or an explicit precision) as neo's float32 or bfloat16."""
         fp16, bf16 = self.pop("fp16") or {}, self.pop("bf16") or {}
+        for key, value in (("fp16", fp16), ("bf16", bf16)):
+            if not isinstance(value, dict):
+                raise self.refuse(key, f"must be a mapping such as {{enabled: true}}, got {value!r}")
         explicit = self.pop("precision")
         if fp16.get("type") == "bfloat16" or bf16.get("enabled"):
             value = "bfloat16"
