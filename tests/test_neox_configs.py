@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from neo.auto_layout import parameter_shapes
-from neo.config import CONFIG_DIR, KEY_SECTION, ROOT, load_model_config
+from neo.config import CONFIG_DIR, KEY_SECTION, ROOT, load_model_config, resolve_path
 from neo.errors import NeoError
 
 NEOX = CONFIG_DIR / "neox"
@@ -172,7 +172,7 @@ def test_shipped_pythia_and_neox_configs_name_data_that_ships():
     for name in [p.stem for p in CONFIG_DIR.glob("*.json") if p.stem.startswith(("pythia_", "gpt_neox_"))]:
         cfg = load_model_config(name)
         (entry,) = cfg.data.datasets
-        assert os.path.exists(entry.config.path.replace("data/", str(ROOT / "data") + "/", 1))
+        assert os.path.exists(resolve_path(entry.config.path, entry.config.source))
         assert cfg.data.tokenizer_path == "data/20B_tokenizer.json" and entry.config.n_vocab <= cfg.model.n_vocab
 
 
