@@ -317,21 +317,18 @@ class _Mapping:
             return
         base = self.where.get("vocab_file", Path(".")).parent
         if kind == "HFTokenizer":
-            path = resolve_path(vocab_file, base)
             if merge_file is not None:
                 raise self.refuse("merge_file", "HFTokenizer reads one tokenizers JSON file (vocab_file)")
+            path = resolve_path(vocab_file, base)
+            files = (path,)
         elif kind == "GPT2BPETokenizer":
-            path = self.gpt2_folder(vocab_file, merge_file, base)
+            files = self.gpt2_files(vocab_file, merge_file, base)
+            path = str(Path(files[0]).parent)  # neo's tokenizer_path: the folder (neo/data/tokenizer.py)
         else:
             raise self.refuse("tokenizer_type", f"{kind!r}: neo reads HFTokenizer (a tokenizers JSON file) and "
                                                 f"GPT2BPETokenizer files; save the tokenizer as tokenizer.json")
-        from neo.data.tokenizer import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(path)
-        except NeoError as e:
-            raise self.refuse("vocab_file", f"{e} (GPT-NeoX's 20B tokenizer ships as data/20B_tokenizer.json)") from None
-        size = tokenizer.vocab_size
+        tokenizer = self.read_tokenizer(files)
+        size = tokenizer.get_vocab_size(with_added_tokens=True)  # GPT-NeoX's HFTokenizer.vocab_size
         multiple = divisible * parallel
         self.out["n_vocab"] = multiple * math.ceil(size / multiple)
         self.out["tokenizer_path"] = path
@@ -343,15 +340,31 @@ class _Mapping:
         self.notes.append(f"vocabulary: {size:,} tokens in {vocab_file}, padded to {self.out['n_vocab']:,} "
                           f"(a multiple of {divisible} x model_parallel_size {parallel})")
 
-    def gpt2_folder(self, vocab_file: str, merge_file: Any, base: Path) -> str:
+    def read_tokenizer(self, files: tuple[str, ...]):
+        """The `tokenizers` object of a tokenizers JSON file, or of GPT-2's vocab + merges files
+        (read here, not through neo.data: the config layer sits below the data layer)."""
+        from tokenizers import Tokenizer
+        from tokenizers.implementations import ByteLevelBPETokenizer
+
+        for f in files:
+            if not Path(f).is_file():
+                raise self.refuse("vocab_file", f"{f} does not exist (GPT-NeoX's 20B tokenizer ships as "
+                                                f"data/20B_tokenizer.json)")
+        try:
+            return Tokenizer.from_file(files[0]) if len(files) == 1 else ByteLevelBPETokenizer(*files)
+        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+            raise self.refuse("vocab_file", f"{files[0]} does not load as a tokenizer: {e}") from None
+
+    def gpt2_files(self, vocab_file: str, merge_file: Any, base: Path) -> tuple[str, str]:
         from neo.config.load import resolve_path
 
         vocab = Path(resolve_path(vocab_file, base))
-        if merge_file is None or Path(resolve_path(merge_file, base)).parent != vocab.parent:
+        merges = Path(resolve_path(merge_file, base)) if merge_file is not None else None
+        if merges is None or merges.parent != vocab.parent:
             raise self.refuse("tokenizer_type", "GPT2BPETokenizer (GPT-NeoX's default) needs vocab_file and "
                                                 "merge_file in one folder; for a tokenizers JSON file (such as "
                                                 "data/20B_tokenizer.json) set tokenizer_type: HFTokenizer")
-        return str(vocab.parent)
+        return str(vocab), str(merges)
 
     # --- the optimizer and its schedule
 
