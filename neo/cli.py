@@ -8,7 +8,8 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Config name in configs/ or a path to a .json model config.")
+flags.DEFINE_string("model", None, "Config name in configs/, a path to a .json model config, or GPT-NeoX "
+                    "YAML files a.yml,b.yml (merged left to right; docs/convert.md).")
 flags.DEFINE_string("tpu", None, "Cloud TPU name ('colab' on a Colab TPU runtime).")
 flags.DEFINE_list("gpu_ids", [], "GPUs to use: integers or device:GPU:N, comma or space separated.")
 flags.DEFINE_integer("steps_per_checkpoint", 5000, "Save a checkpoint every this many steps.")
@@ -82,6 +83,8 @@ def _run(argv: list[str]) -> None:
         raise NeoError("--interactive reads prompts from stdin; drop --prompt (or drop --interactive to "
                        "sample the prompt file).")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
+    for note in cfg.notes:
+        console()(f"neo: {cfg.source}: {note}")
     if FLAGS.check_dataset:
         from neo.data.check import check_dataset
 

@@ -318,3 +318,45 @@ def test_from_a_folder_of_text_to_training(tmp_path):
                            capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert train.returncode == 0, train.stderr
     assert "step 6/6 | loss" in train.stdout
+
+
+def test_jsonl_keys_and_append_eod_as_gpt_neox_preprocesses(tmp_path, capsys):
+    """GPT-NeoX's preprocess_data.py flags: every --jsonl-keys field of a record is a document,
+    --append-eod ends each with the tokenizer's end of document; the progress bar shows documents,
+    tokens and MB/s."""
+    import zstandard
+    from tokenizers import Tokenizer
+
+    from neo.data.prep.create_tfrecords import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = [{"title": "A title", "text": "Its body, longer."}, {"title": "Only a title"}, {"text": "no title"}]
+    (src / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    tok_path = ROOT / "data" / TOKENIZER
+    argv = ["--input_dir", str(src), "--output_dir", str(tmp_path / "out"), "--name", "t", "--encoder_path",
+            str(tok_path), "--mode", "documents", "--minimum_size", "1", "--processes", "1",
+            "--jsonl-keys", "title", "text", "--append-eod"]
+    assert main(argv) == 0
+    tok = Tokenizer.from_file(str(tok_path))
+    eod = tok.token_to_id("<|endoftext|>")
+    docs = ["A title", "Its body, longer.", "Only a title", "no title"]
+    assert records_of(tmp_path / "out") == [tok.encode(d, add_special_tokens=False).ids + [eod] for d in docs]
+    captured = capsys.readouterr()
+    assert "line 2: no 'text' string" in captured.err and "line 3: no 'title' string" in captured.err
+    bar = captured.err.strip().splitlines()[-1]
+    tokens = sum(len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in docs)
+    assert "4 documents" in bar and f"{tokens} tokens" in bar and "B/s" in bar, bar
+    assert "wrote 4 documents records" in captured.out
+
+
+def test_append_eod_needs_an_end_of_document_token(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("hello")
+    with pytest.raises(NeoError, match=r"--append-eod: tokenizer bytes has no <\|endoftext\|> token"):
+        create(tmp_path, tmp_path / "in", encoder_path="bytes", append_eod=True)
+    with pytest.raises(NeoError, match=r"--append-eod appends the end-of-document token 0, --separator asks for 5"):
+        create(tmp_path, tmp_path / "in", encoder_path=str(ROOT / "data" / TOKENIZER), append_eod=True, separator=5)
+    with pytest.raises(NeoError, match=r"--jsonl_keys: name at least one field"):
+        create(tmp_path, tmp_path / "in", encoder_path="bytes", separator=0, jsonl_keys=())

@@ -5,7 +5,8 @@
     make_optimizer(cfg.optimizer, cfg.run.train_steps)
 
 sections.py: the sections and what each holds; load.py: reading GPT-Neo's flat JSON (and
-writing it back); validate.py: every check of the values, run at load time.
+writing it back); neox.py: GPT-NeoX's YAML configs as neo's keys; validate.py: every check of the
+values, run at load time.
 """
 
 from neo.config.load import (

@@ -22,6 +22,7 @@ from neo.config.sections import (
     ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODE_ALIASES, SAMPLING_MODES, SECTIONS, Config, Curriculum,
     DatasetConfig, DatasetEntry, MoEParams,
 )
+from neo.config.neox import is_neox_model, load_neox
 from neo.config.validate import validate
 from neo.errors import NeoError, did_you_mean
 
@@ -79,7 +80,8 @@ def _glob_nonempty(pattern: str) -> bool:
 
 
 def find_model_config(model: str) -> Path:
-    """`--model NAME` -> configs/NAME.json; a path ending in .json (or an existing file) as is."""
+    """`--model NAME` -> configs/NAME.json; a path ending in .json (or an existing file) as is.
+    (GPT-NeoX's .yml files are load_model_config's other branch.)"""
     if not model:
         raise NeoError("--model is required: a config name from configs/ or a path to a .json file.")
     p = Path(model)
@@ -101,7 +103,15 @@ def find_model_config(model: str) -> Path:
 
 
 def load_model_config(model: str, overrides: Optional[dict] = None) -> Config:
-    """Load, check and freeze a model config (and the dataset configs it names)."""
+    """Load, check and freeze a model config (and the dataset configs it names): neo's JSON, or
+    GPT-NeoX YAML files `a.yml,b.yml` (neo/config/neox.py), whose notes the Config carries."""
+    if is_neox_model(model):
+        raw, notes, source = load_neox(model)
+        raw.update(overrides or {})
+        if "n_vocab" not in raw:
+            raise NeoError(f"--model {model}: no vocabulary: add a YAML file with vocab_file (e.g. "
+                           f"configs/neox/tinyshakespeare.yml, the GPT-NeoX-20B tokenizer) or set neo's n_vocab.")
+        return dataclasses.replace(parse_model_config(raw, source=source), notes=notes)
     path = find_model_config(model)
     raw = _read_json(path)
     if overrides:

@@ -11,6 +11,7 @@ configs):
       .data       DataConfig       datasets, special token ids, tokenizer
       .sampling   SamplingConfig   prompts and decoding
       .source     the file it came from (for messages and relative paths)
+      .notes      a GPT-NeoX YAML's keys neo ignores or applies differently (printed at startup)
 
 Field names are the original JSON keys, unique across sections, so a flat key names exactly
 one field (docs/configs.md). Sections are frozen; `Config.replace(**flat_keys)` makes a
@@ -283,6 +284,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     source: str = ""
+    # what loading a GPT-NeoX YAML config decided beyond the keys (ignored, not applied), printed
+    # at startup (neo/config/neox.py)
+    notes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

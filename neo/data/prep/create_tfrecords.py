@@ -14,6 +14,9 @@ Two layouts (`--mode`):
   into the next record, across documents and input files; only the stream's final tail (less
   than one record) is not written.
 Documents with fewer than `minimum_size` tokens are dropped in both layouts.
+Every document ends with the separator (GPT-Neo's); `--append-eod` (GPT-NeoX's preprocess_data.py flag) makes it the
+tokenizer's end-of-document token. In JSON input `--jsonl_keys` names the fields that are documents
+(GPT-NeoX's --jsonl-keys; default "text"). The progress bar counts documents, tokens and MB/s.
 
 `--use_gpt2_tokenizer` (the README's flag) tokenizes with GPT-2's BPE from data/gpt2, offline,
 the separator then being its `<|endoftext|>`, 50256.
@@ -59,6 +62,8 @@ class Options:
     wikitext_detokenize: bool = False
     write_dataset_config: bool = False
     progress: bool = True
+    jsonl_keys: tuple[str, ...] = ("text",)
+    append_eod: bool = False
 
 
 @dataclass
@@ -136,11 +141,11 @@ class _Output:
             self.current.abort()
 
 
-def _batches(files: list[str], skipped: Skipped, stats: Stats, bar) -> Iterator[list[str]]:
+def _batches(files: list[str], skipped: Skipped, stats: Stats, bar, keys: tuple[str, ...]) -> Iterator[list[str]]:
     batch, chars, done = [], 0, 0
     for path in files:
         size, last = os.path.getsize(path), 0
-        for text, pos in iter_documents(path, skipped):
+        for text, pos in iter_documents(path, skipped, keys):
             stats.documents += 1
             batch.append(text)
             chars += len(text)
@@ -184,10 +189,10 @@ def create_tfrecords(opts: Options, log=print) -> Stats:
     if opts.chunk_size < 1 or opts.files_per < 1:
         raise NeoError("--chunk_size and --files_per must be positive.")
     files = list_inputs(opts.input_dir)
+    if not opts.jsonl_keys or not all(opts.jsonl_keys):
+        raise NeoError("--jsonl_keys: name at least one field of the JSON records, e.g. --jsonl_keys text.")
     tokenizer = load_tokenizer(opts.encoder_path)  # fail here, once, if it does not load
-    separator = opts.separator if opts.separator is not None else tokenizer.token_to_id("<|endoftext|>")
-    if separator is None:
-        raise NeoError(f"tokenizer {opts.encoder_path} has no <|endoftext|> token: pass --separator ID.")
+    separator = end_of_document(opts, tokenizer)
     if not 0 <= separator < tokenizer.vocab_size:
         raise NeoError(f"--separator {separator} is outside the tokenizer's vocabulary 0..{tokenizer.vocab_size - 1}.")
     os.makedirs(opts.output_dir, exist_ok=True)
@@ -208,11 +213,11 @@ def create_tfrecords(opts: Options, log=print) -> Stats:
 
     tensorflow()  # its one-off import (seconds) is not part of the throughput reported below
     t0 = time.perf_counter()
-    bar = tqdm(total=stats.input_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=opts.name,
+    bar = tqdm(total=stats.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=opts.name,
                disable=not opts.progress, mininterval=0.5, file=sys.stderr)
     buffer = np.zeros(0, np.int64)
     try:
-        for flat, lengths in _encoded(opts, _batches(files, skipped, stats, bar), processes):
+        for flat, lengths in _encoded(opts, _batches(files, skipped, stats, bar, opts.jsonl_keys), processes):
             for doc in np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []:
                 if len(doc) < minimum:
                     stats.too_short += 1
@@ -226,6 +231,7 @@ def create_tfrecords(opts: Options, log=print) -> Stats:
                 for k in range(full):
                     out.write(buffer[k * record_len:(k + 1) * record_len])
                 buffer = buffer[full * record_len:]
+            bar.set_postfix_str(f"{stats.documents:,} documents, {stats.tokens:,} tokens", refresh=False)
         out.close()
     except BaseException:
         out.abort()
@@ -255,6 +261,22 @@ def create_tfrecords(opts: Options, log=print) -> Stats:
         log(f"  dataset config: {path}; use it in a model config as "
             f"\"datasets\": [[\"{path}\", null, \"{'chunks' if opts.mode == 'chunks' else 'documents_random'}\", null]]")
     return stats
+
+
+def end_of_document(opts: Options, tokenizer) -> int:
+    """The token after every document: --separator, else the tokenizer's <|endoftext|> (GPT-NeoX's
+    end of document, which --append-eod asks for by name)."""
+    eod = tokenizer.token_to_id("<|endoftext|>")
+    if opts.append_eod and eod is None:
+        raise NeoError(f"--append-eod: tokenizer {opts.encoder_path} has no <|endoftext|> token (the end of "
+                       f"document); pass --separator ID instead.")
+    if opts.append_eod and opts.separator not in (None, eod):
+        raise NeoError(f"--append-eod appends the end-of-document token {eod}, --separator asks for "
+                       f"{opts.separator}: give one of them.")
+    separator = opts.separator if opts.separator is not None else eod
+    if separator is None:
+        raise NeoError(f"tokenizer {opts.encoder_path} has no <|endoftext|> token: pass --separator ID.")
+    return separator
 
 
 def write_dataset_config(opts: Options, tokenizer, separator: int) -> str:
@@ -315,6 +337,11 @@ def main(argv=None) -> int:
     p.add_argument("--minimum_size", type=int, default=100, help="drop documents with fewer tokens than this")
     p.add_argument("--separator", type=parse_separator, default=None,
                    help="token id appended after every document (default: the tokenizer's <|endoftext|>)")
+    p.add_argument("--jsonl_keys", "--jsonl-keys", nargs="+", default=["text"],
+                   help="JSON input: the fields that are documents, each its own document (GPT-NeoX's flag)")
+    p.add_argument("--append-eod", "--append_eod", dest="append_eod", action="store_true",
+                   help="end every document with the tokenizer's <|endoftext|> (GPT-NeoX's flag; it is "
+                        "--separator's default, the flag refuses a tokenizer without one)")
     p.add_argument("--files_per", type=int, default=100_000, help="records per output file")
     p.add_argument("--processes", type=int, default=0, help="tokenizing worker processes (0: one per core)")
     p.add_argument("--ftfy", action="store_true", help="repair Unicode with ftfy (NFKC) before tokenizing")
@@ -329,6 +356,7 @@ def main(argv=None) -> int:
         p.error(f"--use_gpt2_tokenizer and --encoder_path {args.encoder_path} name two tokenizers; keep one.")
     args.encoder_path = args.encoder_path or "gpt2"
     options = {k: v for k, v in vars(args).items() if k not in ("no_progress", "use_gpt2_tokenizer")}
+    options["jsonl_keys"] = tuple(options["jsonl_keys"])
     return run_command("create_tfrecords",
                        lambda: create_tfrecords(Options(**options, progress=not args.no_progress)))
 

@@ -3,7 +3,8 @@
 - `.txt`: the whole file is one document;
 - `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (lm_dataformat's archives): one document per line, the
   line's "text" (a list of paragraphs is joined by blank lines, as lm_dataformat does; a bare
-  JSON string is a document too);
+  JSON string is a document too), or with `keys` the value of each key named, each a document
+  (GPT-NeoX's preprocess_data.py --jsonl-keys);
 - `.json.zst`: a JSON list of documents; `.dat.zst`: lm_dataformat's length-prefixed texts;
 - `.jsonl.zst.tar`: a tar of .jsonl.zst files (the Pile's layout);
 - `.tar.gz`, `.tgz`, `.tar.xz`, `.xz`: a tar of text files, one document each (OpenWebText).
@@ -80,8 +81,9 @@ def list_inputs(input_dir: str, file_type: Optional[str] = None) -> list[str]:
     return sorted(files, key=natural_key)
 
 
-def iter_documents(path: str, skipped: Skipped) -> Iterator[tuple[str, int]]:
-    """(document text, bytes of `path` read so far) for every readable document in the file."""
+def iter_documents(path: str, skipped: Skipped, keys: tuple[str, ...] = ("text",)) -> Iterator[tuple[str, int]]:
+    """(document text, bytes of `path` read so far) for every readable document in the file;
+    `keys`: the fields of a JSON record that are documents, in this order."""
     fmt = format_of(path)
     try:
         with open(path, "rb") as raw:
@@ -90,15 +92,15 @@ def iter_documents(path: str, skipped: Skipped) -> Iterator[tuple[str, int]]:
                 if text is not None:
                     yield text, raw.tell()
             elif fmt in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
-                yield from _jsonl(_open_stream(raw, fmt), raw, path, skipped)
+                yield from _jsonl(_open_stream(raw, fmt), raw, path, skipped, keys)
             elif fmt == ".json.zst":
                 docs = json.load(_open_stream(raw, fmt))
                 for i, doc in enumerate(docs):
-                    text = _text_of(doc)
-                    if text is None:
-                        skipped.add(f"{path} item {i}", "not a string or an object with a 'text' string")
-                    else:
-                        yield text, raw.tell()
+                    for key, text in _texts_of(doc, keys):
+                        if text is None:
+                            skipped.add(f"{path} item {i}", f"not a string or an object with a '{key}' string")
+                        else:
+                            yield text, raw.tell()
             elif fmt == ".dat.zst":
                 stream = _open_stream(raw, fmt)
                 for i in _counter():
@@ -113,7 +115,7 @@ def iter_documents(path: str, skipped: Skipped) -> Iterator[tuple[str, int]]:
                     for member in tar:
                         if member.isfile() and member.name.endswith(".jsonl.zst"):
                             inner = _open_stream(tar.extractfile(member), ".jsonl.zst")
-                            yield from _jsonl(inner, raw, f"{path}:{member.name}", skipped)
+                            yield from _jsonl(inner, raw, f"{path}:{member.name}", skipped, keys)
             elif fmt in (".tar.gz", ".tgz", ".tar.xz", ".xz"):
                 yield from _tar_of_texts(raw, path, fmt, skipped)
             else:
@@ -154,19 +156,20 @@ def _decode(data: bytes, where: str, skipped: Skipped) -> Optional[str]:
         return None
 
 
-def _text_of(obj) -> Optional[str]:
+def _texts_of(obj, keys: tuple[str, ...]) -> Iterator[tuple[str, Optional[str]]]:
+    """(key, its document or None) for each key of a JSON record; a bare string is one document."""
     if isinstance(obj, str):
-        return obj
-    if isinstance(obj, dict):
-        text = obj.get("text")
+        yield keys[0], obj
+        return
+    for key in keys:
+        text = obj.get(key) if isinstance(obj, dict) else None
         if isinstance(text, list) and all(isinstance(t, str) for t in text):
-            return "\n\n".join(text)
-        if isinstance(text, str):
-            return text
-    return None
+            text = "\n\n".join(text)
+        yield key, text if isinstance(text, str) else None
 
 
-def _jsonl(stream: BinaryIO, raw: BinaryIO, where: str, skipped: Skipped) -> Iterator[tuple[str, int]]:
+def _jsonl(stream: BinaryIO, raw: BinaryIO, where: str, skipped: Skipped,
+           keys: tuple[str, ...]) -> Iterator[tuple[str, int]]:
     for lineno, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -178,11 +181,11 @@ def _jsonl(stream: BinaryIO, raw: BinaryIO, where: str, skipped: Skipped) -> Ite
         except json.JSONDecodeError as e:
             skipped.add(f"{where} line {lineno}", f"not JSON ({e.msg})")
             continue
-        text = _text_of(obj)
-        if text is None:
-            skipped.add(f"{where} line {lineno}", "no 'text' string")
-            continue
-        yield text, raw.tell()
+        for key, text in _texts_of(obj, keys):
+            if text is None:
+                skipped.add(f"{where} line {lineno}", f"no '{key}' string")
+            else:
+                yield text, raw.tell()
 
 
 def _tar_of_texts(raw: BinaryIO, path: str, fmt: str, skipped: Skipped) -> Iterator[tuple[str, int]]:
