@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 from neo.config import Config, ModelConfig
 from neo.errors import NeoError
+from neo.loss import CHUNK_TOKENS
 from neo.mesh import num_microbatches, parameter_name, parse_layout, parse_mesh_shape, resolve
 
 GiB = 1024 ** 3
@@ -160,7 +161,9 @@ def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
     keys = _keys(cfg, kind) / plan.split("memory_length", ("batch", "heads", "sequence", "memory_length"))
     floats = ACT_RESIDUAL * d
     if kind != "none":
-        floats += ACT_HEADS * hd + ACT_PROBS * h * keys
+        floats += ACT_HEADS * hd
+        if cfg.attention_impl in ("xla", "dot_product"):  # the fused kernels never hold T x T
+            floats += ACT_PROBS * h * keys
         if kind == "linear":
             floats += ACT_LINEAR * hd
     n_mlp = 2 if cfg.macaron else 1
@@ -215,6 +218,8 @@ def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
         extra = 4 * plan.local(names, shape) * (n - 1)
         gathered += extra
         block = path.split("/")[0]
+        if block == "layers":  # stacked for nn.scan (neo/model/params.py): one layer is one slice
+            block, extra = "/".join(path.split("/")[:2]), extra / shape[0]
         per_block[block] = per_block.get(block, 0.0) + extra
     seen = p_bytes + (max(per_block.values()) if cfg.model.recompute_grad else gathered)
     grads = (GRADS_LIVE + (ACCUMULATOR if n_micro > 1 else 0.0)) * seen + update_temp
@@ -227,7 +232,9 @@ def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
     layers = [_layer_floats(cfg.model, plan, k, i in moe_layers) for i, k in enumerate(cfg.model.attention_types)]
     vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
     d = cfg.model.n_embd / plan.split("embd", act)
-    head = tokens * (4 * ACT_LOGITS * vocab + width * 2 * d)  # float32 logits; embeddings, ln_f
+    # float32 logits of one chunk of the loss (neo/loss.py) and their gradient; embeddings, ln_f
+    chunk = min(tokens, rows * max(1, CHUNK_TOKENS // r.train_batch_size))
+    head = chunk * 4 * ACT_LOGITS * vocab + tokens * width * 2 * d
     acts = tokens * width * sum(layers) + head
     acts_remat = tokens * width * (len(layers) * d + max(layers)) + head
 

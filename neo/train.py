@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 
 from neo.config import Config
 from neo.errors import NeoError
-from neo.loss import lm_loss
+from neo.loss import chunked_lm_loss
 from neo.mesh import Layout, check_divisible, constrain, num_microbatches, place, shardings_of
 from neo.mlm import mask_tokens
 from neo.model import GPT, init_params
@@ -96,9 +96,10 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
         inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], None
         if cfg.model.mlm_training:
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
-        logits, extra = model.apply({"params": params}, inputs, deterministic=not dropout,
+        hidden, extra = model.apply({"params": params}, inputs, deterministic=not dropout, return_hidden=True,
                                     rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
-        objective, aux = lm_loss(logits, targets, cfg.run.z_loss, mask)
+        project = lambda h: model.apply({"params": params}, h, method=GPT.head_logits)
+        objective, aux = chunked_lm_loss(hidden, project, targets, cfg.run.z_loss, mask)
         if cfg.model.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
             aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))
             objective = objective + aux["moe_loss"]

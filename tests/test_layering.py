@@ -24,7 +24,7 @@ ALLOWED = {
     "tracking": {"config", "errors"},
     "checkpoint": {"config", "errors", "mesh", "model"},
     "train": {"config", "errors", "loss", "mesh", "mlm", "model", "optim"},
-    "auto_layout": {"config", "errors", "mesh", "model"},
+    "auto_layout": {"config", "errors", "loss", "mesh", "model"},
     "predict": {"checkpoint", "config", "data", "errors", "mesh", "model"},
     "convert": {"checkpoint", "config", "data", "errors", "mesh", "model"},
     "evaluate": {"checkpoint", "config", "data", "distributed", "errors", "mesh", "model", "predict"},

@@ -40,6 +40,10 @@ ACTIVATION_FNS = (
     "aria", "prelu", "parcsinh", "psoftplus", "proottanh",
 )
 MOE_POLICIES = ("random", "threshold", "all", "none")
+# Kernels of the attention operation (neo/model/attention_op.py) and rematerialisation policies
+# (neo/model/gpt.py); docs/configs.md describes each.
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "blocked", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,10 @@ class ModelConfig:
     qkv_bias: bool = False
     intermediate_size: Optional[int] = None
     layer_norm_epsilon: float = 1e-5
+    # neo: how the network is computed (docs/configs.md, "Speed and memory")
+    attention_impl: str = "auto"
+    remat_policy: Optional[str] = None  # None: `full` with recompute_grad, else `none`
+    scan_layers: Optional[bool] = None  # None ("auto"): scan when the layers can be
 
     # Derived values: properties so they can never disagree with the fields.
     @property
@@ -154,6 +162,40 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return not self.mlm_training
+
+    @property
+    def remat(self) -> str:
+        """The rematerialisation policy in effect: `remat_policy`, else GPT-Neo's
+        `recompute_grad` (true: recompute each whole layer)."""
+        if self.remat_policy is not None:
+            return self.remat_policy
+        return "full" if self.recompute_grad else "none"
+
+    @property
+    def pattern_period(self) -> int:
+        """The length of the shortest run of layers that repeats to make every layer (its
+        attention kind and MoE flag): 2 for GPT-Neo's [global, local] * 12."""
+        moe = set(self.moe_layers or ())
+        kinds = [(kind, i in moe) for i, kind in enumerate(self.attention_types)]
+        return next(p for p in range(1, self.n_layer + 1)
+                    if self.n_layer % p == 0 and all(kinds[i] == kinds[i % p] for i in range(self.n_layer)))
+
+    def scan_blocker(self) -> Optional[str]:
+        """Why the layers cannot run under nn.scan, or None if they can."""
+        if self.share_parameters:
+            return "share_parameters (one block serves every layer)"
+        if self.moe_layers:
+            return "moe_layers (mixture-of-experts layers sow their balance loss per layer)"
+        if self.pattern_period == self.n_layer:
+            return f"attention_types does not repeat over the {self.n_layer} layers"
+        return None
+
+    @property
+    def scan_period(self) -> Optional[int]:
+        """Layers per scanned group (the repeating pattern), or None: unrolled layers."""
+        if self.scan_layers is False or self.scan_blocker() is not None:
+            return None
+        return self.pattern_period
 
 
 @dataclass(frozen=True)

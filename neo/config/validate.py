@@ -15,7 +15,7 @@ import re
 from typing import Callable, NoReturn
 
 from neo.config.sections import (
-    ACTIVATION_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config, ModelConfig, MoEParams,
+    ACTIVATION_FNS, ATTENTION_IMPLS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, REMAT_POLICIES, Config, ModelConfig, MoEParams,
     OptimizerConfig, RunConfig, mlm_excluded_ids, mlm_vocab,
 )
 from neo.errors import NeoError, did_you_mean
@@ -87,6 +87,27 @@ def _check_model(m: ModelConfig, fail: Fail) -> None:
         bad = [i for i in m.moe_layers if not 0 <= i < m.n_layer]
         if bad:
             fail(f"'moe_layers' has layer indices {bad} outside 0..{m.n_layer - 1}.")
+    _check_speed(m, fail)
+
+
+def _check_speed(m: ModelConfig, fail: Fail) -> None:
+    """attention_impl, remat_policy and scan_layers (what the device can run is checked when the
+    model is traced, before compiling)."""
+    if m.attention_impl not in ATTENTION_IMPLS:
+        fail(f"'attention_impl' must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention_impl!r}."
+             f"{did_you_mean(m.attention_impl, ATTENTION_IMPLS)}")
+    if m.attention_impl == "cudnn" and m.precision != "bfloat16":
+        fail("attention_impl 'cudnn' needs precision bfloat16 (cuDNN's flash attention has no float32 "
+             "kernel); use 'auto' or 'blocked' in float32.")
+    if m.remat_policy is not None and m.remat_policy not in REMAT_POLICIES:
+        fail(f"'remat_policy' must be one of {', '.join(REMAT_POLICIES)}, got {m.remat_policy!r}."
+             f"{did_you_mean(m.remat_policy, REMAT_POLICIES)}")
+    if m.recompute_grad and m.remat_policy == "none":
+        fail("recompute_grad is true but remat_policy is 'none'; drop one of them (remat_policy decides "
+             "when both are set).")
+    if m.scan_layers and m.scan_blocker():
+        fail(f"scan_layers is true but the layers cannot be scanned: {m.scan_blocker()}; set scan_layers "
+             f"to \"auto\" or false.")
 
 
 def _check_moe(p: MoEParams, where: str) -> None:

@@ -127,6 +127,7 @@ def model_type(hf_cfg: Mapping[str, Any], where: str) -> str:
 def hf_to_neo(hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str = "<hf>"):
     """(neo config dict, Config, params) for an HF config and state dict of either family."""
     from neo.config import parse_model_config
+    from neo.model import as_model_tree
 
     kind = model_type(hf_cfg, where)
     if kind == "gpt_neo":
@@ -137,7 +138,7 @@ def hf_to_neo(hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: st
         raw = gpt_neox.config_from_hf(hf_cfg)
         cfg = parse_model_config(raw, where)
         params = gpt_neox.params_from_hf(sd, cfg.model)
-    return raw, cfg, params
+    return raw, cfg, as_model_tree(cfg.model, params)
 
 
 def _check_shapes(cfg, params: Any, where: str) -> None:
@@ -196,7 +197,10 @@ def import_hf(name_or_dir: str, output: str, revision: Optional[str] = None, log
 def neo_to_hf(cfg, params: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
     """(HF config.json dict, HF state dict) for a neo config and parameters. Rotary models go
     to GPT-NeoX, learned-position models to GPT-Neo."""
+    from neo.model import per_layer
+
     kind = "gpt_neox" if cfg.model.rotary_emb else "gpt_neo"
+    params = per_layer(params)  # the tables name layers one by one, as Hugging Face does
     if kind == "gpt_neox":
         fields, sd = gpt_neox.config_to_hf(cfg, params), gpt_neox.params_to_hf(params, cfg.model)
     else:

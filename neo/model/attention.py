@@ -105,7 +105,8 @@ class Attention(Projections, nn.Module):
             q_slots=q_slots, k_slots=k_slots, key_valid=key_valid,
             memory=self.memory_kv(x.shape[0]) if self.kind == "global" and cfg.num_mem_kv else None,
             scale=cfg.features_per_head ** -0.5 if cfg.scale_attention else 1.0, dropout_rate=dropout_rate,
-            dropout_rng=None if deterministic or not dropout_rate else self.make_rng("dropout"))
+            dropout_rng=None if deterministic or not dropout_rate else self.make_rng("dropout"),
+            impl=cfg.attention_impl)
         return self.project_out(out), cache
 
     @staticmethod

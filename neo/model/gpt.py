@@ -34,7 +34,7 @@ from neo.errors import NeoError
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.attention import Attention
-from neo.model.layers import Dense, LayerNorm, ScaleNorm, named, normal
+from neo.model.layers import Dense, LayerNorm, ScaleNorm, einsum, named, normal
 from neo.model.linear_attention import LinearAttention, init_state
 from neo.model.moe import MoE
 
@@ -153,13 +153,51 @@ class Block(nn.Module):
         return branch * g.astype(branch.dtype)
 
 
-def apply_block(block: Block, x: jax.Array, *, spec: LayerSpec, deterministic: bool, remat: bool,
-                **arrays) -> tuple[jax.Array, Optional[dict]]:
-    """Run one layer. With `remat` (`recompute_grad`) its activations are recomputed in the
-    backward pass instead of kept: jax.checkpoint traces every argument it is handed, so the
-    static ones (spec, deterministic) are closed over and only arrays pass through it."""
+# What each `remat_policy` keeps for the backward pass (docs/configs.md); the rest is recomputed.
+# The names are attached where the values are made: "dense" in layers.Dense, "attention_out" in
+# attention_op (its output, and blocked attention's logsumexp).
+REMAT_SAVED = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.save_only_these_names("dense"),
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def apply_block(block: Block, x: jax.Array, *, spec: LayerSpec, deterministic: bool, remat: str,
+                scanned: bool = False, **arrays) -> tuple[jax.Array, Optional[dict]]:
+    """Run one layer. With a `remat` policy other than `none`, what the policy does not save is
+    recomputed in the backward pass (GPT-Neo's `recompute_grad`: everything but the layer's
+    input). jax.checkpoint traces every argument it is handed, so the static ones (spec,
+    deterministic) are closed over and only arrays pass through it. Under nn.scan the loop
+    already keeps the forward and backward apart, so XLA's common-subexpression barrier is not
+    needed (`prevent_cse`)."""
     call = lambda block, x, arrays: block(x, spec=spec, deterministic=deterministic, **arrays)
-    return (nn.remat(call) if remat else call)(block, x, arrays)
+    if remat != "none":
+        call = nn.remat(call, policy=REMAT_SAVED[remat], prevent_cse=not scanned)
+    return call(block, x, arrays)
+
+
+class LayerGroup(nn.Module):
+    """One repetition of the attention pattern: `len(specs)` layers, named "0", "1", ...
+    GPT runs it under nn.scan, n_layer / len(specs) times, with every parameter stacked along
+    a leading `layers` axis (layer g * len(specs) + j is group g's "j")."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    specs: tuple[LayerSpec, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: Optional[tuple], positions: jax.Array, deterministic: bool,
+                 cache_index: Optional[jax.Array], key_valid: Optional[jax.Array]) -> tuple[jax.Array, Optional[tuple]]:
+        """x [batch, sequence, embd] (the carry), cache: this group's slice of the stacked cache
+        (one entry per layer of the group) -> (x, the group's updated cache)."""
+        new_cache = []
+        for j, spec in enumerate(self.specs):
+            x, c = apply_block(Block(self.cfg, self.dtype, name=str(j)), x, spec=spec, deterministic=deterministic,
+                               remat=self.cfg.remat, scanned=True, positions=positions,
+                               cache=None if cache is None else cache[j], cache_index=cache_index, key_valid=key_valid)
+            new_cache.append(c)
+        return x, None if cache is None else tuple(new_cache)
 
 
 class GPT(nn.Module):
@@ -181,7 +219,13 @@ class GPT(nn.Module):
             self.wpe = self.param("wpe", named(normal(0.01), ("embed_sequence", "embd")),
                                   (cfg.n_ctx, cfg.n_embd), jnp.float32)
         self.specs = layer_specs(cfg)
-        if cfg.share_parameters:  # one Block (variables under h_0) serves every layer
+        period = cfg.scan_period
+        if period:  # the repeating pattern under nn.scan: compile time does not grow with depth
+            self.layers = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  length=cfg.n_layer // period, metadata_params={nn.PARTITION_NAME: "layers"})(
+                cfg, compute_dtype(cfg), self.specs[:period], name="layers")
+        elif cfg.share_parameters:  # one Block (variables under h_0) serves every layer
             self.blocks = [Block(cfg, compute_dtype(cfg), name="h_0")] * cfg.n_layer
         else:
             self.blocks = [Block(cfg, compute_dtype(cfg), name=f"h_{i}") for i in range(cfg.n_layer)]
@@ -205,13 +249,15 @@ class GPT(nn.Module):
                  deterministic: bool = True, cache: Optional[list] = None,
                  cache_index: Optional[jax.Array] = None,
                  key_valid: Optional[jax.Array] = None, last_only: bool = False,
-                 logits_at: Optional[jax.Array] = None):
+                 logits_at: Optional[jax.Array] = None, return_hidden: bool = False):
         """tokens, positions: [batch, sequence] int. With `cache` (from `init_cache`), the
         tokens are written at slot `cache_index` and (logits, new_cache) is returned;
         `key_valid` [batch, cache length] marks the slots that hold real tokens (left padding).
         `last_only`: logits for the last position only (a sampler's prompt pass).
         `logits_at` [batch, k]: logits at these positions only (a scorer that needs a few
-        positions per row skips most of the vocabulary projection)."""
+        positions per row skips most of the vocabulary projection).
+        `return_hidden`: the final hidden state LN_f(h) [batch, sequence, embd] instead of
+        logits; `head_logits` projects it (a loss that never holds all logits at once)."""
         cfg = self.cfg
         if cache is not None and not cfg.causal:
             raise NeoError("a masked-LM model (mlm_training) sees the whole sequence at once; it "
@@ -227,24 +273,36 @@ class GPT(nn.Module):
             p = jnp.take(self.position_table().astype(dtype), positions, axis=0)
             h = h + self.pos_drop(p, deterministic=deterministic)
         h = constrain(h, ACT)
-        new_cache = []
-        for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
-            h, c = apply_block(block, h, spec=spec, deterministic=deterministic, remat=cfg.recompute_grad,
-                               positions=positions, cache=None if cache is None else cache[i],
-                               cache_index=cache_index, key_valid=key_valid)
-            new_cache.append(c)
+        if cfg.scan_period:
+            h, new_cache = self.layers(h, None if cache is None else tuple(cache), positions, deterministic,
+                                       cache_index, key_valid)
+        else:
+            new_cache = []
+            for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
+                h, c = apply_block(block, h, spec=spec, deterministic=deterministic, remat=cfg.remat,
+                                   positions=positions, cache=None if cache is None else cache[i],
+                                   cache_index=cache_index, key_valid=key_valid)
+                new_cache.append(c)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         h = self.ln_f(h[:, -1:] if last_only else h)
-        head = self.lm_head if cfg.no_weight_tie else self.wte.T
-        logits = jnp.einsum("bte,ev->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "sequence", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        if return_hidden:
+            return h
+        logits = self.head_logits(h)
+        return logits if cache is None else (logits, list(new_cache))
+
+    def head_logits(self, h: jax.Array) -> jax.Array:
+        """Final hidden states [batch, sequence, embd] -> float32 logits [batch, sequence, vocab]
+        (tied: h @ wte^T)."""
+        head = self.lm_head if self.cfg.no_weight_tie else self.wte.T
+        return constrain(einsum("bte,ev->btv", h, head, compute_dtype(self.cfg)), ("batch", "sequence", "vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dtype] = None) -> list:
     """An empty KV cache: per layer {"k", "v"}: [batch, length, heads, features_per_head];
-    for `linear` layers the running sums of linear attention (neo/model/linear_attention.py)."""
+    for `linear` layers the running sums of linear attention (neo/model/linear_attention.py).
+    With scanned layers, one entry per layer of the repeating group, stacked over the groups
+    (leading axis n_layer / period), as the scan reads it."""
     dtype = dtype or compute_dtype(cfg)
     shape = (batch, length, cfg.n_head, cfg.features_per_head)
 
@@ -255,4 +313,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dt
             return init_state(batch, cfg.n_head, cfg.features_per_head)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    return [layer(kind) for kind in cfg.attention_types]
+    caches = [layer(kind) for kind in cfg.attention_types]
+    period = cfg.scan_period
+    if not period:
+        return caches
+    return [jax.tree.map(lambda *c: jnp.stack(c), *caches[j::period]) if caches[j] is not None else None
+            for j in range(period)]
