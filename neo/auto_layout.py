@@ -179,7 +179,7 @@ def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
         floats += slots / s / e_split * (2 * d + ACT_MLP * f) + 2 * slots / e_split
         n_mlp -= 1
     f = cfg.intermediate_expanded / plan.split("intermediate_expanded", ("batch", "sequence", "intermediate_expanded"))
-    floats += n_mlp * ACT_MLP * f * (2 if cfg.mlp_glu else 1)
+    floats += n_mlp * ACT_MLP * f * (2 if cfg.gated else 1)
     return floats
 
 

@@ -19,10 +19,13 @@ computes it is decided here (`attention_impl`, docs/configs.md):
 Only `xla` expresses every mask: a KV cache (query and key slots), key validity (left-padded
 prompts), learned memory slots and attention dropout always take it, whatever was asked. The
 fused kernels cover what training a causal or masked-LM model needs: causal or bidirectional,
-with or without a local window. An additive bias (ALiBi) would enter as `bias(q_slots, k_slots)
--> [heads, Tq, Tk]`, evaluated per block by `blocked` and whole by `xla`/`cudnn`; grouped key/
-value heads (fewer kv heads than query heads) as k, v [b, tk, kv_heads, d], native to
-jax.nn.dot_product_attention and a grouped einsum in `xla` and `blocked`.
+with or without a local window, with or without ALiBi. ALiBi (GPT-NeoX's `pos_emb: alibi`) is
+the additive bias -slope_h * |i - j| on the scaled scores, computed from the query and key slots:
+per block inside `blocked` (so it never holds T x T and follows the slots under sequence
+sharding), whole for `xla` and `dot_product`/`cudnn` (jax.nn.dot_product_attention's `bias`);
+splash has no bias and is not chosen for it. Grouped key/value heads (k, v [b, tk, kv_heads, d]
+with fewer heads than q) are native to jax.nn.dot_product_attention; the other kernels repeat
+each kv head for its group of query heads (repeat_interleave, as GPT-NeoX and Hugging Face do).
 
 As GPT-Neo (mesh-tf) does it: scores and softmax in float32 (from q and k in the compute dtype,
 multiplied with float32 accumulation), probabilities cast back to the value dtype, masked scores
@@ -60,36 +63,54 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
                           k_slots: Optional[jax.Array] = None, key_valid: Optional[jax.Array] = None,
                           memory: Optional[tuple[jax.Array, jax.Array]] = None, scale: float = 1.0,
                           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                          impl: str = "auto") -> jax.Array:
-    """q [b, tq, h, d], k and v [b, tk, h, d] -> [b, tq, h, d] in v's dtype.
+                          alibi: Optional[np.ndarray] = None, impl: str = "auto") -> jax.Array:
+    """q [b, tq, h, d], k and v [b, tk, kv_heads, d] (kv_heads divides h) -> [b, tq, h, d] in
+    v's dtype.
 
     causal: keys after the query are hidden. window: keys R or more slots away are hidden.
     q_slots [tq], k_slots [tk]: the slots of queries and keys; None means the keys are the
     queries' own sequence (slots 0..t-1). key_valid [b, tk]: False hides that key slot.
     memory: learned (keys, values) [b, m, h, d], visible to every query, in front of the keys.
-    dropout_rng: None means no attention dropout (deterministic). impl: `attention_impl`."""
+    dropout_rng: None means no attention dropout (deterministic). alibi [h]: ALiBi's slopes
+    (attention.py alibi_slopes), None for no bias. impl: `attention_impl`."""
     # Only the dense path expresses caches, padding, memory slots and dropout.
     plain = q_slots is None and k_slots is None and key_valid is None and memory is None and dropout_rng is None
-    kernel = choose(impl, t=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal, window=window) \
-        if plain else "xla"
-    if kernel == "blocked":
-        out = blocked(q, k, v, causal=causal, window=window, scale=scale)
-    elif kernel in ("cudnn", "dot_product"):
-        out = jax_attention(q, k, v, causal=causal, window=window, scale=scale,
+    kernel = choose(impl, t=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal, window=window,
+                    bias=alibi is not None) if plain else "xla"
+    if kernel in ("cudnn", "dot_product"):
+        bias = None if alibi is None else alibi_bias(alibi, jnp.arange(q.shape[1]), jnp.arange(k.shape[1]))[None]
+        out = jax_attention(q, k, v, causal=causal, window=window, scale=scale, bias=bias,
                             implementation="cudnn" if kernel == "cudnn" else "xla")
+        return checkpoint_name(out, "attention_out")
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    if kernel == "blocked":
+        out = blocked(q, k, v, causal=causal, window=window, scale=scale, alibi=alibi)
     elif kernel == "splash":
         out = splash(q, k, v, causal=causal, window=window, scale=scale)
     else:
         out = dense(q, k, v, causal=causal, window=window, q_slots=q_slots, k_slots=k_slots, key_valid=key_valid,
-                    memory=memory, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                    memory=memory, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng, alibi=alibi)
     return checkpoint_name(out, "attention_out")  # what remat_policy save_attention_out keeps
+
+
+def repeat_kv(x: jax.Array, heads: int) -> jax.Array:
+    """[b, t, kv_heads, d] -> [b, t, heads, d]: kv head g serves query heads g * r .. g * r + r - 1
+    (r = heads / kv_heads; Hugging Face's repeat_kv, GPT-NeoX's repeat_interleave)."""
+    return x if x.shape[2] == heads else jnp.repeat(x, heads // x.shape[2], axis=2)
+
+
+def alibi_bias(slopes: np.ndarray, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
+    """[h, Tq, Tk] float32: -slope_h * |i - j| for query slot i and key slot j (GPT-NeoX's
+    AliBi: -slope * (i - j) on and below the diagonal, where causal attention looks)."""
+    distance = jnp.abs(q_slots[:, None] - k_slots[None, :]).astype(jnp.float32)
+    return -jnp.asarray(slopes, jnp.float32)[:, None, None] * distance
 
 
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Optional[int],
           q_slots: Optional[jax.Array], k_slots: Optional[jax.Array], key_valid: Optional[jax.Array],
           memory: Optional[tuple[jax.Array, jax.Array]], scale: float, dropout_rate: float,
-          dropout_rng: Optional[jax.Array]) -> jax.Array:
-    """The `xla` kernel: every mask made explicit, then `attend`."""
+          dropout_rng: Optional[jax.Array], alibi: Optional[np.ndarray] = None) -> jax.Array:
+    """The `xla` kernel: every mask (and ALiBi's bias) made explicit, then `attend`."""
     t = q.shape[1]
     q_slots = jnp.arange(t) if q_slots is None else q_slots
     k_slots = jnp.arange(k.shape[1]) if k_slots is None else k_slots
@@ -100,10 +121,12 @@ def dense(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Opt
         k = jnp.concatenate([memory[0], k], axis=1)
         v = jnp.concatenate([memory[1], v], axis=1)
         mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (memory[0].shape[1],), bool), mask], axis=-1)
-    return attend(q, k, v, mask, scale, dropout_rate, dropout_rng)
+    bias = None if alibi is None else alibi_bias(alibi, q_slots, k_slots)[None]  # no memory slots with ALiBi
+    return attend(q, k, v, mask, scale, dropout_rate, dropout_rng, bias)
 
 
-def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, window: Optional[int]) -> str:
+def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, window: Optional[int],
+           bias: bool = False) -> str:
     """The kernel for `impl` on this backend, for self-attention of t tokens without cache,
     padding, memory or dropout. An explicit kernel the backend lacks is an error (raised while
     tracing, before anything compiles); `auto` takes the fastest that applies. On CPU that is
@@ -113,6 +136,9 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     if impl == "cudnn" and backend != "gpu":
         raise NeoError(f"attention_impl 'cudnn' needs a GPU, but jax runs on {backend}; use 'auto'.")
     if impl == "splash":
+        if bias:
+            raise NeoError("attention_impl 'splash' has no additive bias for ALiBi (pos_emb alibi); use 'auto' "
+                           "or 'blocked'.")
         if backend != "tpu":
             raise NeoError(f"attention_impl 'splash' needs a TPU, but jax runs on {backend}; use 'auto'.")
         if not splash_applies(t):
@@ -122,7 +148,7 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
         return impl
     if backend == "gpu" and cudnn_applies(dtype, head_dim, causal, window):
         return "cudnn"
-    if backend == "tpu" and splash_applies(t):
+    if backend == "tpu" and splash_applies(t) and not bias:
         return "splash"
     if backend == "cpu":
         return "blocked"
@@ -148,9 +174,11 @@ def visible(q_slots: jax.Array, k_slots: jax.Array, *, causal: bool, window: Opt
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+           bias: Optional[jax.Array] = None) -> jax.Array:
     """Dense softmax attention: float32 scores from q, k in their dtype. q: [b,tq,h,d], k/v:
-    [b,tk,h,d], mask broadcastable to [b,h,tq,tk]. The products run heads-first ([b, h, t, d]):
+    [b,tk,h,d], mask (and the additive float32 bias, if any) broadcastable to [b,h,tq,tk].
+    The products run heads-first ([b, h, t, d]):
     XLA's CPU backend fails at run time on some 16-bit products with float32 results whose
     contracted dimension is not the minor one (the gradient of v with probabilities [b,h,q,k]
     against [b,q,h,d]), never on these."""
@@ -158,6 +186,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     logits = einsum("bhqd,bhkd->bhqk", q, k, q.dtype)
     if scale != 1.0:
         logits = logits * scale
+    if bias is not None:
+        logits = logits + bias
     logits = constrain(logits, ("batch", "heads", "sequence", "memory_length"))
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -179,12 +209,15 @@ def dropout(probs: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Arra
 
 
 def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Optional[int],
-                  scale: float, implementation: str) -> jax.Array:
+                  scale: float, implementation: str, bias: Optional[jax.Array] = None) -> jax.Array:
     """GPT-Neo's masks in jax.nn.dot_product_attention's terms: `local_window_size` (left,
-    right) excludes the bound, so a window of R is (R - 1, 0) causal and (R - 1, R - 1) not."""
+    right) excludes the bound, so a window of R is (R - 1, 0) causal and (R - 1, R - 1) not.
+    k, v may have fewer (grouped) heads; bias [1, h, tq, tk] is ALiBi's."""
     local = None if window is None else (window - 1, 0 if causal else window - 1)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local,
-                                        implementation=implementation)
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
+                                        local_window_size=local, implementation=implementation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,23 +225,27 @@ def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, win
 
 
 def blocked(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Optional[int],
-            scale: float) -> jax.Array:
+            scale: float, alibi: Optional[np.ndarray] = None) -> jax.Array:
     """Self-attention q, k, v [b, t, h, d] -> [b, t, h, d] in blocks of BLOCK tokens: O(t * d)
-    memory and, with a causal or local mask, only the blocks it leaves visible."""
+    memory and, with a causal or local mask, only the blocks it leaves visible. alibi [h]:
+    ALiBi's slopes, whose bias is made per block."""
     b, t, h, d = q.shape
     blk = min(BLOCK, t)
     n = -(-t // blk)
     pad = n * blk - t
     to_heads = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [b, h, T, d]
-    out = _flash(to_heads(q), to_heads(k), to_heads(v), _Mask(causal, window, t, blk), float(scale))
+    slopes = None if alibi is None else tuple(float(x) for x in np.asarray(alibi))
+    out = _flash(to_heads(q), to_heads(k), to_heads(v), _Mask(causal, window, t, blk, slopes), float(scale))
     return out.transpose(0, 2, 1, 3)[:, :t]
 
 
 class _Mask:
-    """What `blocked` hides, for query block i and key block j (static, hashable)."""
+    """What `blocked` hides, and ALiBi's bias, for query block i and key block j (static,
+    hashable)."""
 
-    def __init__(self, causal: bool, window: Optional[int], t: int, blk: int):
-        self.causal, self.window, self.t, self.blk = causal, window, t, blk
+    def __init__(self, causal: bool, window: Optional[int], t: int, blk: int,
+                 slopes: Optional[tuple[float, ...]] = None):
+        self.causal, self.window, self.t, self.blk, self.slopes = causal, window, t, blk, slopes
         n = -(-t // blk)
         pairs = [(i, j) for i in range(n) for j in range(n) if self._touches(i, j)]
         self.pairs = np.array(pairs, np.int32).T  # [2, pairs], i-major: each query block's keys in order
@@ -227,8 +264,15 @@ class _Mask:
         q_slots, k_slots = i * self.blk + jnp.arange(self.blk), j * self.blk + jnp.arange(self.blk)
         return visible(q_slots, k_slots, causal=self.causal, window=self.window) & (k_slots < self.t)  # padded keys: never
 
+    def bias(self, i: jax.Array, j: jax.Array) -> jax.Array:
+        """ALiBi's [h, blk, blk] bias for the traced block indices (0 without ALiBi)."""
+        if self.slopes is None:
+            return jnp.zeros((), jnp.float32)
+        q_slots, k_slots = i * self.blk + jnp.arange(self.blk), j * self.blk + jnp.arange(self.blk)
+        return alibi_bias(np.array(self.slopes, np.float32), q_slots, k_slots)
+
     def __hash__(self):
-        return hash((self.causal, self.window, self.t, self.blk))
+        return hash((self.causal, self.window, self.t, self.blk, self.slopes))
 
     def __eq__(self, other):
         return isinstance(other, _Mask) and hash(self) == hash(other)
@@ -257,7 +301,7 @@ def _flash_fwd(q, k, v, mask: _Mask, scale: float):
     def step(carry, ij):
         acc, m, l = carry
         i, j = ij
-        s = einsum("bhqd,bhkd->bhqk", _block(q, i, blk), _block(k, j, blk), q.dtype) * scale
+        s = einsum("bhqd,bhkd->bhqk", _block(q, i, blk), _block(k, j, blk), q.dtype) * scale + mask.bias(i, j)
         s = jnp.where(mask(i, j), s, -jnp.inf)
         m_i, l_i, acc_i = _block(m, i, blk), _block(l, i, blk), _block(acc, i, blk)
         m_new = jnp.maximum(m_i, s.max(-1))
@@ -290,7 +334,7 @@ def _flash_bwd(mask: _Mask, scale: float, residuals, do):
         dq, dk, dv = carry
         i, j = ij
         q_i, k_j, v_j, do_i = _block(q, i, blk), _block(k, j, blk), _block(v, j, blk), _block(do, i, blk)
-        s = einsum("bhqd,bhkd->bhqk", q_i, k_j, q.dtype) * scale
+        s = einsum("bhqd,bhkd->bhqk", q_i, k_j, q.dtype) * scale + mask.bias(i, j)
         p = jnp.where(mask(i, j), jnp.exp(s - _block(lse, i, blk)[..., None]), 0.0)
         dv_j = einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do_i, do.dtype)
         dp = einsum("bhqd,bhkd->bhqk", do_i, v_j, do.dtype)

@@ -1,10 +1,17 @@
 """The GPT-Neo network (and its GPT-NeoX variant), readable in one sitting.
 
-    h = drop(wte[tokens]) + drop(wpe[positions])          (no wpe with rotary embeddings;
-                                                           axial: wpe = (A1[i] + A2[j]) / 2)
+    h = drop(wte[tokens]) + drop(wpe[positions])          (pos_emb: learned table; axial:
+                                                           wpe = (A1[i] + A2[j]) / 2; sinusoidal:
+                                                           a fixed table; rotary, alibi, none:
+                                                           nothing here, see attention.py)
     for each layer:  h = h + Attn(LN1(h));  h = h + MLP(LN2(h))
                      (parallel residual: h = h + Attn(LN1(h)) + MLP(LN2(h)))
     logits = LN_f(h) @ wte^T                                (untied: @ lm_head)
+
+GPT-NeoX's options (docs/configs.md): `norm` chooses LayerNorm, RMSNorm or ScaleNorm for every
+norm (ln_f included), `use_bias_in_norms` / `use_bias_in_mlp` drop biases, GLU activations
+(`swiglu`, `geglu`, `reglu`) gate the MLP, and attention.py has grouped-query heads, ALiBi
+and bias-free projections; LLaMA and Mistral are these options together.
 
 A layer's kind is a `LayerSpec`: its attention (`global`, `local`: attention.py; `linear`:
 linear_attention.py; `none`) and whether a mixture of experts replaces its MLP.
@@ -34,7 +41,7 @@ from neo.errors import NeoError
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.attention import Attention
-from neo.model.layers import Dense, LayerNorm, ScaleNorm, einsum, named, normal
+from neo.model.layers import Dense, L2ScaleNorm, LayerNorm, RMSNorm, ScaleNorm, einsum, named, normal
 from neo.model.linear_attention import LinearAttention, init_state
 from neo.model.moe import MoE
 
@@ -45,9 +52,30 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
 
 
+def make_norm(cfg: ModelConfig, dtype: jnp.dtype, **name) -> nn.Module:
+    """The norm `norm` chooses (GPT-NeoX megatron/model/norms.py get_norm), with its epsilon:
+    layernorm `layer_norm_epsilon`, rmsnorm `rms_norm_epsilon`, scalenorm `scalenorm_epsilon`
+    (GPT-NeoX's defaults 1e-5, 1e-8, 1e-8)."""
+    kind, bias = cfg.norm_kind, cfg.use_bias_in_norms
+    if kind == "rmsnorm":
+        return RMSNorm(cfg.rms_norm_epsilon or 1e-8, dtype, bias, **name)
+    if kind == "scalenorm":
+        return L2ScaleNorm(cfg.scalenorm_epsilon or 1e-8, dtype, **name)
+    return LayerNorm(cfg.layer_norm_epsilon, dtype, bias, **name)
+
+
+def sinusoid_table(positions: jax.Array, d: int) -> jax.Array:
+    """GPT-NeoX's `sinusoidal` embeddings (Vaswani et al. 2017; positional_embeddings.py):
+    [sin(p * f) | cos(p * f)] halves, f = 1 / 10000^(2i / d). positions [b, t] -> [b, t, d]."""
+    inv_freq = 1.0 / (10000 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angle = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], -1)
+
+
 class MLP(nn.Module):
-    """c_fc (d -> 4d) -> activation -> c_proj (4d -> d) -> dropout. With `mlp_glu`, c_fc makes
-    two 4d halves h and gate, and c_proj takes h * activation(gate)."""
+    """c_fc (d -> f) -> activation -> c_proj (f -> d) -> dropout, f = `intermediate_expanded`
+    (4d). Gated (`mlp_glu`, or a GLU activation such as swiglu = LLaMA's MLP): c_fc makes two
+    halves h and gate, and c_proj takes h * act(gate) (LLaMA: up, gate, down)."""
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
@@ -59,14 +87,17 @@ class MLP(nn.Module):
         fc_std = 0.02 * (d ** -0.5 if cfg.scale_by_in else 1.0)
         proj_std = 0.02 * (cfg.n_layer ** -0.5 if cfg.scale_by_depth else 1.0) * (f ** -0.5 if cfg.scale_by_in else 1.0)
         hidden = ("batch", "sequence", "intermediate_expanded")
-        act = Activation(cfg.activation_fn, name="act")
-        if cfg.mlp_glu:
-            hg = Dense((2, f), ("embd", None, "intermediate_expanded"), normal(fc_std), dtype=self.dtype, name="c_fc")(x)
+        act, bias = Activation(cfg.mlp_activation, name="act"), cfg.use_bias_in_mlp
+        if cfg.gated:
+            hg = Dense((2, f), ("embd", None, "intermediate_expanded"), normal(fc_std), use_bias=bias, dtype=self.dtype,
+                       name="c_fc")(x)
             h = constrain(hg[..., 0, :], hidden) * act(constrain(hg[..., 1, :], hidden))
         else:
-            h = Dense((f,), ("embd", "intermediate_expanded"), normal(fc_std), dtype=self.dtype, name="c_fc")(x)
+            h = Dense((f,), ("embd", "intermediate_expanded"), normal(fc_std), use_bias=bias, dtype=self.dtype,
+                      name="c_fc")(x)
             h = act(constrain(h, hidden))
-        h = Dense((d,), ("intermediate_expanded", "embd"), normal(proj_std), dtype=self.dtype, name="c_proj")(h)
+        h = Dense((d,), ("intermediate_expanded", "embd"), normal(proj_std), use_bias=bias, dtype=self.dtype,
+                  name="c_proj")(h)
         return nn.Dropout(cfg.res_dropout)(h, deterministic=deterministic)
 
 
@@ -143,7 +174,7 @@ class Block(nn.Module):
             return lambda x: x
         if cfg.scalenorm:
             return ScaleNorm(cfg.layer_norm_epsilon, self.dtype, name=name)
-        return LayerNorm(cfg.layer_norm_epsilon, self.dtype, name=name)
+        return make_norm(cfg, self.dtype, name=name)
 
     def gate(self, name: str, branch: jax.Array) -> jax.Array:
         """ReZero: the branch times a learned scalar that starts at 0."""
@@ -215,7 +246,7 @@ class GPT(nn.Module):
                                           (a1, cfg.n_embd), jnp.float32)
             self.axial_wpe_2 = self.param("axial_wpe_2", named(normal(0.01), ("axial_dim", "embd")),
                                           (a2, cfg.n_embd), jnp.float32)
-        elif not cfg.rotary_emb:
+        elif cfg.position_embedding == "learned":
             self.wpe = self.param("wpe", named(normal(0.01), ("embed_sequence", "embd")),
                                   (cfg.n_ctx, cfg.n_embd), jnp.float32)
         self.specs = layer_specs(cfg)
@@ -229,21 +260,24 @@ class GPT(nn.Module):
             self.blocks = [Block(cfg, compute_dtype(cfg), name="h_0")] * cfg.n_layer
         else:
             self.blocks = [Block(cfg, compute_dtype(cfg), name=f"h_{i}") for i in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, compute_dtype(cfg))
+        self.ln_f = make_norm(cfg, compute_dtype(cfg))
         if cfg.no_weight_tie:
             self.lm_head = self.param("lm_head", named(normal(0.02), ("embd", "vocab")),
                                       (cfg.n_embd, cfg.n_vocab), jnp.float32)
         self.embed_drop = nn.Dropout(cfg.embed_dropout)
         self.pos_drop = nn.Dropout(cfg.embed_dropout)
 
-    def position_table(self) -> jax.Array:
-        """[n_ctx, embd] learned position embeddings; axial ones are (A1[i] + A2[j]) / 2 for
-        position i * a2 + j."""
-        if self.cfg.axial_pos_emb is None:
-            return self.wpe
-        a1, a2 = self.cfg.axial_pos_emb
+    def position_embeddings(self, positions: jax.Array) -> jax.Array:
+        """[b, t] -> [b, t, embd]: the learned table's rows (axial: (A1[i] + A2[j]) / 2 for
+        position i * a2 + j), or the sinusoids."""
+        cfg = self.cfg
+        if cfg.position_embedding == "sinusoidal":
+            return sinusoid_table(positions, cfg.n_embd)
+        if cfg.axial_pos_emb is None:
+            return jnp.take(self.wpe, positions, axis=0)
+        a1, a2 = cfg.axial_pos_emb
         table = (self.axial_wpe_1[:, None, :] + self.axial_wpe_2[None, :, :]) / 2
-        return table.reshape(a1 * a2, -1)[: self.cfg.n_ctx]
+        return jnp.take(table.reshape(a1 * a2, -1)[: cfg.n_ctx], positions, axis=0)
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None, *,
                  deterministic: bool = True, cache: Optional[list] = None,
@@ -268,9 +302,9 @@ class GPT(nn.Module):
         tokens = constrain(tokens, ("batch", "sequence"))
         h = jnp.take(self.wte.astype(dtype), tokens, axis=0)
         h = self.embed_drop(h, deterministic=deterministic)
-        if not cfg.rotary_emb:
+        if cfg.position_embedding in ("learned", "sinusoidal"):
             # GPT-Neo drops token and position embeddings with separate masks (reference 1.9).
-            p = jnp.take(self.position_table().astype(dtype), positions, axis=0)
+            p = self.position_embeddings(positions).astype(dtype)
             h = h + self.pos_drop(p, deterministic=deterministic)
         h = constrain(h, ACT)
         if cfg.scan_period:
@@ -299,12 +333,12 @@ class GPT(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dtype] = None) -> list:
-    """An empty KV cache: per layer {"k", "v"}: [batch, length, heads, features_per_head];
+    """An empty KV cache: per layer {"k", "v"}: [batch, length, kv_heads, features_per_head];
     for `linear` layers the running sums of linear attention (neo/model/linear_attention.py).
     With scanned layers, one entry per layer of the repeating group, stacked over the groups
     (leading axis n_layer / period), as the scan reads it."""
     dtype = dtype or compute_dtype(cfg)
-    shape = (batch, length, cfg.n_head, cfg.features_per_head)
+    shape = (batch, length, cfg.kv_heads, cfg.features_per_head)  # grouped-query: the kv heads only
 
     def layer(kind: str):
         if kind == "none":

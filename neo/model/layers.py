@@ -110,21 +110,45 @@ class Dense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """GPT-Neo's LayerNorm: biased variance of the centred input, eps 1e-5, gain and bias.
-    Statistics in float32 whatever the compute dtype."""
+    """GPT-Neo's LayerNorm: biased variance of the centred input, eps 1e-5, gain and bias
+    (GPT-NeoX's `use_bias_in_norms: false` drops the bias). Statistics in float32 whatever the
+    compute dtype."""
 
     epsilon: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         scale = self.param("scale", named(nn.initializers.ones, ("embd",)), (d,), jnp.float32)
-        bias = self.param("bias", named(nn.initializers.zeros, ("embd",)), (d,), jnp.float32)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+        if self.use_bias:
+            y = y + self.param("bias", named(nn.initializers.zeros, ("embd",)), (d,), jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """GPT-NeoX's `rmsnorm` (Zhang & Sennrich 2019; LLaMA): x / RMS(x) * scale, no centring,
+    optional bias (`use_bias_in_norms`). eps sits inside the root, x * rsqrt(mean(x^2) + eps), as
+    in LLaMA and Hugging Face's LlamaRMSNorm, which the released LLaMA/Mistral weights were
+    trained with; GPT-NeoX adds eps to the RMS instead (docs/differences.md)."""
+
+    epsilon: float = 1e-8
+    dtype: jnp.dtype = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", named(nn.initializers.ones, ("embd",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon) * scale
+        if self.use_bias:
+            y = y + self.param("bias", named(nn.initializers.zeros, ("embd",)), (d,), jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -142,3 +166,19 @@ class ScaleNorm(nn.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale).astype(self.dtype)
+
+
+class L2ScaleNorm(nn.Module):
+    """GPT-NeoX's `norm: scalenorm` (Nguyen & Salazar 2019, megatron/model/norms.py): the input
+    divided by its L2 norm (at least eps), times one learned scalar `scale` (init 1). Unlike
+    GPT-Neo's scalenorm it neither centres nor divides by sqrt(n_embd)."""
+
+    epsilon: float = 1e-8
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", named(nn.initializers.ones, ()), (), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        norm = jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), self.epsilon)
+        return (x32 / norm * scale).astype(self.dtype)
