@@ -306,7 +306,7 @@ def _role_layout(cfg: Config, data: str, model: Optional[str], model_size: int, 
     if fsdp:
         pairs.append(f"embd:{data}")
     if model and model_size > 1:
-        if cfg.model.n_head % model_size:
+        if cfg.model.kv_heads % model_size:
             return None
         pairs.append(f"heads:{model}")
         if cfg.model.intermediate_expanded % model_size == 0:
@@ -352,7 +352,7 @@ def fits_shapes(cfg: Config, mesh_shape: str, layout: str, num_devices: int) -> 
     rules = parse_layout(layout, list(axes))
     m = cfg.model
     sizes = {"batch": cfg.run.train_batch_size, "sequence": m.n_ctx, "memory_length": m.n_ctx,
-             "embd": m.n_embd, "embed_sequence": m.n_ctx, "vocab": m.n_vocab, "heads": m.n_head,
+             "embd": m.n_embd, "embed_sequence": m.n_ctx, "vocab": m.n_vocab, "heads": m.kv_heads,
              "features_per_head": m.features_per_head, "intermediate_expanded": m.intermediate_expanded}
     if m.moe_layers:
         p = m.moe_params

@@ -61,7 +61,7 @@ def build(cfg: Config, layout: Layout) -> Setup:
     model = GPT(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, cfg.run.train_steps)
     check_divisible(layout, {"batch": cfg.run.train_batch_size, "sequence": cfg.model.n_ctx,
-                             "memory_length": cfg.model.n_ctx, "heads": cfg.model.n_head}, " in the config")
+                             "memory_length": cfg.model.n_ctx, "heads": cfg.model.kv_heads}, " in the config")
     n_micro = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica,
                                layout.axis_size("batch"))
     if (cfg.run.train_batch_size // n_micro) % layout.axis_size("batch"):

@@ -119,8 +119,8 @@ def test_import_refuses_to_overwrite_and_names_unknown_families(tmp_path):
     with pytest.raises(NeoError, match="already holds checkpoints"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "neo"), log=lambda s: None)
     cfg_path = tmp_path / "hf" / "config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "llama"}))
-    with pytest.raises(NeoError, match="not GPT-Neo or GPT-NeoX"):
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "bloom"}))
+    with pytest.raises(NeoError, match="not one neo converts"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "other"), log=lambda s: None)
     with pytest.raises(NeoError, match="not a folder, and not a hub id"):
         import_hf(str(tmp_path / "missing"), str(tmp_path / "other"), log=lambda s: None)

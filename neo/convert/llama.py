@@ -143,6 +143,7 @@ def config_to_hf(cfg: Config) -> dict:
         num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads,
         head_dim=m.features_per_head, intermediate_size=m.intermediate_expanded,
         hidden_act=GLU_TO_HF[m.activation_fn], rms_norm_eps=m.rms_norm_epsilon or 1e-8,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rotary_emb_base},
         rope_theta=m.rotary_emb_base, attention_bias=m.attn_out_bias, mlp_bias=m.use_bias_in_mlp,
         attention_dropout=m.attn_dropout, tie_word_embeddings=not m.no_weight_tie,
         bos_token_id=eos, eos_token_id=eos,
