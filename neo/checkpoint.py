@@ -24,6 +24,36 @@ def checkpoint_dir(model_path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def check_writable(model_path: str) -> None:
+    """Refuse, before anything is built or compiled, a model_path this process cannot write:
+    a file where a folder must be, or a folder without write permission. Creates nothing. For
+    object stores (gs://) only a file in the way is looked for: their permissions show at the
+    first write."""
+    from etils import epath
+
+    if "://" in model_path:
+        for p in (epath.Path(model_path), epath.Path(model_path) / "checkpoints"):
+            if p.exists() and not p.is_dir():
+                raise NeoError(f"model_path {model_path}: {p} is a file, but neo needs a folder there; "
+                               f"move the file or choose another model_path.")
+        return
+    root = os.path.abspath(model_path)
+    for p in (root, os.path.join(root, "checkpoints")):
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise NeoError(f"model_path {model_path}: {p} is a file, but neo needs a folder there; "
+                           f"move the file or choose another model_path.")
+    existing = root
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NeoError(f"model_path {model_path}: {existing} is a file, so the folder cannot be created; "
+                       f"choose another model_path.")
+    for p in (existing, os.path.join(root, "checkpoints")):
+        if os.path.isdir(p) and not os.access(p, os.W_OK | os.X_OK):
+            raise NeoError(f"model_path {model_path}: no permission to write in {p}; fix its permissions "
+                           f"or choose another model_path.")
+
+
 class Checkpointer:
     """Save/restore train state; keeps the newest `max_to_keep` checkpoints."""
 

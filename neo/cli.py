@@ -101,26 +101,35 @@ def _run(argv: list[str]) -> None:
 
     initialize(FLAGS.tpu)
     layout = make_layout(cfg.run.mesh_shape, cfg.run.layout, select_devices(FLAGS.gpu_ids))
+    log = console()
     if FLAGS.predict:
         from neo.predict import SamplingOptions, predict, prompt_file
 
         opts = SamplingOptions.from_config(
             cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
             max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
-        predict(cfg, layout, prompt_file(FLAGS.prompt, cfg), opts, FLAGS.sacred_id)
+        predict(cfg, layout, prompt_file(FLAGS.prompt, cfg), opts, FLAGS.sacred_id, log=log)
         return
     if FLAGS.eval:
         from neo.evaluate.harness import HarnessOptions, evaluate_checkpoint
 
         opts = HarnessOptions(tuple(FLAGS.eval_tasks), FLAGS.eval_limit, FLAGS.eval_batch_size,
                               FLAGS.eval_num_fewshot, FLAGS.eval_include_path)
-        evaluate_checkpoint(cfg, layout, opts, FLAGS.sacred_id)
+        evaluate_checkpoint(cfg, layout, opts, FLAGS.sacred_id, log=log)
         return
     if FLAGS.new:
         from neo.checkpoint import start_over
 
-        start_over(cfg.run.model_path)
-    fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint, prompt_path=FLAGS.prompt)
+        start_over(cfg.run.model_path, log=log)
+    fit(cfg, layout, steps_per_checkpoint=FLAGS.steps_per_checkpoint, log=log, prompt_path=FLAGS.prompt)
+
+
+def console():
+    """Where a mode's messages and results go: the terminal of process 0 (every process of a
+    multi-process run computes the same numbers; errors are raised on all of them)."""
+    import jax
+
+    return print if jax.process_index() == 0 else (lambda _message: None)
 
 
 def _gather_gpu_ids(args: list[str]) -> list[str]:

@@ -3,6 +3,9 @@
 neo has no launcher of its own. On a Cloud TPU VM (`--tpu NAME`) and under SLURM,
 `jax.distributed.initialize()` finds the other processes by itself; every host runs the same
 command (scripts/tpu_run.sh does that for a pod slice; scripts/slurm.sbatch under SLURM).
+Anywhere else every process is given three variables (docs/training.md): JAX_COORDINATOR_ADDRESS
+(host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; on CPU the processes exchange
+data over gloo (JAX's default CPU collectives), which the multi-process tests use.
 """
 
 from __future__ import annotations
@@ -54,6 +57,36 @@ def initialize(tpu: Optional[str] = None, env: Mapping[str, str] = os.environ) -
             jax.distributed.initialize()
     elif slurm_job(env):
         jax.distributed.initialize()
-    elif env.get("JAX_COORDINATOR_ADDRESS"):  # any other cluster: set the variables by hand
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                                   int(env["JAX_PROCESS_ID"]))
+    else:  # any other cluster: the three variables, set by hand or by a launcher
+        manual = manual_settings(env)
+        if manual is not None:
+            jax.distributed.initialize(*manual)
+
+
+MANUAL = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def manual_settings(env: Mapping[str, str] = os.environ) -> Optional[tuple[str, int, int]]:
+    """(address, process count, process id) from the three variables, None when none is set;
+    some but not all of them, or values that cannot be right, are an error saying what to set."""
+    given = {k: env[k] for k in MANUAL if env.get(k, "").strip()}
+    if not given:
+        return None
+    example = ("JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 (1 on the second "
+               "host), the same address and count on every host")
+    missing = [k for k in MANUAL if k not in given]
+    if missing:
+        raise NeoError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set but {' and '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not: a multi-process run needs all three, e.g. "
+                       f"{example} (docs/training.md); unset them for a single-process run.")
+    address = given["JAX_COORDINATOR_ADDRESS"].strip()
+    host, _, port = address.rpartition(":")
+    try:
+        count, index = int(given["JAX_NUM_PROCESSES"]), int(given["JAX_PROCESS_ID"])
+    except ValueError:
+        count = index = -1
+    if not host or not port.isdigit() or count < 1 or not 0 <= index < count:
+        raise NeoError(f"JAX_COORDINATOR_ADDRESS={address!r} JAX_NUM_PROCESSES={given['JAX_NUM_PROCESSES']!r} "
+                       f"JAX_PROCESS_ID={given['JAX_PROCESS_ID']!r}: need host:port, a count >= 1 and an id "
+                       f"in 0..count-1, e.g. {example}.")
+    return address, count, index

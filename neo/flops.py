@@ -61,11 +61,14 @@ def flops_per_token(cfg: ModelConfig, seq: int | None = None, training: bool = T
     return 3 * forward if training else forward
 
 
-# Dense peak FLOP/s per device (bf16 unless noted), from vendor data sheets.
+# Dense peak FLOP/s per JAX device (bf16 unless noted), from vendor data sheets. A JAX device is
+# a GPU, or a TPU chip from v4 on (megacore: both TensorCores are one device; v5e and v6e chips
+# have one core), but on TPU v2 and v3 each of a chip's two cores is its own device, so those
+# get half the chip's 45 / 123 TFLOP/s.
 _PEAKS = {
     "h200": 989e12, "h100": 989e12, "a100": 312e12, "a10g": 125e12, "l4": 121e12, "v100": 125e12,
     "tpu v6": 918e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5": 459e12,
-    "tpu v4": 275e12, "tpu v3": 123e12, "tpu v2": 45e12,
+    "tpu v4": 275e12, "tpu v3": 123e12 / 2, "tpu v2": 45e12 / 2,
 }
 
 
@@ -87,7 +90,7 @@ def device_peak_flops(device: jax.Device | None = None, dtype: str = "bfloat16")
 @functools.lru_cache(maxsize=None)
 def measured_matmul_flops(n: int = 2048, reps: int = 10) -> float:
     """Best-of-`reps` FLOP/s of an n x n float32 matmul on the default CPU device."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()

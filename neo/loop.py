@@ -15,12 +15,12 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from neo.checkpoint import Checkpointer, abstract_like
+from neo.checkpoint import Checkpointer, abstract_like, check_writable
 from neo.config import Config
 from neo.errors import NeoError
 from neo.mesh import Layout
 from neo.flops import mfu
-from neo.train import Setup, TrainState, build, global_batch
+from neo.train import Setup, TrainState, batch_rows, build, global_batch
 
 
 def format_eta(seconds: float) -> str:
@@ -42,7 +42,8 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
     log(f"neo: {cfg.name}: {setup.param_count:,} parameters; {len(devices)} x {devices[0].device_kind}; "
         f"mesh {dict(layout.mesh.shape)}; layout {', '.join(f'{d}:{a}' for d, a in layout.rules)}; "
         f"{setup.num_microbatches} microbatch(es) of {cfg.run.train_batch_size // setup.num_microbatches} sequences")
-    limit = device_memory(devices[0])
+    local = next(d for d in devices if d.process_index == jax.process_index())
+    limit = device_memory(local)
     need = 2 * p + o  # parameters, their gradients, optimizer state
     activations = _activation_estimate(setup)
     total = need + activations
@@ -118,10 +119,13 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
 
     if not cfg.run.model_path:
         raise NeoError(f"{cfg.source}: 'model_path' is required (where checkpoints and logs go).")
+    if steps_per_checkpoint < 1:
+        raise NeoError(f"--steps_per_checkpoint {steps_per_checkpoint}: save every N >= 1 steps.")
+    check_writable(cfg.run.model_path)
     setup = build(cfg, layout)
     describe(setup, log)
-    source = make_source(cfg, "train", jax.process_index(), jax.process_count())
-    validation = Validation(cfg, layout, setup.state_shardings.params) if cfg.run.eval_steps > 0 else None
+    source = make_source(cfg, "train", batch_rows(setup))
+    validation = Validation(cfg, layout, setup.state_shardings.params, log) if cfg.run.eval_steps > 0 else None
     samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
     t0 = time.perf_counter()

@@ -13,8 +13,10 @@ along embd instead, which `parse_layout` warns about).
 
 Here too, because they are the same question asked of a whole tree: the shardings of a state
 (`place`: parameters and optimizer state, from their logical names), of batch rows
-(`Layout.rows`), and how many microbatches a batch is cut into (`num_microbatches`). The planner
-(neo/auto_layout.py) resolves layouts on paper with the same `resolve`.
+(`Layout.rows`; `process_rows` / `assemble_rows`: which rows of a global batch this process's
+devices hold, and the global array built from only those), and how many microbatches a batch is
+cut into (`num_microbatches`). The planner (neo/auto_layout.py) resolves layouts on paper with
+the same `resolve`.
 """
 
 from __future__ import annotations
@@ -281,6 +283,31 @@ def parameter_name(path: Sequence[Any]) -> str:
     """"h_0/attn/q/kernel": the dictionary keys of a leaf's path (a train state's fields and an
     optimizer state's tuples are not part of a parameter's name)."""
     return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def process_rows(sharding: jax.sharding.Sharding, n: int) -> np.ndarray:
+    """The rows of an [n, ...] array sharded by `sharding` that this process's devices hold,
+    sorted: what this process reads of a global batch. The rows follow from the layout, not the
+    process count: with the batch split over an axis whose devices span processes (tensor
+    parallelism across hosts) several processes hold, and read, the same rows."""
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((n,)).values():
+        held.update(range(*index[0].indices(n)))
+    return np.array(sorted(held), dtype=np.int64)
+
+
+def assemble_rows(sharding: jax.sharding.Sharding, rows: np.ndarray, local: np.ndarray, n: int) -> jax.Array:
+    """The global [n, ...] array whose rows `rows` (from `process_rows`) are `local`; each device
+    gets its slice of them (the other processes supply the other rows)."""
+    if len(local) != len(rows):
+        raise ValueError(f"{len(local)} local rows for the {len(rows)} rows this process holds")
+
+    def part(index: tuple) -> np.ndarray:
+        start, stop, _ = index[0].indices(n)
+        i = int(np.searchsorted(rows, start))
+        return local[i:i + stop - start]
+
+    return jax.make_array_from_callback((n, *local.shape[1:]), sharding, part)
 
 
 def num_microbatches(batch_size: int, n_ctx: int, tokens_per_mb_per_replica: int, batch_shards: int) -> int:

@@ -23,7 +23,9 @@ from jax.sharding import NamedSharding
 from neo.config import Config
 from neo.errors import NeoError
 from neo.loss import chunked_lm_loss
-from neo.mesh import Layout, check_divisible, constrain, num_microbatches, place, shardings_of
+from neo.mesh import (
+    Layout, assemble_rows, check_divisible, constrain, num_microbatches, place, process_rows, shardings_of,
+)
 from neo.mlm import mask_tokens
 from neo.model import GPT, init_params
 from neo.optim import lr_schedule, make_optimizer
@@ -138,6 +140,12 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
 
 
 def global_batch(setup: Setup, local: np.ndarray) -> jax.Array:
-    """This process's rows -> the global, sharded batch array."""
-    return jax.make_array_from_process_local_data(setup.batch_sharding, local)
+    """This process's rows (`batch_rows(setup)`, in that order) -> the global, sharded batch."""
+    n = setup.cfg.run.train_batch_size
+    return assemble_rows(setup.batch_sharding, batch_rows(setup), local, n)
+
+
+def batch_rows(setup: Setup) -> np.ndarray:
+    """The rows of each global train batch this process reads (neo/data reads only these)."""
+    return process_rows(setup.batch_sharding, setup.cfg.run.train_batch_size)
 

@@ -76,6 +76,62 @@ def test_bad_config_errors_name_the_key(change, message, tiny_config):
         parse_model_config({**tiny_config(), **change}, source="my.json")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"lr": float("nan")}, r"'lr' must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, r"'lr' must be a finite number > 0, got inf"),
+    ({"lr": 0}, r"'lr' must be a finite number > 0, got 0.0"),
+    ({"lr": -1e-4}, r"'lr' must be a finite number > 0"),
+    ({"beta1": 1.0}, r"'beta1' must be in \[0, 1\), got 1.0"),
+    ({"beta2": -0.1}, r"'beta2' must be in \[0, 1\)"),
+    ({"weight_decay": -0.1}, r"'weight_decay' must be a finite number >= 0"),
+    ({"epsilon": -1e-8}, r"'epsilon' must be a finite number > 0"),
+    ({"ada_epsilon1": 0}, r"'ada_epsilon1' must be a finite number > 0"),
+    ({"ada_epsilon2": -1}, r"'ada_epsilon2' must be a finite number >= 0"),
+    ({"gradient_clipping": float("nan")}, r"'gradient_clipping' must be > 0"),
+    ({"lr_decay_end": 0}, r"'lr_decay_end' \(0\) must be after warmup_steps \(0\)"),
+    ({"layer_norm_epsilon": -1e-5}, r"'layer_norm_epsilon' must be a finite number > 0"),
+    ({"intermediate_size": -4}, r"'intermediate_size' must be a positive integer"),
+    ({"intermediate_size": 0}, r"'intermediate_size' must be a positive integer"),
+    ({"rotary_emb_base": 0}, r"'rotary_emb_base' must be a finite number > 0"),
+    ({"num_mem_kv": -2}, r"'num_mem_kv' must be >= 0"),
+    ({"axial_pos_emb": [-4, -8]}, r"'axial_pos_emb' must be two sizes"),
+    ({"z_loss": -1}, r"'z_loss' must be a finite number >= 0"),
+    ({"eval_batch_size": 0}, r"'eval_batch_size' must be a positive integer"),
+    ({"eval_steps": -1}, r"'eval_steps' must be >= 0"),
+    ({"seed": -1}, r"'seed' must be in 0..2147483647"),
+    ({"seed": 2 ** 40}, r"'seed' must be in 0..2147483647 \(JAX keeps 32 bits of it\)"),
+    ({"predict_steps": -1}, r"'predict_steps' must be >= 0"),
+    ({"predict_max_steps": 0}, r"'predict_max_steps' must be >= 1"),
+    ({"temperature": -0.5}, r"'temperature' must be a finite number >= 0"),
+    ({"top_k": -1}, r"'top_k' must be >= 0"),
+    ({"top_p": 0}, r"'top_p' must be in \(0, 1\]"),
+    ({"mlm_mask_ignore_ids": [5, 300]}, r"'mlm_mask_ignore_ids' \[300\] are outside the vocabulary 0..127"),
+    ({"moe_params": {"capacity_factor_train": 0}}, r"'moe_capacity_factor_train' must be > 0"),
+    ({"moe_params": {"loss_coef": -1}}, r"'moe_loss_coef' must be >= 0"),
+    ({"moe_params": {"second_threshold_eval": 2}}, r"'moe_second_threshold_eval' must be in \[0, 1\]"),
+    ({"moe_params": {"dropout_rate": 1.0}}, r"'moe_dropout_rate' must be in \[0, 1\)"),
+    ({"datasets": [["tinyshakespeare", 0, "documents_fixed", None]], "n_vocab": 256}, r"stitch must be >= 1"),
+])
+def test_values_outside_their_range_are_refused_at_load(change, message, tiny_config):
+    with pytest.raises(NeoError, match=message):
+        parse_model_config({**tiny_config(), **change}, source="my.json")
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"holdout": 1.0}, r"'holdout' must be in \[0, 1\)"),
+    ({"holdout": -0.1}, r"'holdout' must be in \[0, 1\)"),
+    ({"minimum_size": 0}, r"'minimum_size' must be >= 1 token"),
+    ({"eos_id": 500}, r"'eos_id' \(500, which joins stitched documents\) is outside the model's vocabulary 0..127"),
+])
+def test_dataset_values_outside_their_range_are_refused(tmp_path, tiny_config, keys, message):
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "mine.json").write_text(json.dumps({"n_vocab": 100, "path": "a.txt", **keys}))
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**tiny_config(), "datasets": ["mine"]}))
+    with pytest.raises(NeoError, match=rf"dataset 'mine': {message}"):
+        load_model_config(str(path))
+
+
 def test_missing_required_key(tiny_config):
     raw = tiny_config()
     del raw["n_ctx"]

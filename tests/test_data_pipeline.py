@@ -1,4 +1,5 @@
-"""The tfrecord input pipeline: sampling modes, mixing, host sharding, exact resume, bad data."""
+"""The tfrecord input pipeline: sampling modes, mixing, batches independent of the number of
+processes reading them, exact resume, bad data."""
 
 import json
 
@@ -137,14 +138,22 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path, model):
 def test_mixture_follows_the_weights(tmp_path):
     from neo.data.mixture import PERIOD, MixSchedule
 
+    def counts(s, j):  # examples each dataset gave among the first j
+        return np.bincount(s.take(0, j), minlength=len(s.quotas)).tolist()
+
     s = MixSchedule([3.0, 1.0], (1,))
-    assert s.counts(PERIOD) == [3 * PERIOD // 4, PERIOD // 4]
+    assert counts(s, PERIOD) == [3 * PERIOD // 4, PERIOD // 4]
     first = s.take(0, 2000)
     assert 0.72 < (first == 0).mean() < 0.78
-    assert s.counts(PERIOD + 500) == [3 * PERIOD // 4 + int((s.take(PERIOD, 500) == 0).sum()),
-                                      PERIOD // 4 + int((s.take(PERIOD, 500) == 1).sum())]
+    assert counts(s, PERIOD + 500) == [3 * PERIOD // 4 + int((s.take(PERIOD, 500) == 0).sum()),
+                                       PERIOD // 4 + int((s.take(PERIOD, 500) == 1).sum())]
+    # an example's index within its dataset is how many examples that dataset gave before it
+    g = np.arange(PERIOD - 300, PERIOD + 300)
+    datasets, index = s.locate(g)
+    for d in (0, 1):
+        assert (index[datasets == d] == counts(s, int(g[0]))[d] + np.arange((datasets == d).sum())).all()
     tiny = MixSchedule([1.0, 1e-9], (1,))
-    assert tiny.counts(PERIOD) == [PERIOD - 1, 1]  # every dataset is sampled
+    assert counts(tiny, PERIOD) == [PERIOD - 1, 1]  # every dataset is sampled
 
 
 @pytest.fixture
@@ -200,11 +209,11 @@ def test_resume_after_a_block_boundary(tmp_path, monkeypatch, model):
     expected = batches(src, 12)
     for k in (1, 5, 9):
         fresh = make_source(cfg)
-        fresh.restore({"step": k, "batch_size": 4, "process_count": 1})
+        fresh.restore({"step": k, "examples": 4 * k, "batch_size": 4})
         np.testing.assert_array_equal(next(fresh), expected[k])
 
 
-def test_hosts_read_disjoint_shards(tmp_path, model):
+def test_processes_read_disjoint_rows(tmp_path, model):
     from neo.data import make_source
 
     recs = [chunk_records(4, 0), chunk_records(4, 4), chunk_records(4, 8), chunk_records(4, 12)]
@@ -212,23 +221,79 @@ def test_hosts_read_disjoint_shards(tmp_path, model):
     cfg = model(tmp_path, [["c", None, "chunks", None]])
     seen = []
     for p in range(2):
-        src = make_source(cfg, "train", p, 2)
-        rows = np.concatenate(batches(src, 4))  # 2 rows x 4 = 8 = this host's share of one epoch
+        src = make_source(cfg, "train", rows=[2 * p, 2 * p + 1])
+        rows = np.concatenate(batches(src, 4))  # 2 rows x 4 = 8 = this process's share of one epoch
         assert rows.shape == (8, N_CTX + 1)
         seen.append({tuple(r) for r in rows})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {tuple(r) for f in recs for r in f}
 
 
-def test_fewer_files_than_hosts_shards_records(tmp_path, model):
+def test_one_file_is_shared_by_processes(tmp_path, model):
     from neo.data import make_source
 
     recs = chunk_records(8)
     dataset(tmp_path, "one", [recs])
     cfg = model(tmp_path, [["one", None, "chunks", None]])
-    a = {tuple(r) for r in np.concatenate(batches(make_source(cfg, "train", 0, 2), 4))}
-    b = {tuple(r) for r in np.concatenate(batches(make_source(cfg, "train", 1, 2), 4))}
+    # two batches of 4 = one epoch, its 8 records split between the two processes' rows
+    a = {tuple(r) for r in np.concatenate(batches(make_source(cfg, "train", rows=[0, 1]), 2))}
+    b = {tuple(r) for r in np.concatenate(batches(make_source(cfg, "train", rows=[2, 3]), 2))}
     assert not a & b and a | b == {tuple(r) for r in recs}
+
+
+# Row sets of an 8-row batch, as processes hold them (compared with one process reading all
+# rows): 2 x 4 devices, 4 x 2, and two
+# processes that both hold every row (the batch split over devices within each process only,
+# another axis spanning the processes).
+SPLITS = {"2x4": [range(4), range(4, 8)], "4x2": [range(0, 2), range(2, 4), range(4, 6), range(6, 8)],
+          "replicated": [range(8), range(8)]}
+
+
+@pytest.fixture(params=["chunks", "chunks_2_windows", "documents_fixed", "documents_random", "mixture", "text"])
+def any_source_config(request, tmp_path, model, monkeypatch):
+    """A config of each kind of source, with 4-record shuffle blocks so batches cross blocks."""
+    from neo.data import sampling
+
+    monkeypatch.setattr(sampling, "SHUFFLE_BLOCK", 4)
+    kind = request.param
+    if kind == "text":
+        from neo.config import load_model_config
+
+        return load_model_config("quickstart", {"train_batch_size": 8})
+    dataset(tmp_path, "c", [chunk_records(20), chunk_records(15, 20)])
+    dataset(tmp_path, "c2", [chunk_records(5, length=2 * N_CTX + 1), chunk_records(4, 5, length=2 * N_CTX + 1)])
+    dataset(tmp_path, "d", [doc_records(40), doc_records(30, 40)], minimum_size=3)
+    entries = {"chunks": [["c", None, "chunks", None]], "chunks_2_windows": [["c2", None, "chunks", None]],
+               "documents_fixed": [["d", 2, "documents_fixed", None]],
+               "documents_random": [["d", 3, "documents_random", None]],
+               "mixture": [["c", None, "chunks", 2.0], ["d", 3, "documents_random", 1.0], ["c2", None, "chunks", 1.0]]}
+    return model(tmp_path, entries[kind], train_batch_size=8)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_global_batches_do_not_depend_on_the_processes(any_source_config, split):
+    """Every process reading its rows assembles exactly the batches one process reads, in
+    every sampling mode and mixture, across shuffle blocks and epochs; and a state saved by
+    one process restores the exact stream on another split (and the reverse)."""
+    from neo.data import make_source
+
+    cfg = any_source_config
+    whole = make_source(cfg)
+    expected = batches(whole, 12)
+    parts = [make_source(cfg, "train", rows=list(r)) for r in SPLITS[split]]
+    for step in range(6):
+        for rows, part in zip(SPLITS[split], parts):
+            np.testing.assert_array_equal(next(part), expected[step][list(rows)], err_msg=f"step {step}, rows {rows}")
+    saved = json.loads(json.dumps(parts[-1].state()))  # saved by the split, restored by one process
+    single = make_source(cfg)
+    single.restore(saved)
+    np.testing.assert_array_equal(next(single), expected[6])
+    resumed = [make_source(cfg, "train", rows=list(r)) for r in SPLITS[split]]
+    for part in resumed:  # saved by one process, restored by the split
+        part.restore(json.loads(json.dumps(single.state())))
+    for step in range(7, 12):
+        for rows, part in zip(SPLITS[split], resumed):
+            np.testing.assert_array_equal(next(part), expected[step][list(rows)], err_msg=f"resumed, step {step}")
 
 
 def test_rows_become_the_global_sharded_batch(tmp_path, model):
@@ -236,12 +301,14 @@ def test_rows_become_the_global_sharded_batch(tmp_path, model):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from neo.data import make_source
+    from neo.mesh import assemble_rows, process_rows
 
     dataset(tmp_path, "c", [chunk_records(16)])
     cfg = model(tmp_path, [["c", None, "chunks", None]], train_batch_size=8)
-    local = next(make_source(cfg, "train", jax.process_index(), jax.process_count()))
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x", None))
-    batch = jax.make_array_from_process_local_data(sharding, local)
+    rows = process_rows(sharding, 8)
+    local = next(make_source(cfg, "train", rows))
+    batch = assemble_rows(sharding, rows, local, 8)
     assert batch.shape == (8, N_CTX + 1) and len(batch.addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(batch), local)
 

@@ -265,3 +265,14 @@ def test_a_builtin_task_reads_a_local_copy_of_its_data(checkpoint, shared_data, 
         lambada_path=str(shared_data / "lambada_openai_test.jsonl")), limit=6, bootstrap_iters=0,
         log_samples=False)["results"]["lambada_openai_local"]
     assert ours["perplexity,none"] == pytest.approx(local["perplexity,none"], rel=1e-9)
+
+
+def test_registering_neo_keeps_lm_evals_own_backends(tmp_path):
+    """lm-eval loads its built-in backends only into an empty registry: importing neo's backend
+    first (as `python -m neo.lm_eval` and any script using NeoLM do) must leave `hf` there."""
+    code = ("import neo.evaluate.backend\n"
+            "from lm_eval.api.registry import get_model\n"
+            "print(get_model('neo').__name__, get_model('hf').__name__, get_model('dummy').__name__)\n")
+    out = run(["-c", code], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["NeoLM", "HFLM", "DummyLM"]

@@ -42,3 +42,56 @@ def test_user_mistakes_exit_with_a_message_not_a_traceback(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_run_settings_that_would_fail_later_are_refused_before_training(tmp_path):
+    """Each of these once failed after the training time was spent, or with a traceback."""
+    import jax
+    import pytest
+
+    from neo.config import load_model_config
+    from neo.errors import NeoError
+    from neo.loop import fit
+    from neo.mesh import make_layout
+
+    def attempt(steps_per_checkpoint=5, **keys):
+        cfg = load_model_config("tiny", {"model_path": str(tmp_path / "run"), "train_steps": 2, **keys})
+        fit(cfg, make_layout("x:4", "batch:x", jax.devices()[:4]), steps_per_checkpoint, log=lambda _m: None)
+
+    with pytest.raises(NeoError, match=r"eval_batch_size 6 does not split over the layout's 4 batch shards; "
+                                       r"make it a multiple of 4"):
+        attempt(eval_steps=1, eval_batch_size=6)
+    with pytest.raises(NeoError, match=r"--steps_per_checkpoint 0: save every N >= 1 steps"):
+        attempt(0)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(NeoError, match=r"model_path .*file: .*file is a file, but neo needs a folder there"):
+        attempt(model_path=str(tmp_path / "file"))
+    with pytest.raises(NeoError, match=r"model_path .*file/run: .*file is a file, so the folder cannot be created"):
+        attempt(model_path=str(tmp_path / "file" / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    with pytest.raises(NeoError, match=r"run/checkpoints is a file, but neo needs a folder there"):
+        attempt()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]  # nothing was created
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoints"]
+
+
+def test_a_model_path_without_write_permission_is_refused(tmp_path):
+    """Checked in a process without the privilege to write anywhere (when the tests run as root,
+    the child drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, then execs the check): a folder
+    it cannot write in."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    check = ("from neo.checkpoint import check_writable\nfrom neo.errors import NeoError\n"
+             f"try:\n    check_writable({str(locked / 'run')!r})\nexcept NeoError as e:\n    print(e)\n")
+    unprivileged = ("import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                    "for capability in (1, 2):  # PR_CAPBSET_DROP: not in the permitted set after exec\n"
+                    "    assert libc.prctl(24, capability, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())\n"
+                    "os.execv(sys.executable, [sys.executable, '-c', sys.argv[1]])\n")
+    args = ["-c", unprivileged, check] if os.geteuid() == 0 else ["-c", check]
+    out = subprocess.run([sys.executable, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"model_path {locked / 'run'}: no permission to write in {locked}" in out.stdout
+    assert not (locked / "run").exists()

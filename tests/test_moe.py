@@ -111,8 +111,40 @@ def test_expert_parallel_training_gives_the_unsharded_loss(moe_config):
     assert abs(got["loss"] - ref["loss"]) < 2e-6 and abs(got["moe_loss"] - ref["moe_loss"]) < 1e-7
     wi = state.params["h_1"]["moe"]["wi"]
     assert wi.addressable_shards[0].data.shape[0] == 1  # one expert per device
-    # the load-balancing loss reaches the router: it changes when only the router changes
-    assert float(jnp.abs(state.params["h_1"]["moe"]["gate"]).sum()) > 0
+
+
+@pytest.mark.parametrize("gating", ["top_1", "top_2"])
+def test_the_router_gets_the_gradient_of_the_output_and_of_the_balance_loss(moe_config, gating):
+    """jax.grad with respect to the router's weights equals central finite differences of the
+    layer's output (through the gates that weight the experts) and of the load-balancing loss
+    (through the mean router probabilities), along random directions small enough that no
+    token changes experts; so a router cut off from either gradient fails here."""
+    cfg = moe_config(moe_num_experts=4, moe_gating=gating, moe_second_policy_eval="all", moe_loss_coef=1.0)
+    layer = MoE(cfg.model)
+    rng = np.random.RandomState(2)
+    x = jnp.asarray(rng.randn(2, 16, 32).astype(np.float32))
+    readout = jnp.asarray(rng.randn(2, 16, 32).astype(np.float32))
+    params = layer.init(jax.random.PRNGKey(0), x, deterministic=True)["params"]
+    params = jax.tree.map(lambda v: getattr(v, "value", v), params, is_leaf=lambda v: hasattr(v, "value"))
+
+    def objective(gate, which):
+        y, aux = layer.apply({"params": {**params, "gate": gate}}, x, deterministic=True, mutable=["aux_loss"])
+        return jnp.sum(y * readout) if which == "output" else sum(jnp.sum(v) for v in jax.tree.leaves(aux))
+
+    def choices(gate):  # each token's experts in order of preference
+        return np.argsort(-np.asarray(x @ gate), axis=-1)[..., :cfg.model.moe_params.top_k]
+
+    eps = 1e-2
+    gate = params["gate"]
+    for which in ("output", "balance"):
+        grad = jax.grad(objective)(gate, which)
+        for seed in range(3):
+            v = jnp.asarray(np.random.RandomState(seed).randn(*gate.shape).astype(np.float32))
+            v = v / jnp.linalg.norm(v)
+            assert (choices(gate + eps * v) == choices(gate - eps * v)).all()  # no routing decision flips
+            fd = (objective(gate + eps * v, which) - objective(gate - eps * v, which)) / (2 * eps)
+            assert abs(float(fd)) > 1e-4, (which, float(fd))
+            np.testing.assert_allclose(float(jnp.vdot(grad, v)), float(fd), rtol=2e-2)
 
 
 def test_flops_count_the_active_experts(moe_config):

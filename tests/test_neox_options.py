@@ -198,7 +198,8 @@ BAD = [
     (dict(qkv_bias=True, use_bias_in_attn_linear=False), "qkv_bias is true but use_bias_in_attn_linear is false"),
     (dict(mlp_glu=True, activation_fn="swiglu"), "'swiglu' is already gated; drop mlp_glu"),
     (dict(mlp_multiple_of=0), "'mlp_multiple_of' must be >= 1"),
-    (dict(intermediate_size=0), "'intermediate_size' must be a positive width"),
+    (dict(intermediate_size=0), "'intermediate_size' must be a positive integer"),
+    (dict(norm="rmsnorm", rms_norm_epsilon=0), "'rms_norm_epsilon' must be a finite number > 0"),
     (dict(activation_fn="swigelu"), "unknown activation_fn 'swigelu'"),
 ]
 

@@ -298,6 +298,11 @@ class RunConfig:
     wandb_project: Optional[str] = None  # neo
     log_grads: bool = False
 
+    @property
+    def eval_rows(self) -> int:
+        """Rows of a validation batch: eval_batch_size, else train_batch_size."""
+        return self.eval_batch_size or self.train_batch_size
+
 
 @dataclass(frozen=True)
 class DataConfig:

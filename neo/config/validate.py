@@ -15,8 +15,8 @@ import re
 from typing import Callable, NoReturn
 
 from neo.config.sections import (
-    ACTIVATION_FNS, ATTENTION_IMPLS, LR_DECAYS, MOE_POLICIES, NORMS, POS_EMBS, OPTIMIZERS, PRECISIONS, REMAT_POLICIES, Config, ModelConfig, MoEParams,
-    OptimizerConfig, RunConfig, mlm_excluded_ids, mlm_vocab,
+    ACTIVATION_FNS, ATTENTION_IMPLS, LR_DECAYS, MOE_POLICIES, NORMS, OPTIMIZERS, POS_EMBS, PRECISIONS, REMAT_POLICIES,
+    Config, ModelConfig, MoEParams, OptimizerConfig, RunConfig, SamplingConfig, mlm_excluded_ids, mlm_vocab,
 )
 from neo.errors import NeoError, did_you_mean
 
@@ -39,6 +39,7 @@ def validate(cfg: Config, family: str = "GPT") -> Config:
     _check_optimizer(cfg.optimizer, fail)
     _check_run(cfg.run, fail)
     _check_data(cfg, fail)
+    _check_sampling(cfg.sampling, fail)
     if cfg.model.mlm_training:
         _check_mlm(cfg, fail)
     return cfg
@@ -74,11 +75,17 @@ def _check_model(m: ModelConfig, fail: Fail) -> None:
         _fraction(key, getattr(m, key), fail)
     if not 0.0 < m.rotary_pct <= 1.0:
         fail(f"'rotary_pct' must be in (0, 1], got {m.rotary_pct}.")
+    _above_zero("rotary_emb_base", m.rotary_emb_base, fail)
+    _above_zero("layer_norm_epsilon", m.layer_norm_epsilon, fail)
+    if m.num_mem_kv < 0:
+        fail(f"'num_mem_kv' must be >= 0 (learned memory key/value slots), got {m.num_mem_kv}.")
+    if m.intermediate_size is not None and m.intermediate_size <= 0:
+        fail(f"'intermediate_size' must be a positive integer (or absent for 4 x n_embd), got {m.intermediate_size}.")
     if m.position_embedding == "rotary" and int(m.features_per_head * m.rotary_pct) % 2:
         fail(f"rotary dims = int(features_per_head {m.features_per_head} * rotary_pct {m.rotary_pct}) "
              f"must be even; adjust 'rotary_pct'.")
     if m.axial_pos_emb is not None:
-        if len(m.axial_pos_emb) != 2 or math.prod(m.axial_pos_emb) < m.n_ctx:
+        if len(m.axial_pos_emb) != 2 or min(m.axial_pos_emb) < 1 or math.prod(m.axial_pos_emb) < m.n_ctx:
             fail(f"'axial_pos_emb' must be two sizes [a1, a2] with a1*a2 >= n_ctx ({m.n_ctx}), "
                  f"got {list(m.axial_pos_emb)}.")
         if m.rotary_emb:
@@ -126,8 +133,9 @@ def _check_neox_options(m: ModelConfig, fail: Fail) -> None:
              f"function with mlp_glu).")
     if m.mlp_multiple_of < 1:
         fail(f"'mlp_multiple_of' must be >= 1, got {m.mlp_multiple_of}.")
-    if m.intermediate_size is not None and m.intermediate_size < 1:
-        fail(f"'intermediate_size' must be a positive width, got {m.intermediate_size}.")
+    for key in ("rms_norm_epsilon", "scalenorm_epsilon"):
+        if getattr(m, key) is not None:
+            _above_zero(key, getattr(m, key), fail)
 
 
 def _check_speed(m: ModelConfig, fail: Fail) -> None:
@@ -165,6 +173,16 @@ def _check_moe(p: MoEParams, where: str) -> None:
     for name in ("moe_hidden_size", "moe_group_size", "moe_min_expert_capacity"):
         if getattr(p, name) < 1:
             raise NeoError(f"{where} {name!r} must be >= 1.")
+    for name in ("moe_capacity_factor_train", "moe_capacity_factor_eval"):
+        if not (math.isfinite(getattr(p, name)) and getattr(p, name) > 0):
+            raise NeoError(f"{where} {name!r} must be > 0, got {getattr(p, name)}.")
+    if not (math.isfinite(p.moe_loss_coef) and p.moe_loss_coef >= 0):
+        raise NeoError(f"{where} 'moe_loss_coef' must be >= 0, got {p.moe_loss_coef}.")
+    for name in ("moe_second_threshold_train", "moe_second_threshold_eval"):
+        if not 0.0 <= getattr(p, name) <= 1.0:
+            raise NeoError(f"{where} {name!r} must be in [0, 1] (a gate probability), got {getattr(p, name)}.")
+    if not 0.0 <= p.moe_dropout_rate < 1.0:
+        raise NeoError(f"{where} 'moe_dropout_rate' must be in [0, 1), got {p.moe_dropout_rate}.")
 
 
 def _check_optimizer(o: OptimizerConfig, fail: Fail) -> None:
@@ -172,10 +190,20 @@ def _check_optimizer(o: OptimizerConfig, fail: Fail) -> None:
         fail(f"'lr_decay' must be one of {LR_DECAYS}, got {o.lr_decay!r}.{did_you_mean(o.lr_decay, LR_DECAYS)}")
     if o.opt_name.lower() not in OPTIMIZERS:
         fail(f"'opt_name' must be one of {OPTIMIZERS}, got {o.opt_name!r}.{did_you_mean(o.opt_name.lower(), OPTIMIZERS)}")
-    if o.gradient_clipping is not None and o.gradient_clipping <= 0:
-        fail("'gradient_clipping' must be > 0 (or absent for no clipping).")
+    _above_zero("lr", o.lr, fail)
+    for key in ("beta1", "beta2"):
+        _fraction(key, getattr(o, key), fail)
+    for key in ("epsilon", "ada_epsilon1"):
+        _above_zero(key, getattr(o, key), fail)
+    for key in ("weight_decay", "ada_epsilon2"):
+        _at_least_zero(key, getattr(o, key), fail)
+    if o.gradient_clipping is not None and not (math.isfinite(o.gradient_clipping) and o.gradient_clipping > 0):
+        fail(f"'gradient_clipping' must be > 0 (or absent for no clipping), got {o.gradient_clipping}.")
     if o.warmup_steps < 0:
         fail("'warmup_steps' must be >= 0.")
+    if o.lr_decay_end is not None and o.lr_decay_end <= o.warmup_steps:
+        fail(f"'lr_decay_end' ({o.lr_decay_end}) must be after warmup_steps ({o.warmup_steps}): it is the step "
+             f"where the decay ends (absent: train_steps).")
 
 
 def _check_run(r: RunConfig, fail: Fail) -> None:
@@ -183,6 +211,13 @@ def _check_run(r: RunConfig, fail: Fail) -> None:
         _fraction(key, getattr(r, key), fail)
     if r.tokens_per_mb_per_replica is not None and r.tokens_per_mb_per_replica <= 0:
         fail("'tokens_per_mb_per_replica' must be a positive number of tokens.")
+    if r.eval_batch_size is not None and r.eval_batch_size <= 0:
+        fail(f"'eval_batch_size' must be a positive integer (or absent for train_batch_size), got {r.eval_batch_size}.")
+    if r.eval_steps < 0:
+        fail(f"'eval_steps' must be >= 0 (0: no validation), got {r.eval_steps}.")
+    _at_least_zero("z_loss", r.z_loss, fail)
+    if not 0 <= r.seed < 2 ** 31:
+        fail(f"'seed' must be in 0..{2 ** 31 - 1} (JAX keeps 32 bits of it), got {r.seed}.")
     if r.entmax_loss:
         fail("entmax_loss not supported yet in neo; remove it from the config.")
 
@@ -201,8 +236,19 @@ def _check_data(cfg: Config, fail: Fail) -> None:
         if entry.config.n_vocab > n_vocab:
             fail(f"dataset '{entry.id}' has n_vocab {entry.config.n_vocab} but the model's n_vocab is "
                  f"{n_vocab}; raise the model's 'n_vocab' to at least {entry.config.n_vocab}.")
-        if entry.sampling_mode == "documents_random" and entry.stitch is not None and entry.stitch < 1:
-            fail(f"dataset '{entry.id}': stitch must be >= 1, got {entry.stitch}.")
+        if entry.stitch is not None and entry.stitch < 1:
+            fail(f"dataset '{entry.id}': stitch must be >= 1 (documents joined per example), got {entry.stitch}.")
+        ds = entry.config
+        if not 0.0 <= ds.holdout < 1.0:
+            fail(f"dataset '{entry.id}': 'holdout' must be in [0, 1) (the share of the text kept for "
+                 f"evaluation), got {ds.holdout} in {ds.source}.")
+        if ds.n_vocab <= 0:
+            fail(f"dataset '{entry.id}': 'n_vocab' must be positive, got {ds.n_vocab} in {ds.source}.")
+        if not 0 <= ds.eos_id < n_vocab:
+            fail(f"dataset '{entry.id}': 'eos_id' ({ds.eos_id}, which joins stitched documents) is outside the "
+                 f"model's vocabulary 0..{n_vocab - 1} (in {ds.source}).")
+        if ds.minimum_size is not None and ds.minimum_size < 1:
+            fail(f"dataset '{entry.id}': 'minimum_size' must be >= 1 token, got {ds.minimum_size} in {ds.source}.")
         shortest = entry.config.minimum_size
         if entry.sampling_mode == "documents_random" and shortest:
             stitch = entry.stitch or 1
@@ -214,6 +260,9 @@ def _check_data(cfg: Config, fail: Fail) -> None:
                    ("mlm_mask_id", cfg.run.mlm_mask_id), ("mlm_cls_token_id", cfg.run.mlm_cls_token_id)):
         if v is not None and not 0 <= v < n_vocab:
             fail(f"'{key}' ({v}) is outside the vocabulary 0..{n_vocab - 1}.")
+    outside = [i for i in cfg.run.mlm_mask_ignore_ids if not 0 <= i < n_vocab]
+    if outside:
+        fail(f"'mlm_mask_ignore_ids' {outside} are outside the vocabulary 0..{n_vocab - 1}.")
 
 
 def _check_mlm(cfg: Config, fail: Fail) -> None:
@@ -228,6 +277,30 @@ def _check_mlm(cfg: Config, fail: Fail) -> None:
         fail("every token id is excluded from masking (mlm_mask_ignore_ids); nothing could be masked.")
 
 
+def _check_sampling(s: SamplingConfig, fail: Fail) -> None:
+    """The defaults of `--predict` and of sampling during training (the flags are checked again
+    by neo/predict.py's SamplingOptions)."""
+    if s.predict_steps < 0:
+        fail(f"'predict_steps' must be >= 0 (0: no samples during training), got {s.predict_steps}.")
+    if s.predict_max_steps is not None and s.predict_max_steps < 1:
+        fail(f"'predict_max_steps' must be >= 1 new token (or absent: fill the context), got {s.predict_max_steps}.")
+    _at_least_zero("temperature", s.temperature, fail)
+    if s.top_k is not None and s.top_k < 0:
+        fail(f"'top_k' must be >= 0 (0 or absent: off), got {s.top_k}.")
+    if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
+        fail(f"'top_p' must be in (0, 1] (1 or absent: off), got {s.top_p}.")
+
+
 def _fraction(key: str, v: float, fail: Fail) -> None:
     if not 0.0 <= v < 1.0:
         fail(f"'{key}' must be in [0, 1), got {v}.")
+
+
+def _above_zero(key: str, v: float, fail: Fail) -> None:
+    if not (math.isfinite(v) and v > 0):
+        fail(f"'{key}' must be a finite number > 0, got {v}.")
+
+
+def _at_least_zero(key: str, v: float, fail: Fail) -> None:
+    if not (math.isfinite(v) and v >= 0):
+        fail(f"'{key}' must be a finite number >= 0, got {v}.")

@@ -1,7 +1,9 @@
 """Token sources: what the train loop pulls batches of [rows, n_ctx + 1] token ids from.
 
-Every source yields this process's rows of the global batch as numpy int32, and exposes
-`state()` / `restore(state)` so a checkpoint can resume it exactly. A dataset whose `path` is a
+Every source yields the rows it is asked for (the rows this process's devices hold, from
+neo/mesh.py `process_rows`) of each global batch as numpy int32, and exposes `state()` /
+`restore(state)` so a checkpoint can resume it exactly. The global batches are a function of
+the config, the seed and the step only: the same whatever the number of processes. A dataset whose `path` is a
 .txt file is read by neo/data/text.py; tfrecord globs by tfrecords.py -> sampling.py -> mixture.py.
 check.py is `--check_dataset`; the offline corpus tools (tfrecords and tokenizers from raw text)
 are in prep/.
@@ -9,12 +11,15 @@ are in prep/.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 from neo.config import Config, resolve_path
 from neo.errors import NeoError
 
 
-def make_source(cfg: Config, split: str = "train", process_index: int = 0, process_count: int = 1):
-    """The batch source for `split` ("train" or "eval") of the config's datasets."""
+def make_source(cfg: Config, split: str = "train", rows: Optional[Sequence[int]] = None):
+    """The batch source for `split` ("train" or "eval") of the config's datasets, yielding rows
+    `rows` (ascending; default all) of each global batch."""
     from neo.data.text import TextSource, read_text_tokens, split_holdout
     from neo.data.tokenizer import load_tokenizer
 
@@ -34,10 +39,10 @@ def make_source(cfg: Config, split: str = "train", process_index: int = 0, proce
                 tokens = held if split == "eval" else train
             elif split == "eval":
                 raise NeoError(f"dataset '{entry.id}' has no eval data: set 'eval_path' or 'holdout' in {ds.source}.")
-        batch = cfg.run.train_batch_size if split == "train" else (cfg.run.eval_batch_size or cfg.run.train_batch_size)
+        batch = cfg.run.train_batch_size if split == "train" else cfg.run.eval_rows
         seed = cfg.run.seed if split == "train" else cfg.run.seed + 1
-        return TextSource(tokens, batch, cfg.model.n_ctx, seed, process_index, process_count, name=entry.id)
-    return tfrecord_source(cfg, split, process_index, process_count)
+        return TextSource(tokens, batch, cfg.model.n_ctx, seed, rows, name=entry.id)
+    return tfrecord_source(cfg, split, rows)
 
 
 def dataset_file(entry) -> str:
@@ -45,7 +50,7 @@ def dataset_file(entry) -> str:
     return entry.id if entry.id.endswith(".json") else f"{entry.config.source}/{entry.id}.json"
 
 
-def tfrecord_source(cfg: Config, split: str, process_index: int, process_count: int):
+def tfrecord_source(cfg: Config, split: str, rows: Optional[Sequence[int]]):
     """The mixture of the config's tfrecord datasets (docs/data.md)."""
     from neo.data.mixture import TFRecordSource
     from neo.data.sampling import DatasetSpec, DatasetStream
@@ -66,9 +71,9 @@ def tfrecord_source(cfg: Config, split: str, process_index: int, process_count: 
                            mode=entry.sampling_mode or "chunks", stitch=entry.stitch or 1, n_ctx=cfg.model.n_ctx,
                            eos_id=ds.eos_id, padding_id=ds.padding_id, n_vocab=cfg.model.n_vocab, seed=(seed, k),
                            shuffle_files=cfg.data.shuffle_input_filenames)
-        streams.append(DatasetStream(spec, process_index, process_count))
+        streams.append(DatasetStream(spec))
         weights.append(1.0 if entry.weight is None else entry.weight)
     if not streams:
         raise NeoError(f"{cfg.source}: no dataset has an 'eval_path'; set one in a dataset config to evaluate.")
-    batch = cfg.run.train_batch_size if split == "train" else (cfg.run.eval_batch_size or cfg.run.train_batch_size)
-    return TFRecordSource(streams, weights, batch, cfg.model.n_ctx, seed, process_index, process_count)
+    batch = cfg.run.train_batch_size if split == "train" else cfg.run.eval_rows
+    return TFRecordSource(streams, weights, batch, cfg.model.n_ctx, seed, rows)

@@ -1,30 +1,35 @@
 """Several datasets mixed by weight into batches: the tfrecord token source.
 
-Which dataset each example comes from is decided in periods of PERIOD examples: every period
-holds each dataset exactly its share of slots (largest remainder, at least one slot each), in
-an order shuffled by (seed, host, period). So the mix is random within a period, exact over
-each period, and how many examples each dataset has given after any number of batches is
-arithmetic. The source's whole position is therefore the number of batches drawn: `state()`
-is `{"step": ...}` plus what it was computed for, identical on every host, and `restore()`
-recomputes each dataset's example index from it.
+Batches are cut from one global sequence of examples: the batch drawn after n examples holds
+global examples n, n+1, ..., n + batch_size - 1, row r being example n + r, so the global
+batch at every step is a function of the config, the seed and the step alone, and each process
+reads just the rows its devices hold (neo/mesh.py `process_rows`), whatever their number.
+
+Which dataset global example g comes from is decided in periods of PERIOD examples: every
+period holds each dataset exactly its share of slots (largest remainder, at least one slot
+each), in an order shuffled by (seed, period). So the mix is random within a period and exact
+over each period, and which example of its dataset g is (how many earlier examples that
+dataset gave) is arithmetic. The source's whole position is therefore the number of examples
+drawn: `state()` holds it, and `restore()` recomputes everything else from it, on any number
+of processes and with any batch size.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Optional, Sequence
 
 import numpy as np
 
 from neo.data.sampling import DatasetStream
-from neo.errors import NeoError
 
 PERIOD = 1 << 14
 
 
 class MixSchedule:
-    """The dataset index of each of this host's examples."""
+    """The dataset of each global example, and its index within that dataset."""
 
-    def __init__(self, weights: list[float], seed: tuple[int, ...], process_index: int = 0):
+    def __init__(self, weights: list[float], seed: tuple[int, ...]):
         w = np.asarray(weights, dtype=np.float64)
         w = w / w.sum()
         quotas = np.maximum(np.floor(w * PERIOD).astype(np.int64), 1)
@@ -35,80 +40,73 @@ class MixSchedule:
             quotas[int(np.argmax(quotas))] -= 1
         self.quotas = quotas
         self.labels = np.repeat(np.arange(len(w)), quotas)
-        self.seed, self.p = seed, process_index
-        self._cached: tuple[int, np.ndarray] = (-1, self.labels)
+        self.seed = seed
+        self._cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def period(self, k: int) -> np.ndarray:
-        if self._cached[0] != k:
+    def period(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset of each slot of period k, the slot's rank among its dataset's slots)."""
+        if k not in self._cached:
             order = self.labels
             if len(self.quotas) > 1:
-                order = np.random.default_rng([*self.seed, 2, self.p, k]).permutation(self.labels)
-            self._cached = (k, order)
-        return self._cached[1]
+                order = np.random.default_rng([*self.seed, 2, k]).permutation(self.labels)
+            rank = np.empty(PERIOD, np.int64)
+            for d in range(len(self.quotas)):
+                slots = np.flatnonzero(order == d)
+                rank[slots] = np.arange(len(slots))
+            if len(self._cached) >= 2:  # batches move forward: two periods cover any batch
+                self._cached.pop(min(self._cached))
+            self._cached[k] = (order, rank)
+        return self._cached[k]
 
-    def counts(self, j: int) -> list[int]:
-        """Examples each dataset has given among this host's first j."""
-        full, rest = divmod(j, PERIOD)
-        partial = np.bincount(self.period(full)[:rest], minlength=len(self.quotas))
-        return [int(c) for c in full * self.quotas + partial]
+    def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global examples g -> (their datasets, their indices within those datasets)."""
+        g = np.asarray(g, np.int64)
+        k, r = np.divmod(g, PERIOD)
+        dataset, index = np.empty_like(g), np.empty_like(g)
+        for period in np.unique(k):
+            at = k == period
+            order, rank = self.period(int(period))
+            dataset[at] = order[r[at]]
+            index[at] = period * self.quotas[dataset[at]] + rank[r[at]]
+        return dataset, index
 
     def take(self, j: int, n: int) -> np.ndarray:
-        """Dataset indices of examples j .. j+n-1."""
-        out = []
-        while n:
-            k, r = divmod(j, PERIOD)
-            part = self.period(k)[r:r + n]
-            out.append(part)
-            j, n = j + len(part), n - len(part)
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        """Datasets of global examples j .. j+n-1."""
+        return self.locate(np.arange(j, j + n))[0]
 
 
 class TFRecordSource:
-    """This host's rows of each global batch, [batch_size // process_count, n_ctx + 1] int32."""
+    """Rows `rows` of each global batch, [len(rows), n_ctx + 1] int32 (all rows by default)."""
 
     def __init__(self, streams: list[DatasetStream], weights: list[float], batch_size: int, n_ctx: int,
-                 seed: int, process_index: int = 0, process_count: int = 1):
-        if batch_size % process_count:
-            raise NeoError(f"batch size {batch_size} does not split over {process_count} hosts.")
+                 seed: int, rows: Optional[Sequence[int]] = None):
         self.streams, self.batch_size, self.n_ctx = streams, batch_size, n_ctx
-        self.process_count = process_count
-        self.rows = batch_size // process_count
-        self.schedule = MixSchedule(weights, (seed,), process_index)
-        self._seek(0)
-
-    def _seek(self, step: int) -> None:
-        self.step = step
-        self._j = step * self.rows
-        counts = self.schedule.counts(self._j)
-        self._examples = [s.examples(c) for s, c in zip(self.streams, counts)]
+        self.rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+        self.schedule = MixSchedule(weights, (seed,))
+        self.step = 0
+        self.drawn = 0  # global examples in the batches drawn so far
 
     def __iter__(self):
         return self
 
     def __next__(self) -> np.ndarray:
-        out = np.empty((self.rows, self.n_ctx + 1), np.int32)
-        for row, d in enumerate(self.schedule.take(self._j, self.rows)):
-            out[row] = next(self._examples[d])[0]
-        self._j += self.rows
+        out = np.empty((len(self.rows), self.n_ctx + 1), np.int32)
+        dataset, index = self.schedule.locate(self.drawn + self.rows)
+        for d, stream in enumerate(self.streams):
+            mine = np.flatnonzero(dataset == d)
+            if len(mine):
+                out[mine] = stream.examples(index[mine])
+        self.drawn += self.batch_size
         self.step += 1
         return out
 
     def state(self) -> dict:
-        return {"step": self.step, "batch_size": self.batch_size, "process_count": self.process_count}
+        return {"step": self.step, "examples": self.drawn, "batch_size": self.batch_size}
 
     def restore(self, state: dict) -> None:
-        step = int(state["step"])
-        batch = int(state.get("batch_size", self.batch_size))
-        hosts = int(state.get("process_count", self.process_count))
-        if hosts != self.process_count:
-            logging.warning("data: the checkpoint was written with %d host(s), this run has %d: files are "
-                            "split differently, so the data order will not match an uninterrupted run.",
-                            hosts, self.process_count)
-        if batch != self.batch_size:
-            seen = step * batch
-            logging.warning("data: train_batch_size changed from %d to %d; resuming after %d examples%s.",
-                            batch, self.batch_size, seen,
-                            "" if seen % self.batch_size == 0 else " (rounded down to whole batches)")
-            step = seen // self.batch_size
-        self._seek(step)
-
+        """Continue after state["examples"] global examples (exactly, whatever the batch size
+        and the number of processes were when the state was saved)."""
+        self.step, self.drawn = int(state["step"]), int(state["examples"])
+        if int(state["batch_size"]) != self.batch_size:
+            logging.warning("data: train_batch_size changed from %s to %d; continuing after the %d examples "
+                            "already trained on.", state["batch_size"], self.batch_size, self.drawn)

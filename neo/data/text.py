@@ -1,12 +1,15 @@
 """A token source over one plain-text file, for the quickstart and tests.
 
 The file is tokenized once into memory; the batch for step s is a set of random
-(n_ctx+1)-token windows drawn from a generator seeded by (seed, s). Batches are therefore a
-pure function of the step, so resuming at step s reproduces exactly what an uninterrupted run
-sees, on any number of hosts. The last `holdout` fraction of the tokens is the eval split.
+(n_ctx+1)-token windows drawn from a generator seeded by (seed, s), all batch_size offsets drawn
+by every process, which then cuts only its own rows. Batches are therefore a pure function of
+the step, so resuming at step s reproduces exactly what an uninterrupted run sees, on any
+number of processes. The last `holdout` fraction of the tokens is the eval split.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -14,19 +17,16 @@ from neo.errors import NeoError, read_user_text
 
 
 class TextSource:
-    """Random windows from a tokenized text; each process yields its rows of the global batch."""
+    """Random windows from a tokenized text: rows `rows` of each global batch (default all)."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, n_ctx: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, name: str = "text"):
+                 rows: Optional[Sequence[int]] = None, name: str = "text"):
         if len(tokens) < n_ctx + 2:
             raise NeoError(f"{name}: only {len(tokens)} tokens, fewer than n_ctx+2 = {n_ctx + 2}; "
                            f"use a longer text or a smaller n_ctx.")
-        if batch_size % process_count:
-            raise NeoError(f"batch size {batch_size} does not split over {process_count} hosts.")
         self.tokens = tokens
         self.batch_size, self.n_ctx, self.seed = batch_size, n_ctx, seed
-        self.rows = slice(process_index * batch_size // process_count,
-                          (process_index + 1) * batch_size // process_count)
+        self.rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
         self.step = 0
 
     def batch_at(self, step: int) -> np.ndarray:

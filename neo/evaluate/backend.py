@@ -25,6 +25,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+# lm-eval fills its model registry with its own backends only if the registry is still empty
+# at the first lookup; registering `neo` first would hide `hf` and the rest, so load them now.
+import lm_eval.models  # noqa: F401
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
