@@ -206,6 +206,7 @@ def test_export_refuses_what_llama_cannot_represent():
     for change, words in ((dict(rotary_pct=0.5), "rotary_pct"), (dict(activation_fn="gelu"), "ungated"),
                           (dict(parallel_residual=True), "parallel_residual"),
                           (dict(use_bias_in_norms=True), "use_bias_in_norms"),
-                          (dict(pos_emb="alibi"), "pos_emb")):
+                          (dict(pos_emb="alibi"), "pos_emb"),
+                          (dict(attention_types=[[["local"], 1]], use_bias_in_mlp=True), "sliding-window")):
         with pytest.raises(NeoError, match=words):
             llama.config_to_hf(parse_model_config({**base, **change}))

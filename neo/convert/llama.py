@@ -130,6 +130,8 @@ def config_to_hf(cfg: Config) -> dict:
         "an ungated MLP (use activation_fn swiglu, geglu or reglu)": m.activation_fn not in GLU_TO_HF,
         "mixed global and local layers (LLaMA: all global; Mistral: all local)":
             set(m.attention_types) not in ({"global"}, {"local"}),
+        "biases in a sliding-window model (MistralForCausalLM has none)":
+            family(m) == "mistral" and (m.attn_out_bias or m.use_bias_in_mlp),
         "GPT-Neo's experimental options (mlp_glu, scalenorm, rezero, macaron, num_mem_kv, moe_layers, "
         "share_parameters, mlm_training)": m.mlp_glu or m.scalenorm or m.rezero or m.macaron or m.num_mem_kv > 0
         or bool(m.moe_layers) or m.share_parameters or m.mlm_training,
@@ -151,9 +153,6 @@ def config_to_hf(cfg: Config) -> dict:
     if family(m) == "mistral":
         fields.update(sliding_window=m.local_attention_radius)
         del fields["attention_bias"], fields["mlp_bias"]  # MistralConfig has neither
-        if m.attn_out_bias or m.use_bias_in_mlp:
-            raise NeoError("HF MistralForCausalLM has no biases; set use_bias_in_attn_linear and use_bias_in_mlp "
-                           "to false (or export all-global layers as LLaMA).")
     return fields
 
 
