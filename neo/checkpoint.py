@@ -100,7 +100,8 @@ class Checkpointer:
                                                 None if abstract_opt_state is None else as_stored(abstract_opt_state))
         to_model = (lambda t: stacked(t, stacked_period(abstract_params))) if is_stacked(abstract_params) else per_layer
         target = jax.tree.map(lambda x: x.sharding, (abstract_params, abstract_opt_state))
-        params, opt_state = jax.jit(to_model, out_shardings=target, donate_argnums=0)((params, opt_state))
+        # (no donation: a stacked tree cannot reuse the per-layer buffers, nor the reverse)
+        params, opt_state = jax.jit(to_model, out_shardings=target)((params, opt_state))
         return params, opt_state, meta
 
     def _stored_params(self, step: int) -> Any:

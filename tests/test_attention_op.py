@@ -95,7 +95,8 @@ def test_kernels_this_backend_lacks_are_refused_before_compiling():
         A.dot_product_attention(q, k, v, causal=True, impl="cudnn")
     with pytest.raises(NeoError, match="'splash' needs a TPU"):
         A.dot_product_attention(q, k, v, causal=True, impl="splash")
-    assert A.choose("auto", t=37, head_dim=8, dtype=jnp.float32, causal=True, window=None) == "blocked"
+    auto = lambda t: A.choose("auto", t=t, head_dim=8, dtype=jnp.float32, causal=True, window=None)
+    assert auto(A.BLOCK + 1) == "blocked" and auto(A.BLOCK) == "xla"  # on CPU: blocked beyond one block
 
 
 def shapes_in(jaxpr) -> set:

@@ -12,9 +12,10 @@ computes it is decided here (`attention_impl`, docs/configs.md):
     dot_product  jax.nn.dot_product_attention (XLA): the call `cudnn` makes, on any device
     cudnn        jax.nn.dot_product_attention's cuDNN flash attention (GPU, bfloat16)
     splash       the Pallas splash-attention kernel (TPU), under shard_map when sharded
-    auto         cudnn on GPU and splash on TPU where they apply; blocked on CPU; elsewhere
-                 blocked for local layers longer than two windows and global layers of at
-                 least BLOCKED_FROM tokens, else xla
+    auto         cudnn on GPU and splash on TPU where they apply; on CPU blocked when the
+                 sequence spans more than one block, else xla; elsewhere blocked for local
+                 layers longer than two windows and global layers of at least BLOCKED_FROM
+                 tokens, else xla
 
 Only `xla` expresses every mask: a KV cache (query and key slots), key validity (left-padded
 prompts), learned memory slots and attention dropout always take it, whatever was asked. The
@@ -130,8 +131,11 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     """The kernel for `impl` on this backend, for self-attention of t tokens without cache,
     padding, memory or dropout. An explicit kernel the backend lacks is an error (raised while
     tracing, before anything compiles); `auto` takes the fastest that applies. On CPU that is
-    `blocked` at every length (measured: 1.3x the dense softmax's speed at 256 tokens, 5x at
-    2048, forward and backward)."""
+    `blocked` once the sequence spans two blocks (5x the dense softmax's speed at 2048 tokens,
+    forward and backward, and no T x T). Within one block it saves no memory and little time
+    (float32: 1.2x at 64-256 tokens; bfloat16: none), while its recomputed backward adds
+    rounding noise that differs with the layout (8 devices vs 1, tests/test_train_sharding.py),
+    so there the dense reference runs."""
     backend = jax.default_backend()
     if impl == "cudnn" and backend != "gpu":
         raise NeoError(f"attention_impl 'cudnn' needs a GPU, but jax runs on {backend}; use 'auto'.")
@@ -151,7 +155,7 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     if backend == "tpu" and splash_applies(t) and not bias:
         return "splash"
     if backend == "cpu":
-        return "blocked"
+        return "blocked" if t > BLOCK else "xla"
     if window is not None:
         return "blocked" if t > 2 * window else "xla"
     return "blocked" if t >= BLOCKED_FROM else "xla"
