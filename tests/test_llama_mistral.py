@@ -64,7 +64,7 @@ def neo_logits(cfg, params, tokens):
     return np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
 
 
-@pytest.mark.parametrize("impl", ["auto", "xla"])  # auto on CPU: the blocked (flash) kernel
+@pytest.mark.parametrize("impl", ["blocked", "xla"])  # the flash kernel and the dense reference
 @pytest.mark.parametrize("kw", [dict(kv=2), dict(kv=1, bias=True, tie=True, theta=500000.0), dict(kv=4)])
 def test_llama_logits_match_transformers(kw, impl):
     hfc, model = hf_model("llama", **kw)
@@ -76,7 +76,7 @@ def test_llama_logits_match_transformers(kw, impl):
     np.testing.assert_allclose(neo_logits(cfg, params, tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["auto", "xla"])
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
 def test_mistral_sliding_window_logits_match_transformers(impl):
     hfc, model = hf_model("mistral", window=6)
     raw, cfg, params = hf_to_neo(hfc.to_dict(), state_dict(model))
