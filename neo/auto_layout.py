@@ -21,7 +21,8 @@ The activation coefficients (ACT_*) count what XLA actually keeps. They were mea
 XLA:CPU (float32); tests/test_auto_layout.py checks the whole estimate against
 `compiled.memory_analysis()` of neo's real train step on 8 simulated devices, within
 TOLERANCE (docs/layouts.md). TPU and GPU compilers fuse more, so there the activation part is
-an upper bound. XLA:CPU ignores rematerialisation, so the remat column is not checked there.
+an upper bound. The remat column is not checked: XLA:CPU ignores remat between unrolled layers,
+and honours it under nn.scan only since the layers were scanned (docs/layouts.md).
 """
 
 from __future__ import annotations
