@@ -21,7 +21,8 @@ The activation coefficients (ACT_*) count what XLA actually keeps. They were mea
 XLA:CPU (float32); tests/test_auto_layout.py checks the whole estimate against
 `compiled.memory_analysis()` of neo's real train step on 8 simulated devices, within
 TOLERANCE (docs/layouts.md). TPU and GPU compilers fuse more, so there the activation part is
-an upper bound. XLA:CPU ignores rematerialisation, so the remat column is not checked there.
+an upper bound. The remat column is not checked: XLA:CPU ignores remat between unrolled layers,
+and honours it under nn.scan only since the layers were scanned (docs/layouts.md).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Estimate:
     microbatch: int  # sequences per microbatch per replica
     memory: float = 0.0  # params + optimizer + gradients + activations (remat or not)
     fits: bool = False
+    own: bool = False  # the config's own mesh_shape and layout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +362,7 @@ def fits_shapes(cfg: Config, mesh_shape: str, layout: str, num_devices: int) -> 
         sizes["intermediate_expanded"] = math.gcd(sizes["intermediate_expanded"], p.moe_hidden_size)
     for dim, axis in rules:
         if dim in sizes and sizes[dim] % axes[axis]:
-            return f"{dim} ({sizes[dim]}) does not split {axes[axis]} ways"
+            return f"{dim} ({sizes[dim]}) does not split over mesh axis '{axis}' ({axes[axis]})"
     batch_shards = axes[dict(rules)["batch"]] if "batch" in dict(rules) else 1
     mb = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica, batch_shards)
     if "batch" in dict(rules) and (cfg.run.train_batch_size // mb) % axes[dict(rules)["batch"]]:
@@ -368,23 +370,51 @@ def fits_shapes(cfg: Config, mesh_shape: str, layout: str, num_devices: int) -> 
     return None
 
 
+def own_layout(cfg: Config, num_devices: int) -> Optional[tuple[str, str]]:
+    """The config's own (mesh_shape, layout), spelled out, or None if its mesh has another size."""
+    try:
+        axes = parse_mesh_shape(cfg.run.mesh_shape, num_devices)
+    except NeoError:  # a -1 axis that does not fit this many devices
+        return None
+    if math.prod(s for _, s in axes) != num_devices:
+        return None
+    return ",".join(f"{a}:{s}" for a, s in axes), cfg.run.layout or f"batch:{axes[0][0]}"
+
+
 def rank(cfg: Config, target: Target, mesh_shape: Optional[str] = None) -> list[Estimate]:
     """Every valid candidate, best first: those that fit before those that do not, then by
-    communication per step, then by memory. A candidate that does not fit as configured gets
-    GPT-Neo's two remedies, in this order: more microbatches (tokens_per_mb_per_replica, down
-    to one sequence), then recompute_grad with the largest microbatch that fits."""
+    communication per step, then by memory. The config's own layout (on a mesh of the planned
+    size) is always evaluated first and marked `own`. A candidate that does not fit as
+    configured gets GPT-Neo's two remedies, in this order: more microbatches
+    (tokens_per_mb_per_replica, down to one sequence), then recompute_grad with the largest
+    microbatch that fits."""
     if mesh_shape is not None:
         size = math.prod(s for _, s in parse_mesh_shape(mesh_shape, target.num_devices))
         if size != target.num_devices:
             raise NeoError(f"mesh_shape {mesh_shape!r} uses {size} devices but {target.num_devices} are planned "
                            f"for; change mesh_shape or use --auto_layout_and_mesh_shape.")
     params = parameter_shapes(cfg)
+    own = own_layout(cfg, target.num_devices)
     out = []
-    for mesh, lay in candidates(cfg, target.num_devices, mesh_shape):
-        if fits_shapes(cfg, mesh, lay, target.num_devices):
+    for mesh, lay in ([own] if own else []) + candidates(cfg, target.num_devices, mesh_shape):
+        if fits_shapes(cfg, mesh, lay, target.num_devices) or any((e.mesh_shape, e.layout) == (mesh, lay) for e in out):
             continue
-        out.append(_best_settings(cfg, mesh, lay, target, params))
+        out.append(replace(_best_settings(cfg, mesh, lay, target, params), own=(mesh, lay) == own))
     return sorted(out, key=lambda e: (not e.fits, e.communication, e.memory))
+
+
+def unsplittable(cfg: Config, target: Target, mesh_shape: Optional[str] = None) -> list[str]:
+    """Why nothing ranks: the config's own layout's reason first, then the candidates' (distinct)."""
+    own = own_layout(cfg, target.num_devices)
+    reasons = []
+    if own:
+        reasons.append(f"the config's layout {own[1]!r} on mesh_shape {own[0]!r}: "
+                       f"{fits_shapes(cfg, own[0], own[1], target.num_devices)}")
+    for mesh, lay in candidates(cfg, target.num_devices, mesh_shape):
+        why = fits_shapes(cfg, mesh, lay, target.num_devices)
+        if why and not any(why in r for r in reasons):
+            reasons.append(f"{lay!r} on {mesh!r}: {why}")
+    return reasons
 
 
 def _best_settings(cfg: Config, mesh: str, layout: str, target: Target, params: list) -> Estimate:
@@ -420,12 +450,14 @@ def _bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
-def report(cfg: Config, target: Target, ranked: list[Estimate], top: int = 12) -> str:
-    """The table and the config lines to paste."""
+def report(cfg: Config, target: Target, ranked: list[Estimate], top: int = 12,
+           mesh_shape: Optional[str] = None) -> str:
+    """The table (the config's own layout marked *) and the config lines to paste."""
     if not ranked:
+        reasons = unsplittable(cfg, target, mesh_shape)
         return (f"neo auto layout: no mesh shape and layout of {target.num_devices} devices splits {cfg.name}'s "
-                f"dimensions evenly (train_batch_size {cfg.run.train_batch_size}, n_head {cfg.model.n_head}); "
-                f"make train_batch_size a multiple of the device count.")
+                f"dimensions evenly: " + "; ".join(reasons[:4] or ["no candidate layout"])
+                + ". Change the named size or the mesh axis it is split over.")
     lines = [f"neo auto layout: {cfg.name} ({parameter_count(cfg):,} parameters), batch {cfg.run.train_batch_size} x "
              f"{cfg.model.n_ctx}, on {target.name}: {target.num_devices} devices x {_gib(target.memory_bytes)} GiB",
              "GiB per device (float32 weights, gradients and optimizer state; activations of one microbatch); "
@@ -433,16 +465,24 @@ def report(cfg: Config, target: Target, ranked: list[Estimate], top: int = 12) -
              ""]
     head = ["#", "mesh_shape", "layout", "params", "optim", "grads", "activ", "total", "mb", "remat", "comm", "fits"]
     rows = []
-    for i, e in enumerate(ranked[:top], 1):
+    shown = ranked[:top] + [e for e in ranked[top:] if e.own]  # the config's own layout always shows
+    for e in shown:
         acts = e.activations_remat if e.remat else e.activations
-        rows.append([str(i), e.mesh_shape, e.layout, _gib(e.params), _gib(e.optimizer), _gib(e.gradients),
-                     _gib(acts), _gib(e.memory), str(e.microbatch), "yes" if e.remat else "no",
+        rows.append([f"{ranked.index(e) + 1}{'*' if e.own else ''}", e.mesh_shape, e.layout, _gib(e.params),
+                     _gib(e.optimizer), _gib(e.gradients), _gib(acts), _gib(e.memory), str(e.microbatch), "yes" if e.remat else "no",
                      _bytes(e.communication), "yes" if e.fits else "no"])
     widths = [max(len(r[k]) for r in rows + [head]) for k in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-    if len(ranked) > top:
-        lines.append(f"... {len(ranked) - top} more")
+    if len(ranked) > len(shown):
+        lines.append(f"... {len(ranked) - len(shown)} more")
+    own = next((e for e in ranked if e.own), None)
+    if own:
+        lines.append(f"* the config's own mesh_shape and layout (ranked {ranked.index(own) + 1} of {len(ranked)})")
+    else:
+        lines.append("(the config's own layout is not ranked: " + (
+            "; ".join(unsplittable(cfg, target, mesh_shape)[:1]) if own_layout(cfg, target.num_devices)
+            else f"its mesh_shape {cfg.run.mesh_shape!r} is not {target.num_devices} devices") + ")")
     lines.append("")
     best = ranked[0]
     if not best.fits:

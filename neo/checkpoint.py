@@ -168,21 +168,46 @@ def load_for_inference(cfg: Any, layout: Any, step: Optional[int] = None) -> tup
 def start_over(model_path: str, confirm: bool = True, log=print) -> None:
     """`--new`: remove what training wrote in model_path (training checkpoints, metrics,
     TensorBoard events, the loss plot). Parameters-only checkpoints (imported weights) and
-    config files stay, so an imported model restarts from its imported weights."""
-    import sys
+    config files stay, so an imported model restarts from its imported weights. model_path is
+    shared by all processes: every process lists what goes (orbax's manager is collective),
+    process 0 alone removes it (and asks, at a terminal); the others wait for it and stop too
+    if it did not finish, so no process deletes what another is reading."""
+    import numpy as np
+    from jax.experimental import multihost_utils
 
+    doomed, doomed_steps = _training_outputs(model_path)
+    failure = None
+    if jax.process_index() == 0 and doomed:
+        try:
+            _remove(doomed, doomed_steps, model_path, confirm, log)
+        except Exception as e:  # raised below, once the others know
+            failure = e
+    if jax.process_count() > 1:
+        done = multihost_utils.broadcast_one_to_all(np.int32(failure is None))  # every process waits here
+        if not done and failure is None:
+            raise NeoError(f"--new: process 0 did not clear {model_path} (its message says why); stopping.")
+    if failure is not None:
+        raise failure
+
+
+def _training_outputs(model_path: str) -> tuple[list, list[int]]:
+    """What --new removes: checkpoints with optimizer state, and the run's logs."""
     from etils import epath
 
     root = epath.Path(model_path)
     if not root.exists():
-        return
+        return [], []
     ckpt = Checkpointer(model_path, async_save=False)
     doomed_steps = [s for s in ckpt.all_steps() if ckpt.has_opt_state(s)]
     ckpt.close()
     doomed = [root / "checkpoints" / str(s) for s in doomed_steps]
     doomed += [root / n for n in ("metrics.jsonl", "tensorboard", "loss.png", "wandb_id") if (root / n).exists()]
-    if not doomed:
-        return
+    return doomed, doomed_steps
+
+
+def _remove(doomed: list, doomed_steps: list[int], model_path: str, confirm: bool, log) -> None:
+    import sys
+
     if confirm and sys.stdin.isatty():
         answer = input(f"--new: delete {len(doomed_steps)} checkpoint(s) and the logs in {model_path}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):

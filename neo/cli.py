@@ -20,6 +20,7 @@ flags.DEFINE_string("auto_layout_target", None, "Auto layout: plan for tpu-v3-8,
 flags.DEFINE_bool("new", False, "Start over: delete model_path's checkpoints and logs first.")
 flags.DEFINE_bool("predict", False, "Sample from the model and exit.")
 flags.DEFINE_string("prompt", "", "Prompt file for --predict.")
+flags.DEFINE_bool("interactive", False, "--predict: read prompts from stdin, one per line, until EOF or Ctrl-C.")
 flags.DEFINE_bool("eval", False, "Run the config's eval_tasks (lm-eval), then validation if eval_steps > 0, and exit.")
 flags.DEFINE_bool("check_dataset", False, "Inspect the training data and exit.")
 flags.DEFINE_string("sacred_id", "nosacred", "Tag for prediction and eval output files.")
@@ -75,6 +76,11 @@ def _run(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise NeoError(f"unexpected arguments {argv[1:]}; flags look like --model NAME.")
+    if FLAGS.interactive and not FLAGS.predict:
+        raise NeoError("--interactive is a way of sampling: use it with --predict.")
+    if FLAGS.interactive and FLAGS.prompt:
+        raise NeoError("--interactive reads prompts from stdin; drop --prompt (or drop --interactive to "
+                       "sample the prompt file).")
     cfg = load_model_config(FLAGS.model, _overrides(FLAGS.set))
     if FLAGS.check_dataset:
         from neo.data.check import check_dataset
@@ -86,7 +92,7 @@ def _run(argv: list[str]) -> None:
 
         target = target_from(FLAGS.num_devices, FLAGS.device_memory_gb, FLAGS.auto_layout_target)
         mesh_shape = None if FLAGS.auto_layout_and_mesh_shape else cfg.run.mesh_shape
-        print(report(cfg, target, rank(cfg, target, mesh_shape)))
+        print(report(cfg, target, rank(cfg, target, mesh_shape), mesh_shape=mesh_shape))
         return
     if FLAGS.export:
         raise NeoError("--export (a TF SavedModel in the original) is replaced by "
@@ -108,6 +114,14 @@ def _run(argv: list[str]) -> None:
         opts = SamplingOptions.from_config(
             cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
             max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
+        if FLAGS.interactive:
+            from neo.interactive import interactive
+
+            try:
+                interactive(cfg, layout, opts)
+            except KeyboardInterrupt:  # Ctrl-C while the checkpoint loads: nothing to clean up
+                print(file=sys.stderr)
+            return
         predict(cfg, layout, prompt_file(FLAGS.prompt, cfg), opts, FLAGS.sacred_id, log=log)
         return
     if FLAGS.eval:

@@ -8,11 +8,17 @@ local layers, T for bidirectional; d_head for linear attention, whose state upda
 read-out q . S cost 2 x n_embd x d_head each). An MoE layer counts the router (n_embd x
 experts) and the k experts a token is routed to (top-k), not the capacity slack nor the
 one-hot dispatch/combine einsums. Rematerialisation is not counted (MFU, not HFU).
+
+The peak: an accelerator's dense data-sheet number for the compute dtype; a CPU's theoretical
+peak from /proc/cpuinfo (`cpu_peak_flops`: cores x FLOPs per cycle per core x clock), with a
+measured JAX matmul rate (`measured_matmul_flops`) as the practical yardstick beside it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
 import time
 
 import jax
@@ -73,26 +79,78 @@ _PEAKS = {
 
 
 def device_peak_flops(device: jax.Device | None = None, dtype: str = "bfloat16") -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from). On CPU the peak is a measured
-    float32 matmul rate, since there is no data sheet for "2 cores of some Xeon"."""
+    """(peak FLOP/s of one device, where the number comes from): the data sheet's dense peak
+    (GPU float32: TF32), or on CPU the theoretical peak of the cores this process may use."""
     device = device or jax.devices()[0]
-    kind = device.device_kind.lower()
-    if device.platform != "cpu":
-        for name, peak in _PEAKS.items():
-            if name in kind:
-                if dtype == "float32" and device.platform == "gpu":
-                    return peak / 2, f"{device.device_kind} TF32 peak"  # TF32 tensor cores
-                return peak, f"{device.device_kind} {dtype} peak"
-        return float("nan"), f"unknown peak for {device.device_kind}"
-    return measured_matmul_flops(), "measured 2048^2 float32 matmul rate"
+    if device.platform == "cpu":
+        return cpu_peak_flops(dtype)
+    return accelerator_peak_flops(device.device_kind, dtype, device.platform == "gpu")
+
+
+def accelerator_peak_flops(kind: str, dtype: str = "bfloat16", gpu: bool = True) -> tuple[float, str]:
+    """(data-sheet dense peak, its source) for a device name such as "NVIDIA H100 80GB HBM3"."""
+    for name, peak in _PEAKS.items():
+        if name in kind.lower():
+            if dtype == "float32" and gpu:
+                return peak / 2, f"{kind} TF32 peak (data sheet)"  # TF32 tensor cores
+            return peak, f"{kind} {dtype} peak (data sheet)"
+    return float("nan"), f"unknown peak for {kind}"
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_flops(n: int = 2048, reps: int = 10) -> float:
-    """Best-of-`reps` FLOP/s of an n x n float32 matmul on the default CPU device."""
+def cpu_peak_flops(dtype: str = "float32", cpuinfo: str = "/proc/cpuinfo") -> tuple[float, str]:
+    """Theoretical peak FLOP/s of the CPU cores this process may use, and the formula:
+
+        cores x FLOPs per cycle per core x clock
+
+    cores: os.sched_getaffinity, halved where cpuinfo reports two hardware threads per core
+    (they share the FMA units). FLOPs per cycle per core from the flags: 2 FMA units x vector
+    lanes x 2 (a fused multiply-add is 2 FLOPs): float32 64 with AVX-512 on Intel (2 x 16 x 2),
+    32 with AVX2/FMA or with AMD's AVX-512 (256-bit data paths), 16 with SSE; bfloat16
+    1,024 with AMX-BF16 (one 16x16x32 tile multiply per 16 cycles), 2x float32 with
+    AVX512_BF16 (a dot of bfloat16 pairs per float32 lane), else float32's. clock: the
+    nominal frequency in the model name ("@ 2.10GHz"), else the "cpu MHz" line (turbo clocks
+    are not counted, so a core running above nominal can exceed this peak)."""
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return float("nan"), "no /proc/cpuinfo: CPU peak unknown"
+    first = text.split("\n\n")[0]
+    field = lambda name: (re.search(rf"^{name}\s*:\s*(.*)$", first, re.M) or [None, ""])[1].strip()
+    flags = set(field("flags").split())
+    if not flags:
+        return float("nan"), "no x86 flags in /proc/cpuinfo: CPU peak unknown"
+    model, intel = field("model name"), field("vendor_id") == "GenuineIntel"
+    ghz = re.search(r"@\s*([\d.]+)\s*GHz", model)
+    clock = float(ghz[1]) * 1e9 if ghz else float(field("cpu MHz") or "nan") * 1e6
+    cores = len(os.sched_getaffinity(0))
+    siblings, per_socket = int(field("siblings") or 0), int(field("cpu cores") or 0)
+    if siblings and per_socket and siblings > per_socket:
+        cores = max(1, cores * per_socket // siblings)
+    if "avx512f" in flags:
+        f32, unit = (64, "AVX-512, 2 FMA units") if intel else (32, "AVX-512 on 256-bit data paths")
+    elif "avx2" in flags and "fma" in flags:
+        f32, unit = 32, "AVX2, 2 FMA units"
+    else:
+        f32, unit = 16, "SSE"
+    per_cycle = f32
+    if dtype == "bfloat16":
+        if "amx_bf16" in flags:
+            per_cycle, unit = 1024, "AMX-BF16"
+        elif "avx512_bf16" in flags:
+            per_cycle, unit = 2 * f32, "AVX512_BF16"
+    peak = cores * per_cycle * clock
+    return peak, (f"{model}: {cores} core(s) x {per_cycle} {dtype} FLOP/cycle ({unit}) x {clock / 1e9:.2f} GHz "
+                  f"= {peak / 1e9:,.0f} GFLOP/s theoretical")
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(dtype: str = "float32", n: int = 2048, reps: int = 10) -> float:
+    """Best-of-`reps` FLOP/s of an n x n JAX matmul on the default CPU device (bfloat16:
+    bfloat16 inputs accumulated in float32): what this machine really gives a large matmul."""
     cpu = jax.local_devices(backend="cpu")[0]
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
-    f = jax.jit(lambda x: x @ x)
+    a = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), cpu)
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(reps):
@@ -102,9 +160,10 @@ def measured_matmul_flops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def mfu(cfg: ModelConfig, tokens_per_sec: float, devices: list) -> float:
-    """Model FLOPs utilisation of `devices` running at `tokens_per_sec`."""
+def mfu(cfg: ModelConfig, tokens_per_sec: float, devices: list, seq: int | None = None) -> float:
+    """Model FLOPs utilisation of `devices` running at `tokens_per_sec` on rows of `seq` tokens
+    (default n_ctx; shorter under a curriculum)."""
     peak, _ = device_peak_flops(devices[0], cfg.precision)
-    # Simulated CPU devices share the same cores: the measured rate is the whole machine's.
+    # Simulated CPU devices share the same cores: the CPU peak is the whole machine's.
     total = peak if devices[0].platform == "cpu" else peak * len(devices)
-    return flops_per_token(cfg) * tokens_per_sec / total
+    return flops_per_token(cfg, seq) * tokens_per_sec / total

@@ -1,8 +1,11 @@
 """The training loop: resume, train, log, checkpoint, validate, repeat.
 
-A run restarts from the latest checkpoint in `<model_path>/checkpoints` by itself. The loop
-synchronises with the devices only at log steps and checkpoints, stops on a NaN/Inf loss
-without saving the bad state, and on SIGTERM (preemption) saves and exits.
+A run restarts from the latest checkpoint in `<model_path>/checkpoints` by itself. Train steps
+run several per compiled call (`steps_per_call`: GPT-Neo's `iterations`); the loop
+synchronises with the devices once per call, stops on a NaN/Inf loss without saving the bad
+state, and on SIGTERM (preemption) saves at the end of the current call and exits. With a
+sequence-length curriculum (neo/curriculum.py) a call also ends where the length changes and
+its rows are cut to that length; each (steps, length) pair compiles once.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neo.checkpoint import Checkpointer, abstract_like, check_writable
 from neo.config import Config
+from neo.curriculum import active, lengths, next_change, seq_len
+from neo.curriculum import summary as curriculum_summary
 from neo.errors import NeoError
-from neo.mesh import Layout
+from neo.mesh import Layout, check_divisible
 from neo.flops import mfu
-from neo.train import Setup, TrainState, batch_rows, build, global_batch
+from neo.train import Setup, TrainState, batch_rows, build, global_batches
+
+STACK_BYTES = 256 * 2 ** 20  # the most host memory one call's stack of batches may take
 
 
 def format_eta(seconds: float) -> str:
@@ -108,12 +116,34 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def steps_per_call(cfg: Config, steps_per_checkpoint: int, rows: int) -> tuple[int, str]:
+    """(train steps per compiled call, why it is not `iterations`, or ""). GPT-Neo ran
+    `iterations` steps per TPU loop and logged once per loop; here a call ends at every
+    checkpoint too, so it runs gcd(iterations, steps_per_checkpoint) steps, cut to the largest
+    divisor of that whose stack of batches (`rows` rows per step on this host) stays within
+    STACK_BYTES."""
+    k = math.gcd(cfg.run.iterations, steps_per_checkpoint)
+    why = f"gcd of iterations {cfg.run.iterations} and steps_per_checkpoint {steps_per_checkpoint}" \
+        if k < cfg.run.iterations else ""
+    per_step = rows * (cfg.model.n_ctx + 1) * 4  # int32 tokens
+    fits = max(d for d in range(1, k + 1) if k % d == 0 and (d == 1 or d * per_step <= STACK_BYTES))
+    if fits < k:
+        why = (why + "; " if why else "") + f"{k} steps of batches would take {k * per_step / 2 ** 20:,.0f} MiB " \
+            f"of host memory (at most {STACK_BYTES // 2 ** 20} MiB)"
+    return fits, why
+
+
 def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
         log: Callable[[str], None] = print, prompt_path: str = "") -> dict:
     """Train to `train_steps` from wherever model_path's checkpoints left off; with
     `predict_steps` > 0, print samples (prompts from `prompt_path`) after every checkpoint.
-    Returns the last logged train record."""
-    from neo.data import make_source
+    Returns the last logged train record.
+
+    Steps run `steps_per_call` at a time in one compiled call (a call also ends at train_steps,
+    so a last, shorter call compiles once more); everything else happens between calls: the
+    log line every `iterations` steps (with that step's own values), the NaN/Inf check of
+    every step, checkpoints, validation, samples and SIGTERM."""
+    from neo.data import make_source, take
     from neo.evaluate.validation import Validation, summary
     from neo.tracking import Tracker
 
@@ -123,66 +153,92 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
         raise NeoError(f"--steps_per_checkpoint {steps_per_checkpoint}: save every N >= 1 steps.")
     check_writable(cfg.run.model_path)
     setup = build(cfg, layout)
+    buckets = lengths(cfg) if active(cfg) else []
+    for n_tokens in buckets:
+        check_divisible(layout, {"sequence": n_tokens}, " at a curriculum length")
     describe(setup, log)
-    source = make_source(cfg, "train", batch_rows(setup))
+    rows = batch_rows(setup)
+    per_call, why = steps_per_call(cfg, steps_per_checkpoint, len(rows))
+    if why:
+        log(f"neo: {per_call} train step(s) per compiled call instead of iterations = {cfg.run.iterations}: {why}")
+    source = make_source(cfg, "train", rows)
     validation = Validation(cfg, layout, setup.state_shardings.params, log) if cfg.run.eval_steps > 0 else None
     samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
-    t0 = time.perf_counter()
     ckpt = Checkpointer(cfg.run.model_path, max_to_keep=cfg.run.keep_checkpoints)
     state, meta = restore_or_init(setup, ckpt, log)
-    start = int(jax.device_get(state.step))
+    step = int(jax.device_get(state.step))
     if "data" in meta:
         source.restore(meta["data"])
-    tracker = Tracker(cfg, start, log)
-    if start >= cfg.run.train_steps:
-        log(f"neo: already trained to step {start} (train_steps {cfg.run.train_steps}); nothing to do")
+    tracker = Tracker(cfg, step, log)
+    if step >= cfg.run.train_steps:
+        log(f"neo: already trained to step {step} (train_steps {cfg.run.train_steps}); nothing to do")
     devices = list(layout.mesh.devices.flat)
-    tokens_per_step = cfg.run.train_batch_size * cfg.model.n_ctx
+    if buckets and step < cfg.run.train_steps:
+        log(curriculum_summary(cfg, step))
+    # calls end at multiples of per_call, at train_steps, and where the curriculum's length changes
+    call_end = lambda s: min((s // per_call + 1) * per_call, cfg.run.train_steps, next_change(cfg, s))
+    calls: dict[tuple[int, int], Callable] = {}  # (steps per call, tokens per row) -> compiled call
     preemption = _Preemption()
     last: dict = {}
-    interval_start: Optional[float] = None
-    interval_steps = 0
+    interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
+    if step < cfg.run.train_steps:
+        batches = take(source, call_end(step) - step)
+        position = source.state()  # the source's position after these batches
     try:
-        for step in range(start, cfg.run.train_steps):
-            state, metrics = setup.step(state, global_batch(setup, next(source)))
-            if interval_start is None:  # the first step includes compilation: time it apart
-                jax.block_until_ready(metrics)
-                log(f"neo: first step (compile + run) took {time.perf_counter() - t0:.1f}s")
-                interval_start, interval_steps = time.perf_counter(), 0
-            else:
-                interval_steps += 1
-            done = step + 1
-            checkpoint_now = done % steps_per_checkpoint == 0 or done == cfg.run.train_steps or preemption.requested
-            if done % cfg.run.iterations == 0 or checkpoint_now:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                    tracker.log({"kind": "train", "step": done, **m, "time": time.time()})
-                    _stop_diverged(m, done, ckpt)
-                if done % cfg.run.iterations == 0 or done == cfg.run.train_steps:
-                    elapsed = time.perf_counter() - interval_start
-                    last = _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_step, devices)
-                    interval_start, interval_steps = time.perf_counter(), 0
-            if checkpoint_now:
+        while step < cfg.run.train_steps:
+            n, length = len(batches), seq_len(cfg, step)
+            stack = global_batches(setup, batches[:, :, :length + 1])  # the same rows, cut (curriculum)
+            if (n, length) not in calls:  # compiled apart, so that compilation is not counted as training time
+                t = time.perf_counter()
+                calls[n, length] = setup.steps.lower(state, stack).compile()
+                at = f" of {length} tokens" if buckets else ""
+                log(f"neo: compiled {n} train step(s) per call{at} in {time.perf_counter() - t:.1f}s")
+                interval_start += time.perf_counter() - t
+            state, metrics = calls[n, length](state, stack)
+            done, done_position = step + n, position
+            if done < cfg.run.train_steps:  # the host reads the next batches while the devices compute
+                batches = take(source, call_end(done) - done)
+                position = source.state()
+            m = jax.device_get(metrics)  # {name: [n]}: waits for the call
+            interval_steps += n
+            interval_tokens += n * cfg.run.train_batch_size * length
+            finite = np.isfinite(m["loss"]) & np.isfinite(m["grad_norm"])
+            if not finite.all():
+                bad = int(np.argmin(finite))
+                tracker.log({"kind": "train", "step": step + bad + 1, **_at(m, bad), "time": time.time()})
+                _stop_diverged(_at(m, bad), step + bad + 1, ckpt)
+            step = done
+            if step % cfg.run.iterations == 0 or step == cfg.run.train_steps:
+                elapsed = time.perf_counter() - interval_start
+                last = _log_train(cfg, tracker, log, step, _at(m, n - 1), interval_steps, elapsed, interval_tokens,
+                                  devices, length if buckets else None)
+                interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
+            if step % steps_per_checkpoint == 0 or step == cfg.run.train_steps or preemption.requested:
                 pause = time.perf_counter()
-                ckpt.save(done, state.params, state.opt_state, {"data": source.state(), "seed": cfg.run.seed})
+                ckpt.save(step, state.params, state.opt_state, {"data": done_position, "seed": cfg.run.seed})
                 if validation is not None:
                     out = validation.run(state.params)
                     log(f"eval | {summary(out)}")
-                    tracker.log({"kind": "eval", "step": done, **out, "time": time.time()})
+                    tracker.log({"kind": "eval", "step": step, **out, "time": time.time()})
                 tracker.plot()
                 if samples is not None:
-                    samples.run(state.params, done, log)
+                    samples.run(state.params, step, log)
                 tracker.sync()
                 interval_start += time.perf_counter() - pause  # saving and evaluating is not training time
             if preemption.requested:
-                log(f"neo: SIGTERM: saved checkpoint {done}; exiting (rerun the same command to resume)")
+                log(f"neo: SIGTERM: saved checkpoint {step}; exiting (rerun the same command to resume)")
                 break
     finally:
         ckpt.close()
         tracker.close()
         preemption.restore()
     return last
+
+
+def _at(metrics: dict, i: int) -> dict:
+    """Step i's values of stacked metrics, as floats."""
+    return {k: float(v[i]) for k, v in metrics.items()}
 
 
 def _stop_diverged(m: dict, step: int, ckpt: Checkpointer) -> None:
@@ -194,16 +250,21 @@ def _stop_diverged(m: dict, step: int, ckpt: Checkpointer) -> None:
                    f"'gradient_clipping', or check the data; rerun to resume from the checkpoint.")
 
 
-def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, tokens_per_step, devices) -> dict:
+def _log_train(cfg, tracker, log, done, m, interval_steps, elapsed, interval_tokens, devices,
+               length: Optional[int]) -> dict:
+    """The log line and record of step `done`; `length`: the curriculum's tokens per row."""
     record = {"kind": "train", "step": done, **m, "time": time.time()}
-    speed = ""
+    speed = at = ""
+    if length is not None:
+        record["seq_len"] = length
+        at = f" | seq_len {length}"
     if interval_steps:  # no rate for an interval that held only the compiling step
-        tps = interval_steps * tokens_per_step / elapsed
-        record.update(tokens_per_sec=tps, mfu=mfu(cfg.model, tps, devices))
+        tps = interval_tokens / elapsed
+        record.update(tokens_per_sec=tps, mfu=mfu(cfg.model, tps, devices, length))
         speed = f" | {tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
     eta = (cfg.run.train_steps - done) * elapsed / interval_steps if interval_steps else float("nan")
     log(f"step {done}/{cfg.run.train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-        f"grad_norm {m['grad_norm']:.3f}{speed} | ETA {format_eta(eta)}")
+        f"grad_norm {m['grad_norm']:.3f}{at}{speed} | ETA {format_eta(eta)}")
     tracker.log(record)
     return record
 

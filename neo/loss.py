@@ -69,3 +69,14 @@ def _objective(ce_sum: jax.Array, z_sum: jax.Array, count: jax.Array, z_loss: fl
     n = jnp.maximum(count, 1.0)
     ce_mean, z_mean = ce_sum / n, z_sum / n
     return ce_mean + z_loss * z_mean, {"loss": ce_mean, "z_loss": z_mean}
+
+
+def shift(tokens: jax.Array, padding_id: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A batch [b, n_ctx + 1] -> (inputs, targets, mask), each [b, n_ctx]. Padded positions hold
+    PAD (-1, set by the data side where it padded; neo/data/__init__.py): as inputs they become
+    `padding_id` (which may lie past the vocabulary: it embeds as zeros), and a PAD target is
+    masked out of the loss, so that a real token equal to padding_id (eos, say) still counts."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    pad = 0 if padding_id is None else padding_id
+    mask = targets >= 0
+    return jnp.where(inputs < 0, pad, inputs), jnp.where(mask, targets, 0), mask

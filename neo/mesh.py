@@ -9,7 +9,9 @@ Rule semantics (as in mesh-tensorflow and flax): a dimension is split over a mes
 layout maps it there; one dimension may not map to two axes; within one tensor a mesh axis is
 used at most once, and the pair written first in `layout` wins (so `batch:x,embd:x` is FSDP:
 parameters split along embd, activations along batch; `embd:x,batch:x` splits the activations
-along embd instead, which `parse_layout` warns about).
+along embd instead, which `parse_layout` warns about). A pair naming a mesh axis that mesh_shape
+does not have is skipped with a warning (mesh-tf skipped it silently); an unknown dimension
+name is an error.
 
 Here too, because they are the same question asked of a whole tree: the shardings of a state
 (`place`: parameters and optimizer state, from their logical names), of batch rows
@@ -51,6 +53,10 @@ _SEPARATORS = r"[,.;\s]+"
 
 class LayoutOrderWarning(UserWarning):
     """A layout whose pair order changes what is split (the pair written first wins)."""
+
+
+class UnknownAxisWarning(UserWarning):
+    """A layout pair naming a mesh axis that mesh_shape does not have (the pair is skipped)."""
 
 
 def resolve(rules: Sequence[tuple[str, str]], names: Sequence[Optional[str]]) -> tuple[Optional[str], ...]:
@@ -158,7 +164,7 @@ def parse_layout(text: str, axis_names: Sequence[str]) -> tuple[tuple[str, str],
     An empty layout means pure data parallelism: batch over the first mesh axis."""
     if not text.strip():
         return (("batch", axis_names[0]),)
-    rules: list[tuple[str, str]] = []
+    rules: list[tuple[str, str]] = []  # pairs whose mesh axis exists, in the layout's order
     for part in re.split(_SEPARATORS, text.strip()):
         m = re.fullmatch(r"(\w+):(\w+)", part)
         if not m:
@@ -168,8 +174,12 @@ def parse_layout(text: str, axis_names: Sequence[str]) -> tuple[tuple[str, str],
             raise NeoError(f"layout {text!r}: {dim!r} is not a tensor dimension name.{did_you_mean(dim, DIMENSIONS)} "
                            f"Known dimensions: {', '.join(DIMENSIONS)}.")
         if axis not in axis_names:
-            raise NeoError(f"layout {text!r} maps '{dim}' to mesh axis '{axis}', which is not in mesh_shape "
-                           f"(axes: {', '.join(axis_names)}).{did_you_mean(axis, axis_names)}")
+            # mesh-tf skipped such a rule, and a config GPT-Neo's Colab notebook writes has one
+            # (`vocab:n_vocab`): the dimension stays whole, said out loud.
+            warnings.warn(f"layout {text!r} maps '{dim}' to mesh axis '{axis}', which is not in mesh_shape (axes: "
+                          f"{', '.join(axis_names)}), so '{dim}' is not split (GPT-Neo ignored such pairs too)."
+                          f"{did_you_mean(axis, axis_names)}", UnknownAxisWarning, stacklevel=3)
+            continue
         for d, a in rules:
             if d == dim and a != axis:
                 raise NeoError(f"layout {text!r}: dimension '{dim}' is mapped to two mesh axes ('{a}' and "
@@ -296,18 +306,21 @@ def process_rows(sharding: jax.sharding.Sharding, n: int) -> np.ndarray:
     return np.array(sorted(held), dtype=np.int64)
 
 
-def assemble_rows(sharding: jax.sharding.Sharding, rows: np.ndarray, local: np.ndarray, n: int) -> jax.Array:
-    """The global [n, ...] array whose rows `rows` (from `process_rows`) are `local`; each device
-    gets its slice of them (the other processes supply the other rows)."""
-    if len(local) != len(rows):
-        raise ValueError(f"{len(local)} local rows for the {len(rows)} rows this process holds")
+def assemble_rows(sharding: jax.sharding.Sharding, rows: np.ndarray, local: np.ndarray, n: int,
+                  axis: int = 0) -> jax.Array:
+    """The global array of n rows along `axis` ([n, ...], or a stack of batches [steps, n, ...]
+    with axis 1) whose rows `rows` (from `process_rows`) are `local`; each device gets its slice
+    of them (the other processes supply the other rows)."""
+    if local.shape[axis] != len(rows):
+        raise ValueError(f"{local.shape[axis]} local rows for the {len(rows)} rows this process holds")
 
     def part(index: tuple) -> np.ndarray:
-        start, stop, _ = index[0].indices(n)
+        start, stop, _ = index[axis].indices(n)
         i = int(np.searchsorted(rows, start))
-        return local[i:i + stop - start]
+        return local[index[:axis] + (slice(i, i + stop - start),)]
 
-    return jax.make_array_from_callback((n, *local.shape[1:]), sharding, part)
+    shape = local.shape[:axis] + (n,) + local.shape[axis + 1:]
+    return jax.make_array_from_callback(shape, sharding, part)
 
 
 def num_microbatches(batch_size: int, n_ctx: int, tokens_per_mb_per_replica: int, batch_shards: int) -> int:

@@ -33,11 +33,14 @@ def replacement_ids(cfg: Config) -> np.ndarray:
 def mask_tokens(cfg: Config, batch: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """batch [b, >= n_ctx] token ids -> (inputs, labels, loss mask), each [b, n_ctx]."""
     tokens = batch[:, : cfg.model.n_ctx].astype(jnp.int32)
+    padded = tokens < 0  # PAD, where the data side padded (neo/data/__init__.py): never selected
+    tokens = jnp.where(padded, 0 if cfg.data.padding_id is None else cfg.data.padding_id, tokens)
     if cfg.run.mlm_cls_token_id is not None:
         cls = jnp.full((tokens.shape[0], 1), cfg.run.mlm_cls_token_id, jnp.int32)
         tokens = jnp.concatenate([cls, tokens[:, : cfg.model.n_ctx - 1]], axis=1)
+        padded = jnp.concatenate([jnp.zeros_like(cls, bool), padded[:, : cfg.model.n_ctx - 1]], axis=1)
     excluded = jnp.asarray(sorted(mlm_excluded_ids(cfg)), jnp.int32)
-    maskable = ~jnp.isin(tokens, excluded)
+    maskable = ~jnp.isin(tokens, excluded) & ~padded
     k_select, k_action, k_token = jax.random.split(rng, 3)
     selected = (jax.random.uniform(k_select, tokens.shape) < cfg.run.mlm_mask_prob) & maskable
     action = jax.random.uniform(k_action, tokens.shape)
@@ -47,4 +50,6 @@ def mask_tokens(cfg: Config, batch: jax.Array, rng: jax.Array) -> tuple[jax.Arra
     random_ids = pool[jax.random.randint(k_token, tokens.shape, 0, pool.shape[0])]
     inputs = jnp.where(selected & randomize, random_ids, tokens)
     inputs = jnp.where(selected & ~same & ~randomize, cfg.run.mlm_mask_id, inputs)
-    return inputs, tokens, selected
+    # labels of unselected positions are never scored; padded ones hold a valid id, not padding_id
+    # (which may lie past the vocabulary, where a gather of the logits would give NaN)
+    return inputs, jnp.where(padded, 0, tokens), selected

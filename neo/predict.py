@@ -31,7 +31,7 @@ from neo.model import GPT, init_cache
 
 PROMPT_SEPARATOR = "<|endofprompt|>"
 MIN_BUCKET = 8
-CACHE_NAMES = ("batch", "memory_length", "heads", "features_per_head")
+CACHE_NAMES = ("batch", "heads", "memory_length", "features_per_head")
 # The original's default prompt when --prompt is not given (reference 1.18).
 UNICORNS = ("In a shocking finding, scientists discovered a herd of unicorns living in a remote, previously "
             "unexplored valley, in the Andes Mountains. Even more surprising to the researchers was the fact "
@@ -290,17 +290,28 @@ def format_samples(texts: Sequence[str]) -> str:
     return "".join(f"{'=' * 40} SAMPLE {i} {'=' * 40}\n{t}\n{'=' * 80}\n" for i, t in enumerate(texts))
 
 
+def encode_prompt(tokenizer: Any, text: str, eos_id: Optional[int]) -> list[int]:
+    """A prompt's token ids; an empty prompt (unconditional sampling) starts from eos_id, as
+    GPT-2 and GPT-NeoX start unconditional samples from the end-of-text token."""
+    return tokenizer.encode(text) if text else ([eos_id] if eos_id is not None else [])
+
+
+def check_can_sample(cfg: Config) -> None:
+    """What --predict needs of the config: a causal model and a tokenizer."""
+    if not cfg.model.causal:
+        raise NeoError(f"{cfg.source}: --predict needs a causal model; this config has mlm_training on.")
+    if cfg.data.tokenizer_path is None:
+        raise NeoError(f"{cfg.source}: no tokenizer for --predict: set 'tokenizer_path' in the model config "
+                       f"or in its first dataset config.")
+
+
 def predict(cfg: Config, layout: Layout, prompt_path: str, opts: SamplingOptions,
             sacred_id: str = "nosacred", log: Callable[[str], None] = print) -> Path:
     """Sample `opts.num_samples` continuations of every prompt in `prompt_path` from the latest
     checkpoint in model_path; print them and write <model_path>/predictions_<id>_<step>.txt."""
     from neo.checkpoint import load_for_inference
 
-    if not cfg.model.causal:
-        raise NeoError(f"{cfg.source}: --predict needs a causal model; this config has mlm_training on.")
-    if cfg.data.tokenizer_path is None:
-        raise NeoError(f"{cfg.source}: no tokenizer for --predict: set 'tokenizer_path' in the model config "
-                       f"or in its first dataset config.")
+    check_can_sample(cfg)
     params, meta = load_for_inference(cfg, layout)
     return write_samples(cfg, layout, params, meta.get("step", 0), prompt_path, opts, sacred_id, log)
 
@@ -316,7 +327,7 @@ def write_samples(cfg: Config, layout: Layout, params: Any, step: int, prompt_pa
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     prompts = read_prompts(prompt_path)
     eos = cfg.data.eos_id
-    encoded = [tokenizer.encode(p) if p else ([eos] if eos is not None else []) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, eos) for p in prompts]
     too_long = [i for i, e in enumerate(encoded) if len(e) >= cfg.model.n_ctx]
     if too_long:
         log(f"neo: prompt(s) {too_long} are longer than the context; keeping their last {cfg.model.n_ctx - 1} tokens.")

@@ -1,9 +1,12 @@
-"""TrainState, the jit-compiled sharded train step, and the training loop.
+"""TrainState and the jit-compiled sharded train step, one step or several per call.
 
-One `jax.jit` per step with explicit in/out shardings derived from the config's layout,
-donated state, gradient accumulation over microbatches inside the step, and no host
-synchronisation except at log intervals. Dropout keys are fold_in(seed, step), so a run's
-randomness is a function of the step alone and a resumed run repeats it exactly.
+`step` runs one train step; `steps` runs as many as its stack of batches holds
+([n, batch, n_ctx + 1]) in one compiled call, a `lax.scan` over the same step: GPT-Neo's
+`iterations` (TPUEstimator's iterations_per_loop), so the host dispatches once per n steps and
+every step's metrics come back stacked [n]. Both have explicit in/out shardings derived from
+the config's layout, donate the state, and accumulate gradients over microbatches inside the
+step. Dropout keys are fold_in(seed, step), so a run's randomness is a function of the step
+alone: n steps in one call compute what n one-step calls compute, and a resumed run repeats it.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from jax.sharding import NamedSharding
 
 from neo.config import Config
 from neo.errors import NeoError
-from neo.loss import chunked_lm_loss
+from neo.loss import chunked_lm_loss, shift
 from neo.mesh import (
-    Layout, assemble_rows, check_divisible, constrain, num_microbatches, place, process_rows, shardings_of,
+    Layout, assemble_rows, check_divisible, constrain, num_microbatches, parameter_name, place, process_rows,
+    shardings_of,
 )
 from neo.mlm import mask_tokens
 from neo.model import GPT, init_params
@@ -51,8 +55,10 @@ class Setup:
     optimizer: optax.GradientTransformation
     state_shardings: TrainState
     batch_sharding: NamedSharding
+    stack_sharding: NamedSharding
     init: Callable[[], TrainState]
     step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
+    steps: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
     num_microbatches: int
     param_count: int
 
@@ -81,10 +87,23 @@ def build(cfg: Config, layout: Layout) -> Setup:
     init = jax.jit(lambda: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
     # Batches hold n_ctx + 1 tokens per row (inputs and shifted targets), so only rows are split
     # here; the model splits `sequence` after the shift if the layout says so.
-    step = jax.jit(_train_step(cfg, model, optimizer, layout, n_micro),
-                   in_shardings=(shardings, layout.rows),
+    one = _train_step(cfg, model, optimizer, layout, n_micro)
+    step = jax.jit(one, in_shardings=(shardings, layout.rows),
                    out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
-    return Setup(cfg, layout, model, optimizer, shardings, layout.rows, init, step, n_micro, param_count)
+
+    def scanned(state: TrainState, batches: jax.Array) -> tuple[TrainState, dict]:
+        def body(state, batch):
+            state, metrics = one(state, batch)
+            # the carry keeps the state's layout from step to step (no resharding in the loop)
+            return jax.lax.with_sharding_constraint(state, shardings), metrics
+
+        return jax.lax.scan(body, state, batches)
+
+    stack = layout.sharding((None, "batch"))  # [steps, rows, n_ctx + 1]: rows split as `batch`
+    steps = jax.jit(scanned, in_shardings=(shardings, stack),
+                    out_shardings=(shardings, layout.replicated), donate_argnums=(0,))
+    return Setup(cfg, layout, model, optimizer, shardings, layout.rows, stack, init, step, steps, n_micro,
+                 param_count)
 
 
 def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation,
@@ -95,7 +114,7 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
     schedule = lr_schedule(cfg.optimizer, cfg.run.train_steps)
 
     def loss_on(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
-        inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], None
+        inputs, targets, mask = shift(tokens, cfg.data.padding_id)  # padded targets masked
         if cfg.model.mlm_training:
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
         hidden, extra = model.apply({"params": params}, inputs, deterministic=not dropout, return_hidden=True,
@@ -134,15 +153,33 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = {**aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+            if cfg.run.log_grads:
+                metrics.update(grad_norms(grads))
             return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
+
+
+def grad_norms(grads: Any) -> dict[str, jax.Array]:
+    """GPT-Neo's `log_grads`: every parameter's gradient norm, named as the parameter tree
+    ("grads/norm/h_0/attn/q/kernel"; the original logged "grads/norm" + the variable's name).
+    Traced into the step only when the key is on."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    return {f"grads/norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            for path, g in flat}
 
 
 def global_batch(setup: Setup, local: np.ndarray) -> jax.Array:
     """This process's rows (`batch_rows(setup)`, in that order) -> the global, sharded batch."""
     n = setup.cfg.run.train_batch_size
     return assemble_rows(setup.batch_sharding, batch_rows(setup), local, n)
+
+
+def global_batches(setup: Setup, local: np.ndarray) -> jax.Array:
+    """This process's rows of a stack of batches [steps, rows, n_ctx + 1] -> the global,
+    sharded stack that `Setup.steps` takes."""
+    n = setup.cfg.run.train_batch_size
+    return assemble_rows(setup.stack_sharding, batch_rows(setup), local, n, axis=1)
 
 
 def batch_rows(setup: Setup) -> np.ndarray:

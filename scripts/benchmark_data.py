@@ -2,7 +2,7 @@
 
     python scripts/benchmark_data.py [--model quickstart] [--steps 200] [--processes 0]
 
-1. create_tfrecords on ../shared/data (LAMBADA jsonl with the GPT-NeoX-20B tokenizer, documents;
+1. create_tfrecords on data/ (LAMBADA jsonl with the GPT-NeoX-20B tokenizer, documents;
    tinyshakespeare with byte tokens, chunks): MB of input text per second, start-up included and
    excluded (TensorFlow's import, paid once per run, is timed apart).
 2. The tfrecord source feeding the model config's batch shape (chunks, and documents_random with
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 
 
 def create_speed(tmp: Path, processes: int) -> list[dict]:

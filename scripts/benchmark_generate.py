@@ -1,9 +1,10 @@
 """Generation speed of neo's KV-cache sampler against transformers' generate() on the same model.
 
-    python scripts/benchmark_generate.py --model gpt_neo_125M --batch 1 8 --prompt 32 --new 64
+    python scripts/benchmark_generate.py --model gpt_neo_125M --batch 1 8 --prompt 32 --new 64 [--precision bfloat16]
 
 Greedy decoding of exactly `--new` tokens (no EOS stop) after a random `--prompt`-token
-prompt, random weights. Reports new tokens per second (batch x new / median wall time of a
+prompt, random weights; bfloat16: neo's compute dtype (its KV cache in bfloat16, parameters
+kept in float32) and transformers' model in bfloat16. Reports new tokens per second (batch x new / median wall time of a
 whole generate call, prompt pass included) and, for neo, the one-off compile time apart.
 Each backend and batch runs in its own process, one after the other (thread pools of JAX
 and PyTorch disturb each other).
@@ -38,7 +39,7 @@ def bench_neo(args, batch: int) -> dict:
     from neo.model import init_params
     from neo.predict import Sampler, SamplingOptions
 
-    cfg = load_model_config(args.model)
+    cfg = load_model_config(args.model, {"precision": args.precision})
     init = jax.jit(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda x: getattr(x, "value", x), init(), is_leaf=lambda x: hasattr(x, "value"))
     sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
@@ -68,6 +69,8 @@ def bench_torch(args, batch: int) -> dict:
     cfg = load_model_config(args.model)
     torch.manual_seed(0)
     model = GPTNeoForCausalLM(GPTNeoConfig(**config_to_hf(cfg))).eval()
+    if args.precision == "bfloat16":
+        model = model.to(torch.bfloat16)
     ids = torch.tensor(prompts(cfg, batch, args.prompt))
 
     def run():
@@ -93,6 +96,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--cores", type=int, default=0,
                    help="pin each backend to this many cores (0 = all); 1 is steadier on a busy machine")
     p.add_argument("--backend", choices=["both", "neo", "torch"], default="both")
@@ -109,7 +113,7 @@ def main() -> None:
         fn = bench_neo if args.backend == "neo" else bench_torch
         print("RESULT " + json.dumps(fn(args, args.batch[0])))
         return
-    print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, float32, "
+    print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, {args.precision}, "
           f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)")
     print(f"{'backend':26} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12}")
     for batch in args.batch:

@@ -86,7 +86,7 @@ def run_backend(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt_neo_125M")
-    parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "data" / "gpt2"),
+    parser.add_argument("--tokenizer", default=str(ROOT / "data" / "gpt2"),
                         help="GPT-2 BPE folder (encoder.json + vocab.bpe)")
     parser.add_argument("--task", choices=["lambada", "rolling"], default="lambada")
     parser.add_argument("--docs", type=int, default=128)

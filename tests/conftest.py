@@ -11,17 +11,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
 sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.fail(f"{SHARED_DATA} is missing: tests read the real data kept in ../shared/data")
-    return SHARED_DATA
+def data_dir() -> Path:
+    """The repository's data/ folder (data/README.md): the only data the tests read."""
+    return DATA
 
 
 def _tiny_config(**overrides) -> dict:

@@ -1,5 +1,6 @@
 """Attention kinds beyond global/local: `linear` (causal and not), `none`, bidirectional
-attention for masked-LM models, and `num_mem_kv` memory slots."""
+attention for masked-LM models, `num_mem_kv` memory slots, and the KV cache of local layers
+(a ring of their window)."""
 
 import jax
 import jax.extend
@@ -88,6 +89,30 @@ def test_linear_layers_decode_with_a_running_state(tiny_config):
     for i in range(7, 12):
         logits, cache = decode(tokens[:, i:i + 1], jnp.full((2, 1), i), cache, i)
         steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+
+
+def test_local_layers_cache_only_their_window_and_decode_as_the_full_pass(tiny_config):
+    """A local layer's cache is a ring of `local_attention_radius` slots; prompt blocks longer
+    and shorter than the window and single tokens, written over and over around the ring, give
+    the logits of one pass over the whole sequence."""
+    cfg = parse_model_config(tiny_config(local_attention_radius=4))  # global, local
+    params = params_of(cfg)
+    tokens = jnp.asarray(RNG.randint(0, cfg.model.n_vocab, (2, 20)))
+    full = GPT(cfg.model).apply({"params": params}, tokens)
+    cache = init_cache(cfg.model, 2, 20)
+    assert cache[0]["k"].shape == (2, 8, 20, 8) and cache[1]["k"].shape == (2, 8, 4, 8)  # [b, heads, slots, d]
+    assert init_cache(cfg.model, 2, 3)[1]["k"].shape == (2, 8, 3, 8)  # never more than the length
+    every_slot = jnp.ones((2, 20), bool)  # key_valid as the sampler passes it (no padding here)
+    decode = jax.jit(lambda tok, pos, cache, i: GPT(cfg.model).apply({"params": params}, tok, pos, cache=cache,
+                                                                    cache_index=i, key_valid=every_slot))
+    steps, start = [], 0
+    for length in (1, 1, 6, 1, 1, 3, 1, 1, 1, 1, 2, 1):  # 6 and 3 tokens at once: longer / shorter than 4
+        pos = jnp.broadcast_to(jnp.arange(start, start + length), (2, length))
+        logits, cache = decode(tokens[:, start:start + length], pos, cache, jnp.int32(start))
+        steps.append(logits)
+        start += length
+    assert start == 20
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
 
 

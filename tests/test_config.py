@@ -164,9 +164,14 @@ def test_dataset_config_beside_model_config(tmp_path, tiny_config):
         load_model_config(str(path))
 
 
-def test_runtime_keys_of_saved_configs_are_ignored(tiny_config):
-    cfg = parse_model_config({**tiny_config(), "num_cores": 8, "use_tpu": True, "mode": "train"})
-    assert cfg.model.n_layer == 2
+def test_runtime_keys_of_gpt_neos_main_are_refused_with_where_they_come_from(tiny_config):
+    """Keys GPT-Neo's main.py wrote into its params at run time are flags or derived values in
+    neo: refused, naming the source, never accepted and ignored."""
+    for key, value, source in (("num_cores", 8, "follows from mesh_shape"), ("use_tpu", True, "the --tpu flag"),
+                               ("mode", "train", "chosen by the flags"),
+                               ("steps_per_checkpoint", 10, "--steps_per_checkpoint flag")):
+        with pytest.raises(NeoError, match=rf"'{key}' is not a config key: GPT-Neo's main.py wrote it.*{source}"):
+            parse_model_config({**tiny_config(), key: value})
 
 
 def test_sections_hold_every_key_once_and_the_model_only_the_architecture(tiny_config):
@@ -209,3 +214,49 @@ def test_every_activation_name_the_config_accepts_exists_in_the_model():
     # GLU names (swiglu, ...) gate the MLP with one of the model's functions
     assert set(GATED_ACTIVATIONS.values()) <= set(ACTIVATIONS)
     assert set(ACTIVATION_FNS) == set(ACTIVATIONS) | set(PARAMETRIC) | set(GATED_ACTIVATIONS)
+
+
+def test_readme_dataset_entry_and_gpt_neo_spellings(tmp_path, tiny_config):
+    """The README's [train_glob, eval_glob, stitch, "random_sample", weight] beside the id form,
+    a number written as a string, padding_id past the vocabulary; each round-trips through the
+    flat form a W&B run records."""
+    raw = tiny_config(eos_id=7, padding_id=50304, ada_epsilon1="1e-30",
+                      datasets=[["bundestag_*.tfrecords", "", 10, "random_sample", 1.0], "pile"])
+    raw["n_vocab"] = 50304
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    cfg = load_model_config(str(tmp_path / "m.json"))
+    readme, text = cfg.data.datasets
+    assert (readme.inline, readme.stitch, readme.sampling_mode, readme.weight) == (True, 10, "documents_random", 1.0)
+    assert (readme.config.path, readme.config.eval_path, readme.config.n_vocab) == ("bundestag_*.tfrecords", "", 50304)
+    assert (readme.config.eos_id, readme.config.padding_id) == (7, 50304) and not text.inline
+    assert cfg.optimizer.ada_epsilon1 == 1e-30 and cfg.data.padding_id == 50304  # model-level keys win
+    assert parse_model_config(json.loads(json.dumps(to_json_dict(cfg))), source=cfg.source) == cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"padding_id": -1}, r"'padding_id' \(-1\) must be >= 0"),
+    ({"eos_id": 128}, r"'eos_id' \(128\) is outside the vocabulary 0..127"),
+    ({"input_fn": "pred_input"}, r"GPT-Neo's --predict reader"),
+    ({"input_fn": "generic_txt"}, r"input_fn 'generic_txt' is not one of GPT-Neo's readers.*Did you mean 'generic_text'"),
+    ({"input_fn": "generic_text", "n_vocab": 256, "datasets": ["tinyshakespeare"]}, r"a plain-text dataset is read whole"),
+    ({"no_dataset": True, "n_vocab": 256, "datasets": ["tinyshakespeare"]}, r"no_dataset is true but 'datasets' lists 1"),
+    ({"datasets": [["x_*.tfrecords", 3, "", 1, None]]}, r"the eval glob \(2nd\) must be a string"),
+    ({"moe_params": {"use_experts_attention": True}}, r"its v1 MoE layer \(GPT-Neo's, and neo's\) never reads"),
+])
+def test_gpt_neo_keys_with_values_neo_cannot_honour_are_refused(change, message, tiny_config):
+    with pytest.raises(NeoError, match=message):
+        parse_model_config({**tiny_config(), **change}, source="my.json")
+
+
+def test_a_gpt2_dataset_config_without_ids_gets_gpt_neos_gpt2_ids(tmp_path, tiny_config):
+    """The README's GPT-2 dataset config has no eos_id/padding_id; GPT-Neo's code then used 1 and
+    0, which stitches GPT-2 documents with '"'. neo uses the ids of GPT-Neo's GPT-2 datasets."""
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "owt.json").write_text(json.dumps(
+        {"n_vocab": 50257, "path": "gs://x/*.tfrecords", "eval_path": "", "tokenizer_is_pretrained": True,
+         "tokenizer_path": "gpt2"}))
+    (tmp_path / "dataset_configs" / "own.json").write_text(json.dumps({"n_vocab": 100, "path": "x/*.tfrecords"}))
+    (tmp_path / "m.json").write_text(json.dumps({**tiny_config(), "n_vocab": 50257, "datasets": ["owt", "own"]}))
+    owt, own = load_model_config(str(tmp_path / "m.json")).data.datasets
+    assert (owt.config.eos_id, owt.config.padding_id) == (50256, 50257)
+    assert (own.config.eos_id, own.config.padding_id) == (1, 0)  # GPT-Neo's defaults otherwise

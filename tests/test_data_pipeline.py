@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neo.config import parse_model_config
+from neo.data import PAD
 from neo.errors import NeoError
 
 N_CTX = 8
@@ -92,10 +93,11 @@ def test_documents_fixed_stitches_with_eos_and_pads(tmp_path, model):
     cfg = model(tmp_path, [["d", 2, "documents_fixed", None]], shuffle_input_filenames=False)
     rows = [tuple(r) for r in np.concatenate(batches(make_source(cfg), 1))]
     # the 4 docs are shuffled, then grouped in pairs: every row is pair[0] eos pair[1], padded
+    # with PAD (never padding_id 998: padding is marked by the data side, docs/data.md)
     for row in rows:
         assert len(row) == N_CTX + 1
-        assert row.count(999) >= 1 and row[-1] == 998
-    flat = [t for r in rows for t in r if t not in (998, 999)]
+        assert row.count(999) >= 1 and row[-1] == PAD and 998 not in row
+    flat = [t for r in rows for t in r if t not in (PAD, 999)]
     assert sorted(flat) == sorted(list(range(1, 10)) * 2)  # two groups per epoch, batch of 4 = 2 epochs
 
 
@@ -313,6 +315,54 @@ def test_rows_become_the_global_sharded_batch(tmp_path, model):
     np.testing.assert_array_equal(np.asarray(batch), local)
 
 
+@pytest.mark.parametrize("entry", [["c", None, "chunks", None], ["d", 3, "documents_random", None]])
+def test_each_process_reads_only_the_bytes_of_its_rows(tmp_path, model, monkeypatch, entry):
+    """Over an epoch and a half of 8-row batches, 2 and 4 readers of disjoint rows each read
+    their share of the record bytes one reader reads (together exactly as many), and indexing a
+    file reads its 12-byte record headers, not its data."""
+    from neo.data import make_source, mixture, tfrecords
+
+    monkeypatch.setattr(mixture, "READ_AHEAD", 1)  # one batch per read, so every reader is at the same step
+    dataset(tmp_path, "c", [chunk_records(50), chunk_records(46, 50)])
+    dataset(tmp_path, "d", [doc_records(150), doc_records(138, 150)], minimum_size=3)
+    cfg = model(tmp_path, [entry], train_batch_size=8)
+    records = 96 if entry[0] == "c" else 288
+
+    def bytes_read(rows):
+        tfrecords.READS.__init__()
+        src = make_source(cfg, "train", rows=rows)
+        tfrecords.READS.record_bytes = 0  # not the record `chunks` reads at the start for its length
+        for _ in range(18):
+            next(src)
+        assert tfrecords.READS.index_bytes == 12 * records  # every file indexed once, by its headers
+        return tfrecords.READS.record_bytes
+
+    whole = bytes_read(range(8))
+    for readers in (2, 4):
+        shares = [bytes_read(range(r * 8 // readers, (r + 1) * 8 // readers)) for r in range(readers)]
+        assert sum(shares) == whole
+        assert all(0.7 / readers < share / whole < 1.3 / readers for share in shares), (readers, shares, whole)
+
+
+def test_records_are_read_by_position_through_tensorflow_file_systems(tmp_path, model):
+    """A dataset on a tf.io.gfile file system (ram:// here, gs:// in use) gives the batches of
+    the same files on local disk."""
+    from neo.data import make_source
+    from neo.data.tfrecords import tensorflow
+
+    tf = tensorflow()
+    folder = dataset(tmp_path, "c", [chunk_records(7), chunk_records(6, 7)])
+    remote = f"ram://{tmp_path.name}/c"
+    for f in folder.glob("*.tfrecords"):
+        tf.io.gfile.copy(str(f), f"{remote}/{f.name}")
+    local = batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 6)
+    cfg_path = tmp_path / "dataset_configs" / "c.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "path": f"{remote}/c_*.tfrecords"}))
+    on_ram = batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 6)
+    for a, b in zip(local, on_ram):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_eval_split_reads_eval_path(tmp_path, model):
     from neo.data import make_source
 
@@ -355,6 +405,33 @@ def test_truncated_file_names_the_file(tmp_path, model):
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(NeoError, match=rf"{path.name} is corrupt or truncated after record"):
         next(make_source(model(tmp_path, [["c", None, "chunks", None]])))
+
+
+def test_a_damaged_record_fails_its_checksum(tmp_path, model):
+    """A flipped byte in a record's data (its length intact) is caught when the record is read."""
+    from neo.data import make_source
+
+    folder = dataset(tmp_path, "c", [chunk_records(6)])
+    (path,) = folder.glob("*.tfrecords")
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0x01  # inside the last record's token ids
+    path.write_bytes(bytes(raw))
+    with pytest.raises(NeoError, match=rf"{path.name} is corrupt: record 5 fails its checksum"):
+        batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 2)
+
+
+def test_a_compressed_file_is_refused_with_the_fix(tmp_path, model):
+    from neo.data import make_source
+    from neo.data.tfrecords import tensorflow
+
+    tf = tensorflow()
+    folder = dataset(tmp_path, "c", [chunk_records(2)])
+    (path,) = folder.glob("*.tfrecords")
+    with tf.io.TFRecordWriter(str(folder / "c_1_2.tfrecords"), options="GZIP") as w:
+        for r in tf.data.TFRecordDataset(str(path)):
+            w.write(r.numpy())
+    with pytest.raises(NeoError, match=r"c_1_2.tfrecords is compressed \(GZIP or ZLIB\).*decompress it"):
+        batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 2)
 
 
 def test_record_without_text_feature_names_the_file(tmp_path, model):

@@ -37,30 +37,30 @@ def create(tmp_path, input_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def lambada(tmp_path_factory, shared_data):
+def lambada(tmp_path_factory, data_dir):
     """LAMBADA (5,153 documents) as document-mode tfrecords with the GPT-NeoX-20B tokenizer."""
     out = tmp_path_factory.mktemp("lambada")
     from neo.data.prep.create_tfrecords import Options, create_tfrecords
 
-    stats = create_tfrecords(Options(input_dir=str(shared_data / "lambada_openai_test.jsonl"), output_dir=str(out),
-                                     name="lambada", encoder_path=str(shared_data / TOKENIZER), mode="documents",
+    stats = create_tfrecords(Options(input_dir=str(data_dir / "lambada_openai_test.jsonl"), output_dir=str(out),
+                                     name="lambada", encoder_path=str(data_dir / TOKENIZER), mode="documents",
                                      minimum_size=1, processes=1, progress=False, write_dataset_config=True),
                              log=lambda *a: None)
     return out, stats
 
 
 @functools.lru_cache(maxsize=1)
-def independent_encode(shared_data):
+def independent_encode(data_dir):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(shared_data / TOKENIZER))
-    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()]
+    tok = Tokenizer.from_file(str(data_dir / TOKENIZER))
+    texts = [json.loads(line)["text"] for line in (data_dir / "lambada_openai_test.jsonl").open()]
     return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def test_lambada_documents_are_the_tokenizer_output_plus_separator(lambada, shared_data):
+def test_lambada_documents_are_the_tokenizer_output_plus_separator(lambada, data_dir):
     out, stats = lambada
-    expected = independent_encode(shared_data)
+    expected = independent_encode(data_dir)
     assert stats.documents == stats.records == 5153
     assert [p.name for p in out.glob("*.tfrecords")] == ["lambada_0_5153.tfrecords"]
     assert records_of(out) == [ids + [0] for ids in expected]  # <|endoftext|> is 0 in this tokenizer
@@ -68,7 +68,7 @@ def test_lambada_documents_are_the_tokenizer_output_plus_separator(lambada, shar
     assert (cfg["n_vocab"], cfg["eos_id"], cfg["padding_id"]) == (50277, 0, 1)
 
 
-def test_check_dataset_counts_lambada_exactly(lambada, shared_data, tmp_path):
+def test_check_dataset_counts_lambada_exactly(lambada, data_dir, tmp_path):
     """`main.py --check_dataset`: 5,153 documents and the token count of an independent encode."""
     out, _ = lambada
     model = {"n_embd": 32, "n_head": 4, "n_layer": 1, "n_ctx": 64, "n_vocab": 50304,
@@ -79,7 +79,7 @@ def test_check_dataset_counts_lambada_exactly(lambada, shared_data, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "main.py"), "--model", str(tmp_path / "m.json"), "--check_dataset"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
-    text_tokens = sum(len(ids) for ids in independent_encode(shared_data))
+    text_tokens = sum(len(ids) for ids in independent_encode(data_dir))
     assert "documents  5,153" in run.stdout
     assert f"tokens     {text_tokens + 5153:,}  ({text_tokens:,} in documents + 5,153 separators)" in run.stdout
     assert "token ids  0 .. 50,276  (dataset n_vocab 50,277, model n_vocab 50,304): ok" in run.stdout
@@ -89,7 +89,7 @@ def test_check_dataset_counts_lambada_exactly(lambada, shared_data, tmp_path):
     start = lines.index(next(l for l in lines if "training example 1" in l)) + 1
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("---"))
     decoded = "\n".join(lines[start:end])  # the example's text, whichever document comes first
-    corpus = "".join(json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open())
+    corpus = "".join(json.loads(line)["text"] for line in (data_dir / "lambada_openai_test.jsonl").open())
     assert len(decoded) > 20 and decoded in corpus
 
 
@@ -113,20 +113,43 @@ def test_check_dataset_refuses_out_of_vocabulary_ids(tmp_path):
     assert any("token ids  41 .. 70" in line and "ERROR in 1 file(s)" in line for line in lines)
 
 
-def test_chunks_carry_tails_across_documents_and_files(tmp_path, shared_data):
+def test_check_dataset_refuses_a_tokenizer_that_does_not_load(tmp_path):
+    """The examples are decoded with the dataset's tokenizer; one that fails to load is an error
+    naming its file, not a silent fall back to token ids."""
+    from neo.config import load_model_config
+    from neo.data.check import check_dataset
+    from neo.data.tfrecords import RecordWriter
+
+    (tmp_path / "d").mkdir()
+    w = RecordWriter(str(tmp_path / "d" / "x_0"))
+    for _ in range(4):
+        w.write(np.arange(1, 11))
+    w.close()
+    (tmp_path / "broken.json").write_text("{not a tokenizer")
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "x.json").write_text(json.dumps(
+        {"n_vocab": 64, "path": str(tmp_path / "d" / "*.tfrecords"), "tokenizer_path": str(tmp_path / "broken.json")}))
+    (tmp_path / "m.json").write_text(json.dumps({"n_embd": 32, "n_head": 4, "n_layer": 1, "n_ctx": 8, "n_vocab": 64,
+                                                 "attention_types": [[["global"], 1]], "datasets": ["x"],
+                                                 "train_batch_size": 2}))
+    with pytest.raises(NeoError, match=r"tokenizer file .*broken.json does not load"):
+        check_dataset(load_model_config(str(tmp_path / "m.json")), log=lambda _: None)
+
+
+def test_chunks_carry_tails_across_documents_and_files(tmp_path, data_dir):
     """The records are the documents' token stream cut into chunk_size+1 pieces: nothing is
     dropped but the final partial chunk, even when documents are shorter than a chunk."""
     from tokenizers import Tokenizer
 
     src = tmp_path / "in"
     src.mkdir()
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:20000]
+    text = (data_dir / "tinyshakespeare.txt").read_text()[:20000]
     parts = text.split("\n\n")
     (src / "a.txt").write_text(parts[0])
     (src / "b.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in parts[1:40]))
     (src / "c.txt").write_text("\n\n".join(parts[40:]))
-    stats = create(tmp_path, src, encoder_path=str(shared_data / TOKENIZER), chunk_size=64, files_per=7)
-    tok = Tokenizer.from_file(str(shared_data / TOKENIZER))
+    stats = create(tmp_path, src, encoder_path=str(data_dir / TOKENIZER), mode="chunks", chunk_size=64, files_per=7)
+    tok = Tokenizer.from_file(str(data_dir / TOKENIZER))
     stream = []
     for doc in [parts[0], *parts[1:40], "\n\n".join(parts[40:])]:
         stream += tok.encode(doc, add_special_tokens=False).ids + [0]
@@ -138,14 +161,14 @@ def test_chunks_carry_tails_across_documents_and_files(tmp_path, shared_data):
     assert names == [f"t_{i}_7.tfrecords" for i in range(13)] + ["t_13_1.tfrecords"] and len(records) == 92
 
 
-def test_output_is_deterministic_across_process_counts(tmp_path, shared_data):
+def test_output_is_deterministic_across_process_counts(tmp_path, data_dir):
     src = tmp_path / "in"
     src.mkdir()
-    lines = (shared_data / "lambada_openai_test.jsonl").read_text().splitlines()
+    lines = (data_dir / "lambada_openai_test.jsonl").read_text().splitlines()
     for i in range(3):
         (src / f"part{i}.jsonl").write_text("\n".join(lines[i * 100:(i + 1) * 100]) + "\n")
-    a = create(tmp_path / "a", src, encoder_path=str(shared_data / TOKENIZER), chunk_size=128, processes=1)
-    b = create(tmp_path / "b", src, encoder_path=str(shared_data / TOKENIZER), chunk_size=128, processes=2)
+    a = create(tmp_path / "a", src, encoder_path=str(data_dir / TOKENIZER), mode="chunks", chunk_size=128, processes=1)
+    b = create(tmp_path / "b", src, encoder_path=str(data_dir / TOKENIZER), mode="chunks", chunk_size=128, processes=2)
     assert a.files and [Path(f).name for f in a.files] == [Path(f).name for f in b.files]
     for fa, fb in zip(a.files, b.files):
         assert Path(fa).read_bytes() == Path(fb).read_bytes()
@@ -214,13 +237,13 @@ def test_bad_tokenizer_and_empty_input_are_clear_errors(tmp_path):
         create(tmp_path, tmp_path / "empty", encoder_path="bytes", separator=0)
 
 
-def test_script_runs_from_the_command_line(tmp_path, shared_data):
+def test_script_runs_from_the_command_line(tmp_path, data_dir):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("some text " * 100)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "data" / "create_tfrecords.py"), "--input_dir", str(tmp_path / "in"),
-           "--output_dir", str(tmp_path / "out"), "--name", "s", "--encoder_path", str(shared_data / "gpt2"),
-           "--chunk_size", "16", "--minimum_size", "1", "--separator", "[50256]", "--write_dataset_config",
+           "--output_dir", str(tmp_path / "out"), "--name", "s", "--encoder_path", str(data_dir / "gpt2"),
+           "--mode", "chunks", "--chunk_size", "16", "--minimum_size", "1", "--separator", "[50256]", "--write_dataset_config",
            "--processes", "1"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
@@ -231,12 +254,12 @@ def test_script_runs_from_the_command_line(tmp_path, shared_data):
     assert bad.returncode == 2 and "already holds 1 file(s)" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_train_tokenizer_round_trips_and_has_the_special_tokens(tmp_path, shared_data):
+def test_train_tokenizer_round_trips_and_has_the_special_tokens(tmp_path, data_dir):
     from tokenizers import Tokenizer
 
     src = tmp_path / "in"
     src.mkdir()
-    text = (shared_data / "tinyshakespeare.txt").read_text()
+    text = (data_dir / "tinyshakespeare.txt").read_text()
     (src / "a.txt").write_text(text[:200000])
     (src / "b.txt").write_text(text[200000:300000])
     run = subprocess.run([sys.executable, str(ROOT / "data" / "train_tokenizer.py"), "--base_dir", str(src),
@@ -284,7 +307,7 @@ def test_from_a_folder_of_text_to_training(tmp_path):
     make = subprocess.run([sys.executable, str(ROOT / "data" / "create_tfrecords.py"), "--input_dir",
                            str(ROOT / "data" / "tinyshakespeare.txt"), "--output_dir", str(tmp_path / "tf"),
                            "--name", "shakespeare", "--encoder_path", "bytes", "--separator", "0",
-                           "--chunk_size", "64", "--write_dataset_config", "--processes", "1", "--no_progress"],
+                           "--mode", "chunks", "--chunk_size", "64", "--write_dataset_config", "--processes", "1", "--no_progress"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert make.returncode == 0, make.stderr
     assert "wrote 17,159 chunks records" in make.stdout  # 1,115,394 bytes + separator = 17,159 x 65 + 60

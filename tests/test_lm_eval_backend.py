@@ -40,7 +40,7 @@ def _offline_datasets(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, shared_data):
+def models(tmp_path_factory, data_dir):
     """One random GPT-Neo with GPT-2's vocabulary as a neo checkpoint, and the same model exported
     to a Hugging Face folder (scripts/convert_hf.py export) loaded by lm-eval's hf backend."""
     from neo.convert.hf import export_hf
@@ -48,7 +48,7 @@ def models(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("parity")
     raw = {"n_vocab": 50257, "n_ctx": N_CTX, "n_embd": 32, "n_layer": 2, "n_head": 4,
            "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
-           "tokenizer_path": str(shared_data / "gpt2"), "eos_id": 50256,
+           "tokenizer_path": str(data_dir / "gpt2"), "eos_id": 50256,
            "model_path": str(root / "run")}
     cfg = parse_model_config(raw, "random-gpt-neo")
     params = init_params(cfg.model, jax.random.PRNGKey(0))
@@ -77,8 +77,8 @@ def evaluate(lm, task, tm, limit):
     return out["results"][task], responses
 
 
-def test_lambada_scores_equal_the_hf_backend(models, shared_data):
-    tm = task_manager(lambada_path=str(shared_data / "lambada_openai_test.jsonl"))
+def test_lambada_scores_equal_the_hf_backend(models, data_dir):
+    tm = task_manager(lambada_path=str(data_dir / "lambada_openai_test.jsonl"))
     neo = NeoLM(models["cfg"], params=models["params"], layout=make_layout("", ""), batch_size=16)
     ours, ours_req = evaluate(neo, "lambada_openai_local", tm, LAMBADA_DOCS)
     ref, ref_req = evaluate(models["hf"], "lambada_openai_local", tm, LAMBADA_DOCS)
@@ -90,15 +90,15 @@ def test_lambada_scores_equal_the_hf_backend(models, shared_data):
     assert ours["perplexity,none"] == pytest.approx(ref["perplexity,none"], rel=1e-5)
     # the subset really has passages longer than the context (cut from the left)
     tokenizer = load_tokenizer(models["cfg"].data.tokenizer_path)
-    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:LAMBADA_DOCS]
+    texts = [json.loads(line)["text"] for line in (data_dir / "lambada_openai_test.jsonl").open()][:LAMBADA_DOCS]
     assert sum(len(tokenizer.encode(t)) > N_CTX + 1 for t in texts) >= 5
 
 
-def test_greedy_flags_and_empty_contexts_equal_the_hf_backend(models, shared_data):
+def test_greedy_flags_and_empty_contexts_equal_the_hf_backend(models, data_dir):
     """Continuations that are (or are not) what greedy decoding produces: accuracy is not 0."""
     model = models["model"]
     tokenizer = load_tokenizer(models["cfg"].data.tokenizer_path)
-    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:12]
+    texts = [json.loads(line)["text"] for line in (data_dir / "lambada_openai_test.jsonl").open()][:12]
     requests = []
     for i, text in enumerate(texts):
         context = " ".join(text.split(" ")[:20])
@@ -117,9 +117,9 @@ def test_greedy_flags_and_empty_contexts_equal_the_hf_backend(models, shared_dat
     np.testing.assert_allclose([l for l, _ in ours], [l for l, _ in ref], atol=1e-4, rtol=1e-6)
 
 
-def test_generations_equal_the_hf_backend(models, shared_data):
+def test_generations_equal_the_hf_backend(models, data_dir):
     """generate_until: greedy continuations cut at the `until` strings, as the hf backend's."""
-    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:10]
+    texts = [json.loads(line)["text"] for line in (data_dir / "lambada_openai_test.jsonl").open()][:10]
     kwargs = [{"until": ["\n\n", "."], "max_gen_toks": 12, "do_sample": False},
               {"until": [" the"], "max_gen_toks": 6}]
     requests = [(" ".join(t.split(" ")[:5 + 3 * i]), kwargs[i % 2]) for i, t in enumerate(texts)]
@@ -132,8 +132,8 @@ def test_generations_equal_the_hf_backend(models, shared_data):
     assert sum(len(o) > 0 for o in ours) >= 6
 
 
-def test_rolling_perplexity_equals_the_hf_backend(models, shared_data, tmp_path):
-    text = (shared_data / "tinyshakespeare.txt").read_text()
+def test_rolling_perplexity_equals_the_hf_backend(models, data_dir, tmp_path):
+    text = (data_dir / "tinyshakespeare.txt").read_text()
     docs = [text[:40], text[1000:1900], text[5000:5300], text[9000:11500]]  # 1 to ~12 windows of 64 tokens
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -170,20 +170,20 @@ def checkpoint(tmp_path, tiny_config):
     return path
 
 
-def test_registered_as_neo_and_loads_the_checkpoint(checkpoint, shared_data):
+def test_registered_as_neo_and_loads_the_checkpoint(checkpoint, data_dir):
     assert lm_eval.api.registry.get_model("neo") is NeoLM
     from neo.evaluate import NeoLM as from_evaluate
 
     assert from_evaluate is NeoLM
-    tm = task_manager(lambada_path=str(shared_data / "lambada_openai_test.jsonl"))
+    tm = task_manager(lambada_path=str(data_dir / "lambada_openai_test.jsonl"))
     out = lm_eval.simple_evaluate(model="neo", model_args=f"model={checkpoint}", tasks=["lambada_openai_local"],
                                   task_manager=tm, limit=4, bootstrap_iters=0, log_samples=False)
     assert out["results"]["lambada_openai_local"]["perplexity,none"] > 1
     assert out["config"]["model_revision"] == "step 7"
 
 
-def test_scores_do_not_depend_on_batching_or_the_mesh(checkpoint, shared_data):
-    texts = [json.loads(line)["text"] for line in (shared_data / "lambada_openai_test.jsonl").open()][:20]
+def test_scores_do_not_depend_on_batching_or_the_mesh(checkpoint, data_dir):
+    texts = [json.loads(line)["text"] for line in (data_dir / "lambada_openai_test.jsonl").open()][:20]
     instances = [Instance("loglikelihood", {}, (t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1]), i)
                  for i, t in enumerate(texts)]
     single = NeoLM(str(checkpoint), layout=make_layout("", "", jax.devices()[:1]),
@@ -248,7 +248,7 @@ def test_main_eval_runs_the_configs_tasks_and_writes_results(checkpoint, tmp_pat
     assert "Traceback" not in out.stderr
 
 
-def test_a_builtin_task_reads_a_local_copy_of_its_data(checkpoint, shared_data, tmp_path):
+def test_a_builtin_task_reads_a_local_copy_of_its_data(checkpoint, data_dir, tmp_path):
     """docs/evaluation.md's recipe: include lm-eval's own task YAML, point its dataset at files."""
     from lm_eval.tasks import TaskManager
 
@@ -256,13 +256,13 @@ def test_a_builtin_task_reads_a_local_copy_of_its_data(checkpoint, shared_data, 
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "lambada_openai_copy.yaml").write_text(
         f"include: {builtin}\ntask: lambada_openai_copy\ntag: []\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {shared_data / 'lambada_openai_test.jsonl'}\n")
+        f"dataset_kwargs:\n  data_files:\n    test: {data_dir / 'lambada_openai_test.jsonl'}\n")
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     lm = NeoLM(str(checkpoint), batch_size=4)
     ours = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai_copy"], task_manager=tm, limit=6,
                                    bootstrap_iters=0, log_samples=False)["results"]["lambada_openai_copy"]
     local = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai_local"], task_manager=task_manager(
-        lambada_path=str(shared_data / "lambada_openai_test.jsonl")), limit=6, bootstrap_iters=0,
+        lambada_path=str(data_dir / "lambada_openai_test.jsonl")), limit=6, bootstrap_iters=0,
         log_samples=False)["results"]["lambada_openai_local"]
     assert ours["perplexity,none"] == pytest.approx(local["perplexity,none"], rel=1e-9)
 

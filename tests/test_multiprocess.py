@@ -2,7 +2,7 @@
 with 8 devices: the same losses from tfrecords under a data-parallel and a mixed data/tensor
 parallel layout, checkpoints that move between process counts and continue the uninterrupted
 run, and --eval (lm-eval tasks + validation) and --predict with only process 0 writing and
-printing. Partial launch settings are refused with the fix."""
+printing; --new clears the run once. Partial launch settings are refused with the fix."""
 
 import json
 import shutil
@@ -53,8 +53,8 @@ def workdir(tmp_path_factory):
     return root
 
 
-def train(workdir, model_path, layout, processes, steps=STEPS):
-    args = [str(ROOT / "main.py"), "--model", str(workdir / "model.json"), "--steps_per_checkpoint", "3",
+def train(workdir, model_path, layout, processes, steps=STEPS, extra=()):
+    args = [str(ROOT / "main.py"), "--model", str(workdir / "model.json"), "--steps_per_checkpoint", "3", *extra,
             "--set", f"model_path={json.dumps(str(model_path))}", "--set", f"train_steps={steps}",
             "--set", f"mesh_shape={json.dumps(layout[0])}", "--set", f"layout={json.dumps(layout[1])}"]
     results = launch(args, processes=processes, devices=8 // processes, cwd=workdir)
@@ -113,6 +113,19 @@ def test_a_checkpoint_of_one_process_continues_on_two_with_a_mixed_layout(one_pr
     np.testing.assert_allclose(losses(resumed, [4, 5, 6]), losses(one_process, [4, 5, 6]), rtol=2e-5, atol=0)
     assert records(resumed, "eval")[6]["eval_loss"] == pytest.approx(records(one_process, "eval")[6]["eval_loss"],
                                                                      rel=2e-5)
+
+
+def test_new_under_two_processes_clears_once_and_starts_over(one_process, workdir):
+    """--new on 2 processes sharing model_path: process 0 removes the old run while the other
+    waits, then both train from scratch (the first loss of a fresh run, no resume)."""
+    again = workdir / "again"
+    shutil.copytree(one_process, again)
+    results = train(workdir, again, DP, processes=2, steps=1, extra=("--new",))
+    assert "removed 2 training checkpoint(s)" in results[0].stdout
+    assert "removed" not in results[1].stdout and "resumed" not in results[0].stdout
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["1"]
+    assert sorted(records(again)) == [1]
+    np.testing.assert_allclose(losses(again, [1]), losses(one_process, [1]), rtol=2e-5, atol=0)
 
 
 def test_eval_and_predict_under_two_processes(one_process, workdir):

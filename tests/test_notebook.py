@@ -30,9 +30,9 @@ def tiny_gpt_neo(folder: Path, gpt2: Path) -> None:
          "unk_token": "<|endoftext|>", "model_max_length": 64}))
 
 
-def test_finetune_notebook_runs_end_to_end(tmp_path, shared_data, monkeypatch):
-    tiny_gpt_neo(tmp_path / "hf", shared_data / "gpt2")
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:40_000]
+def test_finetune_notebook_runs_end_to_end(tmp_path, data_dir, monkeypatch):
+    tiny_gpt_neo(tmp_path / "hf", data_dir / "gpt2")
+    text = (data_dir / "tinyshakespeare.txt").read_text()[:40_000]
     (tmp_path / "text.txt").write_text(text)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))

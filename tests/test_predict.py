@@ -153,14 +153,14 @@ def test_prompt_files(tmp_path):
         SamplingOptions(top_p=0).check()
 
 
-def test_predict_command_on_an_imported_pythia_style_model(tmp_path, shared_data):
+def test_predict_command_on_an_imported_pythia_style_model(tmp_path, data_dir):
     hfc, model = hf_model("gpt_neox")
     hfc = transformers.GPTNeoXConfig(**{**hfc.to_dict(), "vocab_size": 50304, "hidden_size": 32,
                                         "intermediate_size": 64})
     torch.manual_seed(0)
     model = transformers.GPTNeoXForCausalLM(hfc).eval()
     model.save_pretrained(tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer.json").write_bytes((shared_data / "20B_tokenizer.json").read_bytes())
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((data_dir / "20B_tokenizer.json").read_bytes())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
     run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, env=env, timeout=300,
                                     cwd=tmp_path)
@@ -173,7 +173,7 @@ def test_predict_command_on_an_imported_pythia_style_model(tmp_path, shared_data
     assert out.returncode == 0, out.stderr
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(shared_data / "20B_tokenizer.json"))
+    tok = Tokenizer.from_file(str(data_dir / "20B_tokenizer.json"))
     for prompt in prompts:
         ids = tok.encode(prompt).ids
         ref = hf_greedy(model, ids, 8)

@@ -1,4 +1,5 @@
-"""A run killed at any moment and restarted produces exactly the losses of one never killed;
+"""A run killed at any moment and restarted produces exactly the losses of one never killed,
+also with several steps per compiled call, a SIGTERM, or a kill during an asynchronous save;
 checkpoints restore onto a different mesh; the record (metrics.jsonl) stays consistent."""
 
 import json
@@ -22,12 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # dropout on, so the resumed run must also repeat its random numbers
 SETTINGS = ["train_steps=14", "iterations=1", "embed_dropout=0.1", "res_dropout=0.1", "attn_dropout=0.1",
             "eval_steps=1"]
+# 4 steps per compiled call, a checkpoint after every call; the last call runs 2 steps
+MULTI = ["iterations=4" if s == "iterations=1" else s for s in SETTINGS]
 
 
-def command(model_path: Path) -> list[str]:
-    args = [sys.executable, str(ROOT / "main.py"), "--model", "tiny", "--steps_per_checkpoint", "3",
+def command(model_path: Path, settings: list[str] = SETTINGS, every: int = 3) -> list[str]:
+    args = [sys.executable, str(ROOT / "main.py"), "--model", "tiny", "--steps_per_checkpoint", str(every),
             "--set", f"model_path={json.dumps(str(model_path))}"]
-    for s in SETTINGS:
+    for s in settings:
         args += ["--set", s]
     return args
 
@@ -71,6 +74,117 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_losses(tmp_path):
     assert list((run / "tensorboard").iterdir())
 
 
+@pytest.fixture(scope="module")
+def multi_step_reference(tmp_path_factory) -> dict[int, float]:
+    path = tmp_path_factory.mktemp("multi") / "uninterrupted"
+    subprocess.run(command(path, MULTI, 4), env=ENV, check=True, capture_output=True, timeout=300)
+    expected = losses(path)
+    assert sorted(expected) == [4, 8, 12, 14]  # logged every `iterations` steps and at the end
+    return expected
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step} (exit code {proc.poll()})")
+
+
+def test_sigterm_in_a_multi_step_run_saves_at_the_end_of_the_call_and_resumes_exactly(tmp_path,
+                                                                                       multi_step_reference):
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen(command(run, MULTI, 4), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    wait_for_step(proc, run / "metrics.jsonl", 4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0
+    saved = int(out.split("SIGTERM: saved checkpoint ")[1].split(";")[0])
+    assert saved in (4, 8, 12)  # a call is never cut: the checkpoint is at a call's end
+    out = subprocess.run(command(run, MULTI, 4), env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"resumed from checkpoint {saved}" in out.stdout
+    assert losses(run) == multi_step_reference
+
+
+SLOW_SAVE = """
+import asyncio, pathlib, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+marker = pathlib.Path(sys.argv[1], "saving-8")
+
+async def slow_commit(self, *args, **kwargs):
+    # the save of step 8: its files are written; hold back the rename that commits them
+    if self.get_final().name == "8":
+        marker.write_text("")
+        await asyncio.sleep(600)
+    return await commit(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = slow_commit
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigkill_during_an_asynchronous_save_keeps_the_previous_checkpoint(tmp_path, multi_step_reference):
+    """Checkpoint 8 is still being saved (its commit held back in orbax's background thread)
+    while training goes on to step 12; a SIGKILL then leaves checkpoint 4 intact and no
+    checkpoint 8, and the rerun resumes from 4 and repeats the uninterrupted run exactly."""
+    run = tmp_path / "killed"
+    run.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(tmp_path), *command(run, MULTI, 4)[1:]],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(proc, run / "metrics.jsonl", 12)  # training went on past step 8...
+    deadline = time.time() + 60
+    while not (tmp_path / "saving-8").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "saving-8").exists(), "the save of step 8 never reached its commit"
+    committed = lambda: sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert committed() == [4]  # ...while checkpoint 8 was still being saved
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert committed() == [4]
+    out = subprocess.run(command(run, MULTI, 4), env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from checkpoint 4" in out.stdout
+    assert losses(run) == multi_step_reference
+
+
+def test_resume_at_a_step_between_calls(tmp_path):
+    """A run stopped at step 6 (train_steps 6: its last call runs 2 steps) and continued to 14
+    takes calls of 2, 4, 4, 2 steps from there and computes what a run straight to 14 computes."""
+    quiet = lambda _m: None
+    layout = make_layout("", "", jax.devices()[:1])
+    config = lambda path, steps: load_model_config("tiny", {"model_path": str(path), "train_steps": steps,
+                                                             "iterations": 4, "res_dropout": 0.1})
+    straight = fit(config(tmp_path / "straight", 14), layout, 8, log=quiet)
+    fit(config(tmp_path / "stopped", 6), layout, 8, log=quiet)
+    lines = []
+    resumed = fit(config(tmp_path / "stopped", 14), layout, 8, log=lines.append)
+    assert any(l.startswith("neo: resumed from checkpoint 6 ") for l in lines)
+    assert [l.split()[2] for l in lines if l.startswith("neo: compiled")] == ["2", "4"]
+    assert resumed["step"] == 14 and resumed["loss"] == straight["loss"]
+    got = losses(tmp_path / "stopped")
+    assert sorted(got) == [4, 6, 8, 12, 14]
+    assert {s: got[s] for s in (4, 8, 12, 14)} == losses(tmp_path / "straight")
+
+
+def test_steps_per_call_divides_iterations_and_the_checkpoint_interval():
+    from neo.loop import STACK_BYTES, steps_per_call
+
+    cfg = lambda **kw: load_model_config("tiny", {"iterations": 500, **kw})
+    assert steps_per_call(cfg(), 5000, 8) == (500, "")
+    k, why = steps_per_call(cfg(), 300, 8)
+    assert k == 100 and "gcd of iterations 500 and steps_per_checkpoint 300" in why
+    big = cfg(train_batch_size=256, n_ctx=2048)  # 2 MiB of tokens per step
+    k, why = steps_per_call(big, 5000, 256)
+    assert k == 125 and k * 256 * 2049 * 4 <= STACK_BYTES and "MiB" in why  # the largest divisor of 500 that fits
+    assert steps_per_call(big, 5000, 256 // 64)[0] == 500  # a host that holds 1/64 of the rows
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     def config(path, steps):
         return load_model_config("tiny", {"model_path": str(path), "train_steps": steps, "iterations": 1})
@@ -86,27 +200,28 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """Divergence is simulated by poisoning the parameters after step 5: what is tested is
-    the loop's reaction, which must not depend on how the NaN arose."""
-    import neo.loop
+    """Divergence is simulated by poisoning the parameters after step 5, inside the compiled
+    multi-step call (2 steps per call here: gcd of iterations 4 and steps_per_checkpoint 2): what
+    is tested is the loop's reaction, which must not depend on how the NaN arose."""
+    import jax.numpy as jnp
+
+    import neo.train
     from neo.checkpoint import Checkpointer
     from neo.errors import NeoError
 
-    real_build = neo.loop.build
+    real_train_step = neo.train._train_step
 
-    def build_that_diverges(cfg, layout):
-        setup = real_build(cfg, layout)
-        step = setup.step
+    def train_step_that_diverges(*args):
+        step = real_train_step(*args)
 
         def poisoned(state, batch):
-            if int(state.step) == 5:
-                state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
-            return step(state, batch)
+            bad = state.step == 5
+            return step(state.replace(params=jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), state.params)),
+                        batch)
 
-        setup.step = poisoned
-        return setup
+        return poisoned
 
-    monkeypatch.setattr(neo.loop, "build", build_that_diverges)
+    monkeypatch.setattr(neo.train, "_train_step", train_step_that_diverges)
     cfg = load_model_config("tiny", {"model_path": str(tmp_path), "train_steps": 20, "iterations": 4})
     with pytest.raises(NeoError, match=r"at step 6: training diverged.*last good checkpoint is step 4"):
         fit(cfg, make_layout("", "", jax.devices()[:1]), 2, log=lambda _m: None)

@@ -1,5 +1,6 @@
 """The sharded train step: 8 devices compute what 1 device computes, under any valid layout,
-and parameters really are split the way the layout says."""
+parameters really are split the way the layout says, and n steps in one compiled call compute
+what n one-step calls compute."""
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from neo.config import parse_model_config
 from neo.errors import NeoError
 from neo.mesh import make_layout, num_microbatches
-from neo.train import build, global_batch
+from neo.train import build, global_batch, global_batches
 
 LAYOUTS = {
     "data": ("x:8", "batch:x"),
@@ -114,3 +115,30 @@ def test_layout_that_cannot_split_fails_before_compiling(base_cfg):
         build(base_cfg.replace(n_vocab=130), make_layout("x:2,y:4", "batch:x,vocab:y"))
     with pytest.raises(NeoError, match=r"'batch' \(size 4 in the config\).*multiple of 8"):
         build(base_cfg.replace(train_batch_size=4), make_layout("x:8", "batch:x"))
+
+
+@pytest.mark.parametrize("mesh_shape,layout,micro", [("", "", None), ("x:2,y:4", "batch:x,heads:y,embd:y", 2)])
+def test_steps_in_one_call_equal_one_step_calls(tiny_config, mesh_shape, layout, micro):
+    """GPT-Neo's `iterations`: 4 steps in one compiled call (a scan over a stack of batches)
+    give every step's metrics and the state of 4 one-step calls; with dropout on, so the
+    steps' random numbers must be the same too."""
+    cfg = parse_model_config(tiny_config(embed_dropout=0.1, res_dropout=0.1, attn_dropout=0.1, lr=1e-3,
+                                         tokens_per_mb_per_replica=micro and micro * 32))
+    setup = build(cfg, make_layout(mesh_shape, layout, None if mesh_shape else jax.devices()[:1]))
+    assert setup.num_microbatches == (micro or 1)
+    stack = np.random.RandomState(1).randint(0, cfg.model.n_vocab, (4, 8, 33)).astype(np.int32)
+    one = setup.init()
+    singles = []
+    for batch in stack:
+        one, m = setup.step(one, global_batch(setup, batch))
+        singles.append(jax.device_get(m))
+    many, stacked = setup.steps(setup.init(), global_batches(setup, stack))
+    stacked = jax.device_get(stacked)
+    assert int(many.step) == 4 and stacked["loss"].shape == (4,)
+    for name in ("loss", "grad_norm", "lr"):
+        np.testing.assert_allclose(stacked[name], [m[name] for m in singles], rtol=1e-6)
+    assert len(set(stacked["loss"])) == 4  # four different steps, not one repeated
+    diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(many.params),
+                         jax.device_get(one.params))
+    assert max(jax.tree.leaves(diffs)) < 1e-6, diffs
+    assert jax.tree.map(lambda x: x.sharding, many.params) == jax.tree.map(lambda x: x.sharding, one.params)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from neo.config.sections import (
-    ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODES, SECTIONS, Config, DatasetConfig, DatasetEntry, MoEParams,
+    ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODE_ALIASES, SAMPLING_MODES, SECTIONS, Config, Curriculum,
+    DatasetConfig, DatasetEntry, MoEParams,
 )
 from neo.config.validate import validate
 from neo.errors import NeoError, did_you_mean
@@ -28,15 +29,25 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG_DIR = ROOT / "configs"
 REQUIRED = ("n_embd", "n_head", "n_layer", "n_ctx", "n_vocab", "attention_types")
 
-# Keys the original main.py wrote into the params dict at run time. Saved configs (the released
-# checkpoints' config.json) may contain them; they are command-line matters in neo, so ignored.
-RUNTIME_KEYS = frozenset({
-    "num_cores", "auto_layout", "auto_layout_and_mesh_shape", "use_tpu", "gpu_ids",
-    "steps_per_checkpoint", "predict", "export", "sampling_use_entmax", "slow_sampling",
-    "mode", "num_microbatches", "causal", "dataset_configs", "attention_layers",
-})
-# mesh-tf MoE hyperparameters that exist but have no effect on neo's (mesh-tf's v1) MoE layer.
-MOE_IGNORED = frozenset({"moe_capacity_factor_second_level", "moe_use_experts_attention"})
+# Keys the original main.py wrote into its params dict at run time (from flags, mesh_shape and
+# the dataset configs). They are not settings: in neo each is a flag or follows from other keys,
+# so a config holding one is refused with where the value comes from (none is ever ignored).
+RUNTIME_KEYS = {
+    "num_cores": "the device count, which follows from mesh_shape",
+    "auto_layout": "the --auto_layout flag", "auto_layout_and_mesh_shape": "the --auto_layout_and_mesh_shape flag",
+    "use_tpu": "the --tpu flag", "gpu_ids": "the --gpu_ids flag",
+    "steps_per_checkpoint": "the --steps_per_checkpoint flag", "predict": "the --predict flag",
+    "export": "the --export flag", "sampling_use_entmax": "the --entmax_sampling flag",
+    "slow_sampling": "set for MoE models; neo samples every model with a KV cache",
+    "mode": "train/eval/predict, chosen by the flags", "num_microbatches": "tokens_per_mb_per_replica",
+    "causal": "the opposite of mlm_training", "dataset_configs": "the files the datasets entries name",
+    "attention_layers": "attention_types (expanded)",
+}
+# mesh-tf MoE hyperparameters its v1 layer (GPT-Neo's and neo's) never reads: refused, not ignored.
+MOE_UNUSED = frozenset({"moe_capacity_factor_second_level", "moe_use_experts_attention"})
+# A dataset config naming GPT-2's tokenizer without ids gets GPT-Neo's GPT-2 ids (its pile.json's):
+# the original's defaults (eos 1, padding 0) would stitch GPT-2 documents with '"' (id 1).
+GPT2_IDS = {"eos_id": 50256, "padding_id": 50257}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +130,10 @@ def parse_model_config(raw: dict, source: str = "<dict>") -> Config:
         raise NeoError(f"{source}: a model config must be a JSON object, got {type(raw).__name__}.")
     where = source
     raw = _apply_aliases(dict(raw), where)
-    for key in RUNTIME_KEYS:
-        raw.pop(key, None)
+    for key in raw:
+        if key in RUNTIME_KEYS:
+            raise NeoError(f"{where}: '{key}' is not a config key: GPT-Neo's main.py wrote it into its params at "
+                           f"run time; in neo it is {RUNTIME_KEYS[key]}. Remove it.")
     family = raw.pop("model", "GPT")  # GPT-Neo's model family; checked with the values
     settable = set(KEY_SECTION) | {"model"}
     for key in raw:
@@ -132,7 +145,7 @@ def parse_model_config(raw: dict, source: str = "<dict>") -> Config:
             raise NeoError(f"{where}: required key '{key}' is missing.")
 
     base = _config_dir(source)
-    values = {key: _read_value(key, value, where, base) for key, value in raw.items()}
+    values = {key: _read_value(key, value, where, base, raw) for key, value in raw.items()}
     datasets = values.setdefault("datasets", ())
     if datasets:  # GPT-Neo copies the special ids from the last dataset, the tokenizer from the first
         values.setdefault("eos_id", datasets[-1].config.eos_id)
@@ -149,12 +162,14 @@ def parse_model_config(raw: dict, source: str = "<dict>") -> Config:
 def replace_keys(cfg: Config, changes: dict) -> Config:
     """`Config.replace`: flat keys with typed (or JSON-form) values, read and checked as at load."""
     where, base = cfg.source or "<config>", _config_dir(cfg.source)
+    context = {"n_vocab": cfg.model.n_vocab, "eos_id": cfg.data.eos_id, "padding_id": cfg.data.padding_id,
+               "tokenizer_path": cfg.data.tokenizer_path, **changes}
     grouped: dict[str, dict] = {}
     for key, value in changes.items():
         if key not in KEY_SECTION:
             raise NeoError(f"{where}: unknown key '{key}'.{did_you_mean(key, sorted(KEY_SECTION))} "
                            f"(docs/configs.md lists every key.)")
-        grouped.setdefault(KEY_SECTION[key], {})[key] = _read_value(key, value, where, base)
+        grouped.setdefault(KEY_SECTION[key], {})[key] = _read_value(key, value, where, base, context)
     sections = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in grouped.items()}
     return validate(dataclasses.replace(cfg, **sections))
 
@@ -181,20 +196,24 @@ def _apply_aliases(raw: dict, where: str) -> dict:
     return raw
 
 
-def _read_value(key: str, value: Any, where: str, base: Path) -> Any:
-    """One key's JSON value (or an already typed one, from `replace`) as its section's type."""
+def _read_value(key: str, value: Any, where: str, base: Path, raw: dict) -> Any:
+    """One key's JSON value (or an already typed one, from `replace`) as its section's type.
+    `raw`: the config's other keys (the README's inline datasets entries take n_vocab and the
+    special ids from them)."""
     if key == "attention_types":
         return expand_attention_types(value, where)
     if key == "datasets":
         if isinstance(value, tuple) and all(isinstance(e, DatasetEntry) for e in value):
             return value
-        return _resolve_datasets(value, where, base)
+        return _resolve_datasets(value, where, base, raw)
     if key == "moe_params":
         return value if isinstance(value, MoEParams) else parse_moe_params(value, where)
     if key == "scan_layers":  # "auto" (or null), true, false
         if value in ("auto", None) or isinstance(value, bool):
             return None if value == "auto" else value
         raise NeoError(f"{where}: 'scan_layers' must be \"auto\", true or false, got {json.dumps(value)}.")
+    if key == "curriculum_learning" and value is not None:
+        return value if isinstance(value, Curriculum) else parse_curriculum(value, where)
     return _coerce(key, value, _hints(SECTIONS[KEY_SECTION[key]])[key], where)
 
 
@@ -236,8 +255,9 @@ def parse_moe_params(value: Any, where: str) -> MoEParams:
     values: dict[str, Any] = {}
     for key, v in value.items():
         name = key if key.startswith("moe_") else "moe_" + key
-        if name in MOE_IGNORED:
-            continue
+        if name in MOE_UNUSED:
+            raise NeoError(f"{where}: moe_params {key!r} is a mesh-tf setting its v1 MoE layer (GPT-Neo's, and "
+                           f"neo's) never reads; remove it.")
         if name not in known:
             raise NeoError(f"{where}: unknown moe_params key {key!r}.{did_you_mean(name, known)} "
                            f"Known: {', '.join(known)}.")
@@ -254,27 +274,79 @@ def parse_moe_params(value: Any, where: str) -> MoEParams:
     return MoEParams(**values)
 
 
-def _resolve_datasets(entries: Any, where: str, base: Path) -> tuple[DatasetEntry, ...]:
+def parse_curriculum(value: Any, where: str) -> Curriculum:
+    """GPT-NeoX's (DeepSpeed's) `curriculum_learning` object: `enabled`, `curriculum_type`,
+    `min_difficulty`, `max_difficulty`, `schedule_type` and `schedule_config` {`total_curriculum_step`,
+    `difficulty_step`, `root_degree`}. Unknown keys and wrong types are errors here; what the
+    values mean is checked in validate (they need n_ctx)."""
+    where = f"{where}: curriculum_learning"
+    if not isinstance(value, dict):
+        raise NeoError(f"{where} must be an object like {{\"min_difficulty\": 64, \"schedule_config\": "
+                       f"{{\"total_curriculum_step\": 1000, \"difficulty_step\": 8}}}}.")
+    value = dict(value)
+    schedule = value.pop("schedule_config", {})
+    if not isinstance(schedule, dict):
+        raise NeoError(f"{where} 'schedule_config' must be an object with total_curriculum_step, difficulty_step.")
+    top = [f.name for f in dataclasses.fields(Curriculum) if f.name not in Curriculum.SCHEDULE_KEYS]
+    fields: dict[str, Any] = {}
+    for keys, given, name in ((top + ["schedule_config"], value, ""), (Curriculum.SCHEDULE_KEYS, schedule,
+                                                                       "schedule_config ")):
+        for key, v in given.items():
+            if key not in keys:
+                raise NeoError(f"{where}: unknown {name}key {key!r}.{did_you_mean(key, list(keys))} "
+                               f"Known: {', '.join(keys)}.")
+            fields[key] = _coerce(f"curriculum_learning {key}", v, _hints(Curriculum)[key], where.split(":")[0])
+    for key in ("min_difficulty", "total_curriculum_step"):
+        if key not in fields:
+            raise NeoError(f"{where}: '{key}' is required (schedule_config holds total_curriculum_step).")
+    return Curriculum(**fields)
+
+
+def _resolve_datasets(entries: Any, where: str, base: Path, raw: dict) -> tuple[DatasetEntry, ...]:
+    """`datasets` entries: `[id, stitch, sampling_mode, weight]` (GPT-Neo's code; a plain id
+    string too) or the README's `[train_glob, eval_glob, stitch, sampling_mode, weight]`."""
+    form = "[id, stitch, sampling_mode, weight] or [train_glob, eval_glob, stitch, sampling_mode, weight]"
     if not isinstance(entries, (list, tuple)):
-        raise NeoError(f"{where}: 'datasets' must be a list of [id, stitch, sampling_mode, weight] entries.")
+        raise NeoError(f"{where}: 'datasets' must be a list of {form} entries.")
     out = []
     for item in entries:
         if isinstance(item, str):
             item = [item, None, None, None]
-        if not isinstance(item, (list, tuple)) or not 1 <= len(item) <= 4 or not isinstance(item[0], str):
-            raise NeoError(f"{where}: datasets entry {json.dumps(item)} must be [id, stitch, sampling_mode, "
-                           f"weight] (or a plain id string).")
-        ds_id, stitch, mode, weight = (list(item) + [None] * 4)[:4]
+        if not isinstance(item, (list, tuple)) or not 1 <= len(item) <= 5 or not isinstance(item[0], str):
+            raise NeoError(f"{where}: datasets entry {json.dumps(item)} must be {form} (or a plain id string).")
+        inline = len(item) == 5
+        if inline:
+            train, evals, stitch, mode, weight = item
+            if not isinstance(evals, (str, type(None))):
+                raise NeoError(f"{where}: datasets entry {json.dumps(item)}: the eval glob (2nd) must be a string.")
+        else:
+            train, stitch, mode, weight = (list(item) + [None] * 4)[:4]
+        mode = SAMPLING_MODE_ALIASES.get(mode, mode)
         if stitch is not None and (not isinstance(stitch, int) or isinstance(stitch, bool)):
-            raise NeoError(f"{where}: dataset '{ds_id}': stitch must be an integer or null, got {stitch!r}.")
+            raise NeoError(f"{where}: dataset '{train}': stitch must be an integer or null, got {stitch!r}.")
         if mode is not None and mode not in SAMPLING_MODES:
-            raise NeoError(f"{where}: dataset '{ds_id}': sampling mode {mode!r} is not one of "
-                           f"{', '.join(SAMPLING_MODES)}.{did_you_mean(str(mode), SAMPLING_MODES)}")
+            known = SAMPLING_MODES + tuple(SAMPLING_MODE_ALIASES)
+            raise NeoError(f"{where}: dataset '{train}': sampling mode {mode!r} is not one of "
+                           f"{', '.join(known)}.{did_you_mean(str(mode), known)}")
         if weight is not None and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0):
-            raise NeoError(f"{where}: dataset '{ds_id}': weight must be a positive number, got {weight!r}.")
-        out.append(DatasetEntry(ds_id, stitch, mode, None if weight is None else float(weight),
-                                load_dataset_config(ds_id, base, where)))
+            raise NeoError(f"{where}: dataset '{train}': weight must be a positive number, got {weight!r}.")
+        config = (_inline_dataset(train, evals or "", base, raw, where) if inline
+                  else load_dataset_config(train, base, where))
+        out.append(DatasetEntry(train, stitch, mode, None if weight is None else float(weight), config, inline))
     return tuple(out)
+
+
+def _inline_dataset(train: str, evals: str, base: Path, raw: dict, where: str) -> DatasetConfig:
+    """The README's entry names its files itself: the data is taken to be in the model's
+    vocabulary, with the model config's eos_id / padding_id (GPT-Neo's defaults 1 / 0 without
+    them) and its tokenizer_path."""
+    if "n_vocab" not in raw:
+        raise NeoError(f"{where}: required key 'n_vocab' is missing.")
+    ids = {k: _coerce(k, raw[k], int, where) for k in ("eos_id", "padding_id") if raw.get(k) is not None}
+    tokenizer = raw.get("tokenizer_path")
+    return DatasetConfig(id=train, n_vocab=_coerce("n_vocab", raw["n_vocab"], int, where), path=train,
+                         eval_path=evals, tokenizer_path=tokenizer if isinstance(tokenizer, str) else None,
+                         source=str(base), **ids)
 
 
 def dataset_config_dirs(base: Path) -> list[Path]:
@@ -309,6 +381,8 @@ def load_dataset_config(ds_id: str, base: Path, where: str = "<config>") -> Data
     if not isinstance(raw, dict):
         raise NeoError(f"{path}: a dataset config must be a JSON object.")
     fields = {f.name for f in dataclasses.fields(DatasetConfig)} - {"id", "source"}
+    if raw.get("tokenizer_path") == "gpt2":
+        raw = {**GPT2_IDS, **raw}
     for key in raw:
         if key not in fields:
             raise NeoError(f"{path}: unknown dataset key '{key}'.{did_you_mean(key, sorted(fields))}")
@@ -352,6 +426,11 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # GPT-Neo's released config.json files write "ada_epsilon1": "1e-30"
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad("a number")
     if hint is str:
         if isinstance(value, str):
@@ -380,15 +459,25 @@ def to_json_dict(cfg: Config) -> dict:
             if f.name == "attention_types":
                 out[f.name] = [[list(v), 1]] if len(set(v)) > 1 else [[[v[0]], len(v)]]
             elif f.name == "datasets":
-                out[f.name] = [[e.id, e.stitch, e.sampling_mode, e.weight] for e in v]
+                out[f.name] = [[e.config.path, e.config.eval_path, e.stitch, e.sampling_mode, e.weight] if e.inline
+                               else [e.id, e.stitch, e.sampling_mode, e.weight] for e in v]
             elif f.name not in REQUIRED and v == _default(f):
                 continue
+            elif f.name == "curriculum_learning":
+                out[f.name] = curriculum_json(v)
             elif f.name == "moe_params":
                 defaults = MoEParams()
                 out[f.name] = {k: x for k, x in dataclasses.asdict(v).items() if x != getattr(defaults, k)}
             else:
                 out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def curriculum_json(c: Curriculum) -> dict:
+    """A Curriculum in GPT-NeoX's nested form (what parse_curriculum reads)."""
+    flat = {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+    return {**{k: v for k, v in flat.items() if k not in Curriculum.SCHEDULE_KEYS},
+            "schedule_config": {k: v for k, v in flat.items() if k in Curriculum.SCHEDULE_KEYS}}
 
 
 def _default(f: dataclasses.Field) -> Any:

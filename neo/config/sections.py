@@ -26,6 +26,12 @@ from typing import Any, Optional
 
 ATTENTION_KINDS = ("global", "local", "linear", "none")
 SAMPLING_MODES = ("chunks", "documents_fixed", "documents_random")
+# GPT-Neo's README calls documents_random `random_sample` (its parameter reference).
+SAMPLING_MODE_ALIASES = {"random_sample": "documents_random"}
+# GPT-Neo's readers (main.py `input_fn`), mapped onto neo's sampling (neo/data/__init__.py):
+# `sequential_input` reads every dataset's records in file order as chunks; `generic_text`
+# samples each `datasets` entry as it says. Absent: neo's reader, which is `generic_text`'s.
+INPUT_FNS = ("sequential_input", "generic_text")
 PRECISIONS = ("float32", "bfloat16")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adam", "adafactor")
@@ -51,6 +57,7 @@ MOE_POLICIES = ("random", "threshold", "all", "none")
 # (neo/model/gpt.py); docs/configs.md describes each.
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "blocked", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+CURRICULUM_SCHEDULES = ("fixed_linear", "fixed_root")
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ class DatasetConfig:
     tokenizer_path: Optional[str] = None
     eos_id: int = 1
     padding_id: int = 0
+    # GPT-Neo's LAMBADA file for `eval_tasks: ["lambada"]`: its token cache (.json, a list of
+    # token lists) or the text (.jsonl); neo/evaluate/harness.py reads it.
     lambada_tokens_path: Optional[str] = None
     # neo: for a plain-text `path`, the last `holdout` fraction of its tokens is the eval split.
     holdout: float = 0.0
@@ -102,13 +111,16 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A model config's `datasets` element `[id, stitch, sampling_mode, weight]`."""
+    """A model config's `datasets` element `[id, stitch, sampling_mode, weight]`, or the
+    README's `[train_glob, eval_glob, stitch, sampling_mode, weight]` (`inline`: its files are
+    named in the entry itself, `id` is the train glob)."""
 
     id: str
     stitch: Optional[int]
     sampling_mode: Optional[str]
     weight: Optional[float]
     config: DatasetConfig
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +283,25 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class Curriculum:
+    """GPT-NeoX's `curriculum_learning` (DeepSpeed's seqlen curriculum, its config form): train
+    on the first `length` tokens of each row, growing from `min_difficulty` to
+    `max_difficulty` (= n_ctx) over `total_curriculum_step` steps in multiples of
+    `difficulty_step` (neo/curriculum.py). `schedule_config` keys are flattened here."""
+
+    min_difficulty: int
+    total_curriculum_step: int
+    max_difficulty: Optional[int] = None  # None: n_ctx
+    enabled: bool = True
+    curriculum_type: str = "seqlen"
+    schedule_type: str = "fixed_linear"
+    difficulty_step: int = 1
+    root_degree: Optional[int] = None  # fixed_root only
+
+    SCHEDULE_KEYS = ("total_curriculum_step", "difficulty_step", "root_degree")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """How a run trains and evaluates: batches and steps, the objective (z-loss, masked-LM
     masking), where checkpoints go, the mesh and layout, seed and tracking."""
@@ -297,6 +328,7 @@ class RunConfig:
     keep_checkpoints: int = 5  # neo (docs/configs.md)
     wandb_project: Optional[str] = None  # neo
     log_grads: bool = False
+    curriculum_learning: Optional[Curriculum] = None  # GPT-NeoX's sequence-length warmup
 
     @property
     def eval_rows(self) -> int:
@@ -309,8 +341,8 @@ class DataConfig:
     """Where batches come from and the token ids that have a meaning."""
 
     datasets: tuple[DatasetEntry, ...] = ()
-    no_dataset: bool = False
-    input_fn: str = "sequential_input"
+    no_dataset: bool = False  # GPT-Neo: a config that runs without data (--auto_layout, --predict)
+    input_fn: Optional[str] = None  # None: neo's reader (= generic_text); see INPUT_FNS
     shuffle_input_filenames: bool = True
     eos_id: Optional[int] = None  # default: the last dataset's
     padding_id: Optional[int] = None  # default: the last dataset's

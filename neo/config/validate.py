@@ -15,8 +15,9 @@ import re
 from typing import Callable, NoReturn
 
 from neo.config.sections import (
-    ACTIVATION_FNS, ATTENTION_IMPLS, LR_DECAYS, MOE_POLICIES, NORMS, OPTIMIZERS, POS_EMBS, PRECISIONS, REMAT_POLICIES,
-    Config, ModelConfig, MoEParams, OptimizerConfig, RunConfig, SamplingConfig, mlm_excluded_ids, mlm_vocab,
+    ACTIVATION_FNS, ATTENTION_IMPLS, CURRICULUM_SCHEDULES, INPUT_FNS, LR_DECAYS, MOE_POLICIES, NORMS, OPTIMIZERS,
+    POS_EMBS, PRECISIONS, REMAT_POLICIES, Config, Curriculum, ModelConfig, MoEParams, OptimizerConfig, RunConfig,
+    SamplingConfig, mlm_excluded_ids, mlm_vocab,
 )
 from neo.errors import NeoError, did_you_mean
 
@@ -39,6 +40,8 @@ def validate(cfg: Config, family: str = "GPT") -> Config:
     _check_optimizer(cfg.optimizer, fail)
     _check_run(cfg.run, fail)
     _check_data(cfg, fail)
+    if cfg.run.curriculum_learning is not None:
+        _check_curriculum(cfg.run.curriculum_learning, cfg.model.n_ctx, cfg.model.mlm_training, fail)
     _check_sampling(cfg.sampling, fail)
     if cfg.model.mlm_training:
         _check_mlm(cfg, fail)
@@ -222,6 +225,33 @@ def _check_run(r: RunConfig, fail: Fail) -> None:
         fail("entmax_loss not supported yet in neo; remove it from the config.")
 
 
+def _check_curriculum(c: Curriculum, n_ctx: int, mlm: bool, fail: Fail) -> None:
+    """GPT-NeoX's sequence-length curriculum (neo/curriculum.py), checked even when disabled."""
+    fail_c = lambda msg: fail(f"curriculum_learning: {msg}")
+    if c.curriculum_type != "seqlen":
+        fail_c(f"'curriculum_type' must be \"seqlen\" (GPT-NeoX's only kind), got {c.curriculum_type!r}.")
+    if c.schedule_type not in CURRICULUM_SCHEDULES:
+        fail_c(f"'schedule_type' must be one of {', '.join(CURRICULUM_SCHEDULES)}, got {c.schedule_type!r}."
+               f"{did_you_mean(c.schedule_type, CURRICULUM_SCHEDULES)}")
+    if c.max_difficulty is not None and c.max_difficulty != n_ctx:
+        fail_c(f"'max_difficulty' ({c.max_difficulty}) must equal n_ctx ({n_ctx}): the curriculum ends at the "
+               f"full context (leave it out to mean n_ctx).")
+    if not 1 <= c.min_difficulty <= n_ctx:
+        fail_c(f"'min_difficulty' must be in 1..n_ctx ({n_ctx}): the first length trained on, got {c.min_difficulty}.")
+    if c.total_curriculum_step < 1:
+        fail_c(f"'total_curriculum_step' must be >= 1 (steps to grow to n_ctx), got {c.total_curriculum_step}.")
+    if c.difficulty_step < 1 or c.min_difficulty % c.difficulty_step or n_ctx % c.difficulty_step:
+        fail_c(f"'difficulty_step' ({c.difficulty_step}) must be >= 1 and divide both min_difficulty "
+               f"({c.min_difficulty}) and n_ctx ({n_ctx}): every length is a multiple of it.")
+    if c.schedule_type == "fixed_root" and (c.root_degree is None or c.root_degree < 1):
+        fail_c(f"fixed_root needs schedule_config 'root_degree' >= 1, got {c.root_degree}.")
+    if c.enabled and mlm:
+        fail_c("GPT-NeoX's sequence-length warmup is for causal training; turn it off (enabled: false) or "
+               "turn off mlm_training.")
+    if c.schedule_type == "fixed_linear" and c.root_degree is not None:
+        fail_c("'root_degree' belongs to schedule_type fixed_root; remove it or set schedule_type fixed_root.")
+
+
 def _check_data(cfg: Config, fail: Fail) -> None:
     n_vocab, n_ctx = cfg.model.n_vocab, cfg.model.n_ctx
     datasets = cfg.data.datasets
@@ -256,13 +286,42 @@ def _check_data(cfg: Config, fail: Fail) -> None:
                 fail(f"dataset '{entry.id}': documents_random needs stitch x minimum_size >= n_ctx + 1 so that "
                      f"every window is real text, but {stitch} x {shortest} = {stitch * shortest} < "
                      f"{n_ctx + 1}; set stitch to at least {-(-(n_ctx + 1) // shortest)} in 'datasets'.")
-    for key, v in (("eos_id", cfg.data.eos_id), ("padding_id", cfg.data.padding_id),
-                   ("mlm_mask_id", cfg.run.mlm_mask_id), ("mlm_cls_token_id", cfg.run.mlm_cls_token_id)):
+    for key, v in (("eos_id", cfg.data.eos_id), ("mlm_mask_id", cfg.run.mlm_mask_id),
+                   ("mlm_cls_token_id", cfg.run.mlm_cls_token_id)):
         if v is not None and not 0 <= v < n_vocab:
             fail(f"'{key}' ({v}) is outside the vocabulary 0..{n_vocab - 1}.")
     outside = [i for i in cfg.run.mlm_mask_ignore_ids if not 0 <= i < n_vocab]
     if outside:
         fail(f"'mlm_mask_ignore_ids' {outside} are outside the vocabulary 0..{n_vocab - 1}.")
+    # padding_id may lie outside the vocabulary, as in GPT-Neo's GPT-2 datasets (50257 of 50257
+    # ids): padded positions are never targets, and an id past the table embeds as zeros, as
+    # mesh-tf's gather gave (neo/model/gpt.py).
+    if cfg.data.padding_id is not None and cfg.data.padding_id < 0:
+        fail(f"'padding_id' ({cfg.data.padding_id}) must be >= 0.")
+    _check_readers(cfg, fail)
+
+
+def _check_readers(cfg: Config, fail: Fail) -> None:
+    """`input_fn`, `no_dataset` and `lambada_tokens_path`, GPT-Neo's keys about where data comes from."""
+    d = cfg.data
+    if d.input_fn is not None:
+        if d.input_fn == "pred_input":
+            fail("input_fn 'pred_input' is GPT-Neo's --predict reader (it always read the prompt that way), "
+                 f"not a training reader; use one of {', '.join(INPUT_FNS)} or leave input_fn out.")
+        if d.input_fn not in INPUT_FNS:
+            fail(f"input_fn {d.input_fn!r} is not one of GPT-Neo's readers {', '.join(INPUT_FNS)} "
+                 f"(docs/data.md).{did_you_mean(d.input_fn, INPUT_FNS)}")
+        if any(e.config.path.endswith(".txt") for e in d.datasets):
+            fail(f"input_fn {d.input_fn!r} chooses how tfrecords are read; a plain-text dataset is read whole "
+                 f"by neo's text source. Leave input_fn out, or make tfrecords with data/create_tfrecords.py.")
+    if d.no_dataset and d.datasets:
+        fail(f"no_dataset is true but 'datasets' lists {len(d.datasets)} dataset(s); keep one of them "
+             f"(no_dataset declares a config that runs without data, e.g. for --predict or --auto_layout).")
+    for entry in d.datasets:
+        path = entry.config.lambada_tokens_path
+        if path is not None and not path.endswith((".json", ".jsonl")):
+            fail(f"dataset '{entry.id}': lambada_tokens_path {path!r} must be GPT-Neo's token cache (.json) "
+                 f"or LAMBADA text, one {{\"text\": ...}} per line (.jsonl).")
 
 
 def _check_mlm(cfg: Config, fail: Fail) -> None:

@@ -44,6 +44,8 @@ def check_dataset(cfg: Config, log=print, show: int = 3) -> dict[str, dict[str, 
     """Print the report; raise NeoError if any token id is outside the vocabulary."""
     from neo.data import dataset_file
 
+    if cfg.data.no_dataset:
+        raise NeoError(f"{cfg.source}: no_dataset is true: this config has no data to check.")
     if not cfg.data.datasets:
         raise NeoError(f"{cfg.source}: no 'datasets' configured; nothing to check.")
     reports: dict[str, dict[str, SplitReport]] = {}
@@ -187,14 +189,16 @@ def _show_examples(cfg: Config, log, show: int) -> None:
     from neo.data.tokenizer import load_tokenizer
 
     batch = next(make_source(cfg, "train"))
-    try:
+    tokenizer = None  # without a configured tokenizer the examples are shown as ids, and it says so
+    if cfg.data.tokenizer_path is None:
+        log("(no 'tokenizer_path' configured: the examples are shown as token ids)")
+    else:  # a tokenizer that does not load is an error (its message names the file and the fix)
         tokenizer = load_tokenizer(cfg.data.tokenizer_path, cfg.data.datasets[0].config.tokenizer_is_pretrained)
-    except NeoError as e:
-        tokenizer = None
-        log(f"(cannot decode the examples: {e})")
     for row in range(min(show, len(batch))):
-        log(f"--- training example {row + 1} of the first batch: {batch.shape[1]} tokens "
-            f"(ids {batch[row, :8].tolist()} ...) ---")
-        text = tokenizer.decode(batch[row]) if tokenizer else " ".join(map(str, batch[row]))
+        tokens = batch[row][batch[row] >= 0]  # without the padding (PAD), which is no token
+        padding = f", then {len(batch[row]) - len(tokens)} padding (no target)" if len(tokens) < len(batch[row]) else ""
+        log(f"--- training example {row + 1} of the first batch: {len(tokens)} tokens{padding} "
+            f"(ids {tokens[:8].tolist()} ...) ---")
+        text = tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))
         log(text if len(text) <= 2 * SHOW_CHARS else f"{text[:SHOW_CHARS]}\n...\n{text[-SHOW_CHARS:]}")
     log("-" * 40)

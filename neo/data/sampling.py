@@ -10,7 +10,8 @@ cheap, and what lets each process read only the examples of its own rows of a ba
   concatenated. Record i of the dataset's stream is record i mod N of epoch i div N (N records
   in all). Epochs follow each other forever.
 - Within an epoch, records are shuffled in blocks of SHUFFLE_BLOCK consecutive records, each by
-  its own generator seeded with (seed, epoch, block).
+  its own generator seeded with (seed, epoch, block) (not for GPT-Neo's sequential_input, which
+  reads them in order).
 - Sampling modes turn records into [n_ctx + 1]-token examples:
   `chunks`: records of equal length R give (R - 1) // n_ctx windows each, consecutive windows
   sharing one token (the last target of one is the first input of the next), so a record of
@@ -20,29 +21,28 @@ cheap, and what lets each process read only the examples of its own rows of a ba
   first n_ctx + 1 tokens;
   `documents_random`: the same, then a window of n_ctx + 1 tokens at an offset drawn with the
   shuffle of the group's first record (a pure function of its position in the stream).
-  Short stitched documents are padded with padding_id (documents_random warns: raise stitch).
+  Short stitched documents are padded with PAD (neo/data/__init__.py), never a target
+  (documents_random warns: raise stitch).
 
-A batch's examples lie in a few consecutive shuffle blocks, and the rows one process holds
-are spread over all of them; so every process reads those blocks (sequentially, as tf.data is
-fast at) and turns only its own records into examples.
+Which records an example needs is arithmetic (the shuffles are drawn, never read), so a process
+reads exactly the records of its own rows, by number (tfrecords.py `RecordFiles`: one seek and
+read per run of consecutive records), and the bytes each host reads per step fall with the
+number of hosts.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from neo.data.tfrecords import read_records
+from neo.data import PAD
+from neo.data.tfrecords import RecordFiles
 from neo.errors import NeoError
 
-SHUFFLE_BLOCK = 1024  # records shuffled together; also what is read to reach any one of them
-# A reader this many records or fewer behind the block it must read reads on to it; further
-# behind, a new reader is opened there (opening costs ~10 ms; tf.data skips records cheaply).
-READ_ON = 1024
+SHUFFLE_BLOCK = 1024  # records shuffled together
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class DatasetSpec:
     stitch: int
     n_ctx: int
     eos_id: int
-    padding_id: int
     n_vocab: int
     seed: tuple[int, ...]
     shuffle_files: bool = True
+    shuffle_records: bool = True
 
 
 @dataclass
@@ -67,16 +67,6 @@ class Record:
     tokens: np.ndarray
     file: str
     u: float  # a uniform draw tied to this record's position: documents_random's window offset
-
-
-@dataclass
-class _Block:
-    """One shuffle block, read: its records in epoch (file) order and its shuffle."""
-
-    key: tuple[int, int]  # (epoch, block)
-    items: list[tuple[np.ndarray, str]]
-    perm: np.ndarray
-    u: np.ndarray
 
 
 class DatasetStream:
@@ -87,12 +77,14 @@ class DatasetStream:
             raise NeoError(f"dataset '{spec.name}': its {len(spec.files)} file(s) hold no records.")
         self.spec = spec
         self.records_per_epoch = sum(spec.counts)
-        self._block: Optional[_Block] = None
-        self._reader: Optional[tuple[int, int, Iterator[tuple[np.ndarray, str]]]] = None  # epoch, next, records
+        self.files = RecordFiles(spec.n_vocab)
+        self._loaded: dict[int, Record] = {}  # records of the examples being assembled, by stream index
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._shuffles: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.windows = 1
         if spec.mode == "chunks":
-            first = next(f for f, c in zip(spec.files, spec.counts) if c)
-            self.record_length = record_length or len(next(read_records(first, 0)))
+            first = next(i for i, c in enumerate(spec.counts) if c)
+            self.record_length = record_length or len(self._read(first, [0])[0])
             if self.record_length < spec.n_ctx + 1:
                 raise NeoError(
                     f"dataset '{spec.name}': its records hold {self.record_length} tokens, fewer than "
@@ -111,68 +103,89 @@ class DatasetStream:
             order = np.random.default_rng([*self.spec.seed, 0, epoch]).permutation(order)
         return [int(i) for i in order if self.spec.counts[i]]
 
-    def _epoch_records(self, epoch: int, start: int) -> Iterator[tuple[np.ndarray, str]]:
-        """Records start, start+1, ... of an epoch, in file order (not shuffled)."""
-        g = start  # index into the concatenation of the epoch's files
-        for i in self.epoch_files(epoch):
-            count = self.spec.counts[i]
-            if g >= count:
-                g -= count
-                continue
-            path, seen = self.spec.files[i], g
-            for tokens in read_records(path, g, self.spec.n_vocab):
-                if seen == count:
-                    raise NeoError(f"{path}: holds more records than its name says ({count}); rename it to "
-                                   f"end in its true count (neo relies on the count to resume exactly).")
-                yield tokens, path
-                seen += 1
-            if seen != count:
-                raise NeoError(f"{path}: holds {seen} records but its name says {count}; rename it to "
-                               f"end in _{seen}.tfrecords (neo relies on the count to resume exactly).")
-            g = 0
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the epoch's files in reading order, the epoch index of each one's first record)."""
+        if epoch not in self._epochs:
+            files = np.array(self.epoch_files(epoch), np.int64)
+            firsts = np.concatenate([[0], np.cumsum([self.spec.counts[i] for i in files])[:-1]]).astype(np.int64)
+            self._epochs = {e: v for e, v in self._epochs.items() if e > epoch - 2}
+            self._epochs[epoch] = (files, firsts)
+        return self._epochs[epoch]
 
-    def _read_block(self, epoch: int, block: int) -> _Block:
-        """Shuffle block `block` of `epoch`, read sequentially: on from where the last read ended
-        when that is at or a little before it, else from a reader opened there (whole files are
-        skipped by their counts)."""
-        n = self.records_per_epoch
-        lo = block * SHUFFLE_BLOCK
-        size = min(SHUFFLE_BLOCK, n - lo)
-        if self._reader is None or self._reader[0] != epoch or not 0 <= lo - self._reader[1] <= READ_ON:
-            self._reader = (epoch, lo, self._epoch_records(epoch, lo))
-        _, at, source = self._reader
-        for _ in itertools.islice(source, lo - at):  # records of a block no row of ours needs
-            pass
-        items = list(itertools.islice(source, size))
-        if len(items) != size:
-            raise NeoError(f"dataset '{self.spec.name}': epoch {epoch} ended after {lo + len(items)} records, "
-                           f"expected {n}: do the files' names give their true record counts?")
-        self._reader = (epoch, lo + size, source)
-        if lo + size == n:
-            for _ in source:  # nothing is left, unless a file holds more records than its name says
-                pass
-            self._reader = None
-        rng = np.random.default_rng([*self.spec.seed, 1, epoch, block])
-        return _Block((epoch, block), items, rng.permutation(size), rng.random(size))
+    def _shuffle(self, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shuffle block `block` of `epoch`: (its permutation, a uniform draw per position)."""
+        if (epoch, block) not in self._shuffles:
+            size = min(SHUFFLE_BLOCK, self.records_per_epoch - block * SHUFFLE_BLOCK)
+            rng = np.random.default_rng([*self.spec.seed, 1, epoch, block])
+            perm = rng.permutation(size) if self.spec.shuffle_records else np.arange(size)
+            u = rng.random(size)
+            if len(self._shuffles) >= 8:  # batches move forward through a few blocks at a time
+                self._shuffles.pop(next(iter(self._shuffles)))
+            self._shuffles[(epoch, block)] = (perm, u)
+        return self._shuffles[(epoch, block)]
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Records `indices` of the dataset's stream (shuffled order, epochs one after another)
+        are records `numbers` of files `files`: (files, numbers, each one's uniform draw)."""
+        epoch, j = np.divmod(np.asarray(indices, np.int64), self.records_per_epoch)
+        block, q = np.divmod(j, SHUFFLE_BLOCK)
+        position, u = np.empty_like(j), np.empty(len(j))  # position: in the epoch's files, concatenated
+        files, numbers = np.empty_like(j), np.empty_like(j)
+        for e in np.unique(epoch).tolist():
+            in_epoch = epoch == e
+            for b in np.unique(block[in_epoch]).tolist():
+                at = in_epoch & (block == b)
+                perm, draws = self._shuffle(e, b)
+                position[at], u[at] = b * SHUFFLE_BLOCK + perm[q[at]], draws[q[at]]
+            order, firsts = self._epoch(e)
+            k = np.searchsorted(firsts, position[in_epoch], side="right") - 1
+            files[in_epoch], numbers[in_epoch] = order[k], position[in_epoch] - firsts[k]
+        return files, numbers, u
+
+    def load(self, indices: Sequence[int]) -> None:
+        """Read records `indices` of the stream (and only those), for `record` to return."""
+        indices = np.unique(np.asarray(indices, np.int64))
+        files, numbers, u = self.locate(indices)
+        self._loaded = {}
+        for file in np.unique(files).tolist():
+            mine = np.flatnonzero(files == file)
+            path = self.spec.files[file]
+            for i, tokens, draw in zip(indices[mine].tolist(), self._read(file, numbers[mine]), u[mine].tolist()):
+                self._loaded[i] = Record(tokens, path, draw)
+
+    def _read(self, file: int, numbers: Sequence[int]) -> list[np.ndarray]:
+        """Records `numbers` of file `file`, after checking its count against its name."""
+        path, named = self.spec.files[file], self.spec.counts[file]
+        held = self.files.count(path)
+        if held > named:
+            raise NeoError(f"{path}: holds more records than its name says ({named}): {held}; rename it to "
+                           f"end in _{held}.tfrecords (neo relies on the count to resume exactly).")
+        if held < named:
+            raise NeoError(f"{path}: holds {held} records but its name says {named}; rename it to "
+                           f"end in _{held}.tfrecords (neo relies on the count to resume exactly).")
+        return self.files.read(path, numbers)
 
     def record(self, i: int) -> Record:
-        """Record i of the dataset's stream (shuffled order, epochs one after another)."""
-        epoch, j = divmod(i, self.records_per_epoch)
-        block, q = divmod(j, SHUFFLE_BLOCK)
-        if self._block is None or self._block.key != (epoch, block):
-            self._block = self._read_block(epoch, block)
-        tokens, path = self._block.items[self._block.perm[q]]
-        return Record(tokens, path, float(self._block.u[q]))
+        """Record i of the dataset's stream, as the last `load` read it."""
+        return self._loaded[i]
 
     # --- examples
 
     def examples(self, indices: Sequence[int]) -> np.ndarray:
         """Examples `indices` (ascending, as a process's rows of successive batches are) as
-        [len(indices), n_ctx + 1] int32."""
+        [len(indices), n_ctx + 1] int32, reading just their records."""
+        self.load(self.records_of(indices))
         out = np.empty((len(indices), self.spec.n_ctx + 1), np.int32)
         for row, c in enumerate(indices):
             out[row] = self.example(int(c))
         return out
+
+    def records_of(self, indices: Sequence[int]) -> np.ndarray:
+        """The stream's records that examples `indices` are made of (as `example` reads them)."""
+        c = np.asarray(indices, np.int64)
+        if self.spec.mode == "chunks":
+            return c // self.windows
+        return (c[:, None] * self.spec.stitch + np.arange(self.spec.stitch)).ravel()
 
     def example(self, c: int) -> np.ndarray:
         s, n = self.spec, self.spec.n_ctx
@@ -193,10 +206,10 @@ class DatasetStream:
         elif len(seq) < n + 1:
             if s.mode == "documents_random" and not self._warned_short:
                 logging.warning("dataset '%s': %d stitched document(s) hold only %d tokens, fewer than "
-                                "n_ctx + 1 = %d; padding with padding_id. Raise 'stitch' (%s).",
+                                "n_ctx + 1 = %d; the rest is padding (no target). Raise 'stitch' (%s).",
                                 s.name, s.stitch, len(seq), n + 1, group[0].file)
                 self._warned_short = True
-            seq = np.concatenate([seq, np.full(n + 1 - len(seq), s.padding_id, np.int32)])
+            seq = np.concatenate([seq, np.full(n + 1 - len(seq), PAD, np.int32)])
         return seq[:n + 1]
 
     def _stitch(self, docs: list[np.ndarray]) -> np.ndarray:

@@ -5,23 +5,37 @@ File names end in `_<records>.tfrecords`, so a reader knows a file's length with
 (and can skip whole files when resuming). Files made by the original GPT-Neo tools and by neo
 are interchangeable.
 
+Training reads records by number (`RecordFiles`): a file's index of record offsets comes from
+walking its length headers (12 bytes per record, the payloads skipped), then each record is one
+seek and read, its checksum verified. So a process reads the bytes of its own rows of a batch,
+not the batch. `--check_dataset` and the tools read files whole and in order (`read_records`,
+tf.data). Files are uncompressed, as GPT-Neo's tools write them (a GZIP/ZLIB file cannot be
+seeked into; it is refused with the fix).
+
 TensorFlow is imported lazily (it costs ~8 s per process) and never sees a GPU.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import os
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
+import google_crc32c
 import numpy as np
 
 from neo.errors import NeoError
 
 _COUNT = re.compile(r"_(\d+)\.tfrecords?$")
 _READ_BATCH = 256  # records parsed per tf.data call
+# TFRecord framing (TensorFlow's record_writer.cc), little-endian: uint64 length, uint32 masked
+# crc32c of the length, the data, uint32 masked crc32c of the data.
+_HEADER, _FOOTER = 12, 4
+KEEP_INDEXES = 16  # files whose record offsets a RecordFiles keeps (an epoch reads files in turn)
 
 
 def tensorflow():
@@ -67,15 +81,8 @@ def list_files(pattern: str, what: str) -> list[str]:
 
 
 def count_records(path: str) -> int:
-    """Records in a file, by reading it (for files whose names carry no count)."""
-    tf = tensorflow()
-    n = 0
-    try:
-        for batch in tf.data.TFRecordDataset(path).batch(4096):
-            n += int(batch.shape[0])
-    except tf.errors.OpError as e:
-        raise _read_error(path, n, e) from None
-    return n
+    """Records in a file, by walking its length headers (for files whose names carry no count)."""
+    return len(record_offsets(path)) - 1
 
 
 def record_counts(files: list[str]) -> list[int]:
@@ -83,52 +90,207 @@ def record_counts(files: list[str]) -> list[int]:
     return [count_from_name(f) if count_from_name(f) is not None else count_records(f) for f in files]
 
 
-def read_records(path: str, start: int = 0, n_vocab: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Records `start`, `start`+1, ... of one file as int32 arrays. Ids outside [0, n_vocab) and
-    unreadable records are errors naming the file and the record."""
+def read_records(path: str, n_vocab: Optional[int] = None) -> Iterator[np.ndarray]:
+    """A file's records in order, as int32 arrays, read sequentially by tf.data (which checks
+    every checksum): for reading files whole. Ids outside [0, n_vocab) and unreadable records
+    are errors naming the file and the record."""
     tf = tensorflow()
-    # Parsed outside tf.data by one function traced once per process: a `map` in the pipeline
-    # would be traced again for every reader opened (~30 ms each), and readers are opened at
-    # every epoch and wherever a process's rows jump ahead in the stream.
-    ds = tf.data.TFRecordDataset(path, buffer_size=8 << 20).skip(start).batch(_READ_BATCH).prefetch(4)
-    index = start
+    ds = tf.data.TFRecordDataset(path, buffer_size=8 << 20).batch(_READ_BATCH).prefetch(4)
+    index = 0
     it = iter(ds)
     while True:
         try:
             serialized = next(it)
-            values, splits = (x.numpy() for x in _parser()(serialized))
         except StopIteration:
             return
         except tf.errors.OpError as e:
             raise _read_error(path, index, e) from None
-        lengths = np.diff(splits)
-        if (lengths == 0).any():
-            raise _empty_record_error(path, index + int(np.argmin(lengths)))
-        if n_vocab is not None and len(values) and (values.max() >= n_vocab or values.min() < 0):
-            bad = np.flatnonzero((values >= n_vocab) | (values < 0))[0]
-            record = index + int(np.searchsorted(splits, bad, side="right")) - 1
-            raise NeoError(
-                f"{path}: record {record} holds token id {int(values[bad])}, outside the model's "
-                f"vocabulary 0..{n_vocab - 1}. (JAX would not fail: it would silently train on garbage.) "
-                f"Re-tokenize with the model's tokenizer, or raise the config's 'n_vocab'.")
-        values = values.astype(np.int32)
-        for i in range(len(lengths)):
-            yield values[splits[i]:splits[i + 1]]
-        index += len(lengths)
+        yield from _decode(path, serialized, np.arange(index, index + len(serialized)), n_vocab)
+        index += len(serialized)
 
 
-@functools.cache
-def _parser():
-    """serialized Examples [n] -> (token ids of all n "text" features, row splits [n + 1])."""
+@dataclass
+class ReadStats:
+    """Bytes asked of tfrecord files by this process: walking length headers (`index_bytes`)
+    and reading records (`record_bytes`, in `reads` reads). What a host reads per step."""
+
+    index_bytes: int = 0
+    record_bytes: int = 0
+    reads: int = 0
+
+
+READS = ReadStats()
+
+
+class _File:
+    """A file open for reads at offsets: a local file by pread, anything else (gs://...) through
+    tf.io.gfile, whose reader buffers 512 KB (so on object stores every read moves at least that)."""
+
+    def __init__(self, path: str):
+        self.local = "://" not in path or path.startswith("file://")
+        if self.local:
+            try:
+                self._fd = os.open(path.removeprefix("file://"), os.O_RDONLY)
+            except OSError as e:
+                raise NeoError(f"tfrecord file {path} does not exist or cannot be opened ({e.strerror}).") from None
+            self.size = os.fstat(self._fd).st_size
+        else:
+            tf = tensorflow()
+            try:
+                self.size = tf.io.gfile.stat(path).length
+                self._f = tf.io.gfile.GFile(path, "rb")
+            except tf.errors.OpError as e:
+                raise NeoError(f"tfrecord file {path} does not exist or cannot be opened ({e.message}).") from None
+
+    def read(self, offset: int, n: int) -> bytes:
+        if self.local:
+            return os.pread(self._fd, n, offset)
+        self._f.seek(offset)
+        return self._f.read(n)
+
+    def close(self) -> None:
+        os.close(self._fd) if self.local else self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's checksum: crc32c rotated right by 15 bits plus a constant."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def record_offsets(path: str) -> np.ndarray:
+    """The byte offset of every record of a file, then the file's size: [records + 1] int64.
+    Built by walking the length headers (each length's checksum verified) and seeking past the
+    payloads, so it reads 12 bytes per record."""
+    offsets, pos = [], 0
+    with _File(path) as f:
+        while pos < f.size:
+            head = f.read(pos, _HEADER)
+            READS.index_bytes += len(head)
+            if len(head) < _HEADER:
+                raise _truncated(path, len(offsets), "a record header is cut off")
+            length, crc = struct.unpack("<QI", head)
+            if _masked_crc(head[:8]) != crc:
+                if pos == 0 and head[:2] in (b"\x1f\x8b", b"\x78\x01", b"\x78\x9c", b"\x78\xda"):
+                    raise NeoError(f"tfrecord file {path} is compressed (GZIP or ZLIB); neo reads uncompressed "
+                                   f"tfrecords, as GPT-Neo's tools write them, so that records can be read by "
+                                   f"position: decompress it (e.g. gunzip).")
+                raise _truncated(path, len(offsets), "a record's length fails its checksum")
+            if pos + _HEADER + length + _FOOTER > f.size:
+                raise _truncated(path, len(offsets), f"a record of {length} bytes runs past the end")
+            offsets.append(pos)
+            pos += _HEADER + length + _FOOTER
+        offsets.append(pos)
+    return np.array(offsets, np.int64)
+
+
+def _truncated(path: str, records: int, why: str) -> NeoError:
+    return NeoError(f"tfrecord file {path} is corrupt or truncated after record {records} ({why}); "
+                    f"re-create or re-download it.")
+
+
+class RecordFiles:
+    """Records of tfrecord files by number, reading only those asked for: per file, the offsets
+    of its records (`record_offsets`, kept for the KEEP_INDEXES files used last), then one read
+    per run of consecutive records. Ids outside [0, n_vocab) are errors naming file and record."""
+
+    def __init__(self, n_vocab: Optional[int] = None):
+        self.n_vocab = n_vocab
+        self._offsets: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def offsets(self, path: str) -> np.ndarray:
+        if path in self._offsets:
+            self._offsets.move_to_end(path)
+        else:
+            self._offsets[path] = record_offsets(path)
+            if len(self._offsets) > KEEP_INDEXES:
+                self._offsets.popitem(last=False)
+        return self._offsets[path]
+
+    def count(self, path: str) -> int:
+        return len(self.offsets(path)) - 1
+
+    def read(self, path: str, records: Sequence[int]) -> list[np.ndarray]:
+        """Records `records` (any order, repeats allowed) of one file as int32 arrays."""
+        offsets = self.offsets(path)
+        want = np.unique(np.asarray(records, np.int64))
+        if len(want) and not 0 <= want[0] <= want[-1] < len(offsets) - 1:
+            raise NeoError(f"tfrecord file {path}: record {int(want[-1])} asked for, but it holds "
+                           f"{len(offsets) - 1} records.")
+        starts, ends = offsets[want], offsets[want + 1]
+        runs = np.flatnonzero(starts[1:] != ends[:-1]) + 1  # where a run of adjacent records ends
+        payloads = []
+        with _File(path) as f:
+            for a, b in zip([0, *runs.tolist()], [*runs.tolist(), len(want)]):  # one read per run
+                lo, hi = int(starts[a]), int(ends[b - 1])
+                buf = f.read(lo, hi - lo)
+                READS.record_bytes += len(buf)
+                READS.reads += 1
+                if len(buf) != hi - lo:
+                    raise _truncated(path, int(want[a]), "the file is shorter than when it was indexed")
+                for k, start, end in zip(range(a, b), (starts[a:b] - lo).tolist(), (ends[a:b] - lo).tolist()):
+                    data = buf[start + _HEADER:end - _FOOTER]
+                    if _masked_crc(data) != int.from_bytes(buf[end - _FOOTER:end], "little"):
+                        raise NeoError(f"tfrecord file {path} is corrupt: record {int(want[k])} fails its "
+                                       f"checksum; re-create or re-download it.")
+                    payloads.append(data)
+        tokens = dict(zip(want.tolist(), _decode(path, payloads, want, self.n_vocab)))
+        return [tokens[r] for r in np.asarray(records).tolist()]
+
+
+def _decode(path: str, serialized, numbers: np.ndarray, n_vocab: Optional[int]) -> list[np.ndarray]:
+    """Serialized Examples (numbered `numbers` in their file, for messages) -> their token ids."""
     tf = tensorflow()
-    feature = {"text": tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)}
+    if not len(numbers):
+        return []
+    try:
+        values, splits = _parse(tf.convert_to_tensor(serialized, tf.string))
+    except tf.errors.OpError as e:
+        bad = next((i for i in range(len(numbers)) if not _parses(serialized[i])), 0)
+        raise _read_error(path, int(numbers[bad]), e) from None
+    lengths = np.diff(splits)
+    if (lengths == 0).any():
+        bad = int(np.argmin(lengths))
+        raise _empty_record_error(path, int(numbers[bad]), _raw(serialized[bad]))
+    if n_vocab is not None and len(values) and (values.max() >= n_vocab or values.min() < 0):
+        bad = np.flatnonzero((values >= n_vocab) | (values < 0))[0]
+        record = int(numbers[int(np.searchsorted(splits, bad, side="right")) - 1])
+        raise NeoError(
+            f"{path}: record {record} holds token id {int(values[bad])}, outside the model's "
+            f"vocabulary 0..{n_vocab - 1}. (JAX would not fail: it would silently train on garbage.) "
+            f"Re-tokenize with the model's tokenizer, or raise the config's 'n_vocab'.")
+    values = values.astype(np.int32)
+    return [values[splits[i]:splits[i + 1]] for i in range(len(lengths))]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
-    def parse(serialized):
-        text = tf.io.parse_example(serialized, feature)["text"]
-        return text.values, text.row_splits
 
-    return parse
+def _raw(item) -> bytes:
+    return item if isinstance(item, bytes) else item.numpy()
+
+
+def _parses(item) -> bool:
+    tf = tensorflow()
+    try:
+        _parse(tf.constant([_raw(item)]))
+        return True
+    except tf.errors.OpError:
+        return False
+
+
+def _parse(serialized) -> tuple[np.ndarray, np.ndarray]:
+    """Serialized Examples [n] -> (token ids of all n "text" features, row splits [n + 1]).
+    One eager op: cheaper per call than `tf.io.parse_example` in a tf.function (measured:
+    docs/benchmarks.md), and called once per read of up to mixture.READ_AHEAD rows."""
+    tf = tensorflow()
+    out = tf.raw_ops.ParseExampleV2(
+        serialized=serialized, names=[], sparse_keys=[], dense_keys=[], ragged_keys=["text"], dense_defaults=[],
+        num_sparse=0, sparse_types=[], ragged_value_types=[tf.int64], ragged_split_types=[tf.int64], dense_shapes=[])
+    return out.ragged_values[0].numpy(), out.ragged_row_splits[0].numpy()
 
 
 def _read_error(path: str, index: int, e: Exception) -> NeoError:
@@ -145,10 +307,9 @@ def _read_error(path: str, index: int, e: Exception) -> NeoError:
     return NeoError(f"tfrecord file {path}: cannot read record {index}: {msg}")
 
 
-def _empty_record_error(path: str, index: int) -> NeoError:
+def _empty_record_error(path: str, index: int, raw: bytes) -> NeoError:
     """An empty row is either a record without "text" or with an empty list: say which."""
     tf = tensorflow()
-    raw = next(iter(tf.data.TFRecordDataset(path).skip(index).take(1))).numpy()
     keys = sorted(tf.train.Example.FromString(raw).features.feature.keys())
     if "text" not in keys:
         return NeoError(f"{path}: record {index} has no 'text' feature (it has {keys or 'no features'}); "

@@ -4,7 +4,13 @@
 - a `tokenizers` JSON file (train_tokenizer.py's output, the GPT-NeoX-20B tokenizer, HF's
   tokenizer.json);
 - a directory holding GPT-2 BPE files (encoder.json + vocab.bpe, or vocab.json + merges.txt);
-- "gpt2": the GPT-2 tokenizer from the Hugging Face hub (needs the network or a local cache).
+- "gpt2": GPT-2's BPE from the copy in data/gpt2 (OpenAI's encoder.json and vocab.bpe, byte for
+  byte the hub's `gpt2` files), so GPT-Neo's dataset configs (`"tokenizer_path": "gpt2"`) and
+  `create_tfrecords.py --use_gpt2_tokenizer` work offline;
+- any other hub name with `tokenizer_is_pretrained` (needs the network or a local cache).
+
+GPT-2 BPE files load as transformers' GPT2Tokenizer does: `<|endoftext|>` is a special token,
+so the text "<|endoftext|>" encodes to its one id.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from neo.errors import NeoError
+
+GPT2_DIR = Path(__file__).resolve().parents[2] / "data" / "gpt2"  # encoder.json, vocab.bpe, LICENSE
+GPT2_EOS = 50256
 
 
 class ByteTokenizer:
@@ -64,15 +73,14 @@ def load_tokenizer(path: Optional[str], pretrained: bool = False):
     if path == "bytes":
         return ByteTokenizer()
     from tokenizers import Tokenizer
-    from tokenizers.implementations import ByteLevelBPETokenizer
 
     from neo.config import resolve_path
 
-    p = Path(resolve_path(path))
+    p = GPT2_DIR if path == "gpt2" else Path(resolve_path(path))
     if p.is_dir():
         for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
             if (p / vocab).exists() and (p / merges).exists():
-                return HFTokenizer(ByteLevelBPETokenizer(str(p / vocab), str(p / merges))._tokenizer, str(p))
+                return HFTokenizer(gpt2_bpe(p / vocab, p / merges), str(p))
         if (p / "tokenizer.json").exists():
             p = p / "tokenizer.json"
         else:
@@ -93,6 +101,17 @@ def load_tokenizer(path: Optional[str], pretrained: bool = False):
                 f"encoder.json and vocab.bpe."
             ) from None
     raise NeoError(f"tokenizer {path!r}: no such file or folder.")
+
+
+def gpt2_bpe(vocab: Path, merges: Path):
+    """A `tokenizers.Tokenizer` from GPT-2-style BPE files, as transformers' GPT2TokenizerFast
+    builds it: byte-level, no prefix space, `<|endoftext|>` special."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(str(vocab), str(merges))._tokenizer
+    if tok.token_to_id("<|endoftext|>") is not None:
+        tok.add_special_tokens(["<|endoftext|>"])
+    return tok
 
 
 def hf_offline() -> bool:

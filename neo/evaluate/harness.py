@@ -6,7 +6,8 @@ Task names are lm-eval's. neo's offline tasks (neo/evaluate/tasks/: `lambada_ope
 `text_perplexity_local`) and any `--eval_include_path` folder are indexed first, which takes
 no time; lm-eval's ~15,000 built-in tasks (11 s to index, and their data comes from the
 Hugging Face hub) are indexed only when a name is not found there. GPT-Neo's own task name
-`lambada` means `lambada_openai_local`.
+`lambada` means `lambada_openai_local`, on the first dataset config's `lambada_tokens_path` when
+it has one (GPT-Neo's key: its token cache, decoded back to text, or LAMBADA text as .jsonl).
 """
 
 from __future__ import annotations
@@ -67,6 +68,45 @@ def resolve_tasks(names: Sequence[str], include_path: Optional[str] = None,
     return names, manager
 
 
+def lambada_metadata(cfg: Config, log: Callable[[str], None] = print) -> Optional[dict]:
+    """lm-eval task metadata pointing `lambada_openai_local` at GPT-Neo's `lambada_tokens_path`
+    (a key of the first dataset config, as the original read it), or None for the shipped copy.
+    The original cached LAMBADA there as a JSON list of token lists (tasks.py); those are
+    decoded with the dataset's tokenizer into the text the task reads. A .jsonl path is text."""
+    if not cfg.data.datasets or cfg.data.datasets[0].config.lambada_tokens_path is None:
+        return None
+    from neo.config import resolve_path
+
+    ds = cfg.data.datasets[0].config
+    path = resolve_path(ds.lambada_tokens_path, ds.source)
+    if not os.path.exists(path):
+        raise NeoError(f"lambada_tokens_path {path} (dataset '{ds.id}') does not exist: GPT-Neo downloaded LAMBADA "
+                       f"there, neo reads only local files. Remove the key to use the shipped copy "
+                       f"(data/lambada_openai_test.jsonl), or point it at LAMBADA text (.jsonl).")
+    if path.endswith(".json"):
+        path = _decode_token_cache(path, ds)
+    log(f"neo: LAMBADA from lambada_tokens_path {path}")
+    return {"lambada_path": path}
+
+
+def _decode_token_cache(path: str, ds: Any) -> str:
+    """GPT-Neo's LAMBADA token cache (a JSON list of token lists) -> a .jsonl of their texts."""
+    import tempfile
+
+    from neo.data.tokenizer import load_tokenizer
+
+    try:
+        docs = json.loads(Path(path).read_text())
+        assert isinstance(docs, list) and all(isinstance(d, list) for d in docs)
+    except (ValueError, AssertionError):
+        raise NeoError(f"lambada_tokens_path {path}: not GPT-Neo's LAMBADA cache (a JSON list of token lists); "
+                       f"for LAMBADA text use a .jsonl file of {{\"text\": ...}} lines.") from None
+    tokenizer = load_tokenizer(ds.tokenizer_path, ds.tokenizer_is_pretrained)
+    out = Path(tempfile.mkdtemp(prefix="neo-lambada-")) / "lambada.jsonl"
+    out.write_text("".join(json.dumps({"text": tokenizer.decode(d)}) + "\n" for d in docs))
+    return str(out)
+
+
 def _missing(manager: Any, names: Sequence[str]) -> list[str]:
     return [n for n in names if not n.endswith(".yaml") and not manager.match_tasks([n])]
 
@@ -83,7 +123,7 @@ def run_tasks(cfg: Config, layout: Layout, opts: HarnessOptions, sacred_id: str 
     names = list(opts.tasks or cfg.run.eval_tasks)
     if not names:
         raise NeoError(f"{cfg.source}: no tasks to evaluate: set 'eval_tasks' in the config or pass --eval_tasks.")
-    names, manager = resolve_tasks(names, opts.include_path, log=log)
+    names, manager = resolve_tasks(names, opts.include_path, metadata=lambada_metadata(cfg, log), log=log)
     lm = NeoLM(cfg, layout=layout, batch_size=opts.batch_size)
     # lm-eval computes bootstrap standard errors in a process pool; forking a process that
     # runs JAX's threads can deadlock, so they run in this process.

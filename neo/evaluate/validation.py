@@ -21,6 +21,7 @@ import numpy as np
 
 from neo.config import Config
 from neo.errors import NeoError
+from neo.loss import shift
 from neo.mesh import Layout, assemble_rows, process_rows
 from neo.model import GPT
 
@@ -28,15 +29,18 @@ PILE_TOKENS_PER_BYTE = 0.29335  # GPT-Neo's constant (reference 1.17)
 
 
 def make_eval_step(cfg: Config, layout: Layout, param_shardings: Any) -> Callable:
-    """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count."""
+    """jit(params, tokens [b, n_ctx+1]) -> summed token cross-entropy and token count, over the
+    real targets only (padding is neither scored nor counted; neo/loss.py `shift`)."""
     model = GPT(cfg.model)
 
     def step(params: Any, batch: jax.Array) -> dict:
         with layout.active():
-            logits = model.apply({"params": params}, batch[:, :-1])
+            inputs, targets, mask = shift(batch, cfg.data.padding_id)
+            logits = model.apply({"params": params}, inputs)
             log_z = jax.nn.logsumexp(logits, axis=-1)
-            target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
-            return {"nll": (log_z - target).sum(), "tokens": jnp.asarray(target.size, jnp.float32)}
+            target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            nll = jnp.where(mask, log_z - target, 0.0)
+            return {"nll": nll.sum(), "tokens": mask.sum().astype(jnp.float32)}
 
     return jax.jit(step, in_shardings=(param_shardings, layout.rows), out_shardings=layout.replicated)
 
@@ -59,10 +63,11 @@ def byte_tokenizer(cfg: Config, log: Callable[[str], None]) -> Any:
 
 
 def row_bytes(tokenizer: Any, rows: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes of each row's target tokens, [rows] int32."""
+    """UTF-8 bytes of each row's real (not padded) target tokens, [rows] int32."""
+    targets = [row[1:][row[1:] >= 0] for row in rows]
     if getattr(tokenizer, "vocab_size", None) == 256 and type(tokenizer).__name__ == "ByteTokenizer":
-        return np.full(len(rows), rows.shape[1] - 1, np.int32)
-    return np.array([len(tokenizer.decode(row[1:]).encode("utf-8")) for row in rows], np.int32)
+        return np.array([len(t) for t in targets], np.int32)
+    return np.array([len(tokenizer.decode(t).encode("utf-8")) for t in targets], np.int32)
 
 
 class Validation:

@@ -2,7 +2,8 @@
 
     q, k, v = x @ Wq, x @ Wk, x @ Wv                    [batch, seq, heads, features_per_head]
                                                          (k, v: num_kv_heads heads, grouped-query)
-    (rotary: q, k rotated by position)   (decoding: k, v written into the KV cache)
+    (rotary: q, k rotated by position)   (decoding: k, v written into the KV cache;
+                                          local layers keep a ring of their window)
     out = dot_product_attention(q, k, v, masks, alibi)   attention_op.py
     return out @ Wo + bo                                 [batch, seq, embd]
 
@@ -111,16 +112,22 @@ class Attention(Projections, nn.Module):
                  cache: Optional[dict] = None, cache_index: Optional[jax.Array] = None,
                  key_valid: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[dict]]:
         """x [b, t, embd], positions [b, t] -> ([b, t, embd], the updated cache or None).
-        cache {"k", "v"} [b, length, kv_heads, features_per_head]: the tokens are written at slot
-        `cache_index` and attend to the cache. key_valid [b, keys]: False hides a key slot (a
+        cache {"k", "v"} [b, kv_heads, length, features_per_head] (`local` layers: [b, kv_heads,
+        window, ...], a ring, see `ring_attend_write`): the tokens are written at slot
+        `cache_index` and attend to the cache. key_valid [b, length]: False hides a key slot (a
         left-padded prompt's padding)."""
         cfg = self.cfg
         q, k, v = self.project_qkv(x, positions)
         q_slots = k_slots = None  # the keys are the queries' own sequence
         if cache is not None:
-            cache = self.write_cache(cache, k, v, cache_index)
-            k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-            q_slots, k_slots = cache_index + jnp.arange(x.shape[1]), jnp.arange(k.shape[1])
+            q_slots = cache_index + jnp.arange(x.shape[1])
+            if self.kind == "local":
+                k, v, k_slots, cache = ring_attend_write(cache, k, v, cache_index)
+                key_valid = ring_key_valid(key_valid, k_slots, x.shape[0])
+            else:
+                cache = self.write_cache(cache, k, v, cache_index)
+                k, v = as_keys(cache["k"], self.dtype), as_keys(cache["v"], self.dtype)
+                k_slots = jnp.arange(k.shape[1])
         # GPT-Neo drops attention probabilities in global layers only (reference 1.9).
         dropout_rate = cfg.attn_dropout if self.kind == "global" else 0.0
         out = dot_product_attention(
@@ -136,7 +143,7 @@ class Attention(Projections, nn.Module):
     @staticmethod
     def write_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
         """The new keys and values [b, t, heads, features_per_head] written at slot `index`."""
-        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, 1)
+        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, as_cached(x, c.dtype), index, 2)
         return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
 
     def memory_kv(self, batch: int) -> tuple[jax.Array, jax.Array]:
@@ -148,3 +155,61 @@ class Attention(Projections, nn.Module):
         init = named(normal(cfg.features_per_head ** -0.5), names)
         mem_k, mem_v = (self.param(n, init, shape, jnp.float32) for n in ("mem_k", "mem_v"))
         return tuple(jnp.broadcast_to(m.astype(self.dtype), (batch,) + shape) for m in (mem_k, mem_v))
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV cache: [batch, heads, slots, features_per_head], heads before slots, so that a decode
+# step's attention reads it as stored (XLA's CPU dot would otherwise transpose the whole cache
+# of every layer at every step: 12x slower attention at 512 slots, batch 8). The attention
+# operation sees [batch, slots, heads, features_per_head] views; XLA folds the transposes.
+
+
+def as_cached(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[b, t, heads, d] keys or values -> the cache's [b, heads, t, d] in its dtype."""
+    return x.swapaxes(1, 2).astype(dtype)
+
+
+def as_keys(c: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The cache's [b, heads, slots, d] -> [b, slots, heads, d] as attention takes them."""
+    return c.swapaxes(1, 2).astype(dtype)
+
+
+# The KV cache of `local` layers: a ring of `window` slots
+
+
+def ring_attend_write(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    """A local layer's cache holds only its window: W = min(local_attention_radius, length)
+    slots [b, heads, W, d], slot s at ring position s % W (a query never sees a key W or more
+    slots back).
+    The t new keys/values [b, t, heads, features_per_head] are those of slots index..index+t-1.
+
+    Returns (keys, values, their slots [keys], the updated ring); the slots are what
+    attention_op masks by (causal, window, and below 0: empty). Decoding (t = 1) writes first
+    and attends to the ring in place; a longer block (the prompt) attends to the ring as it
+    was followed by its own keys, then keeps its newest min(t, W) keys."""
+    w, t = cache["k"].shape[2], k.shape[1]
+    ring = jnp.arange(w)
+    if t == 1:
+        at = index % w
+        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, as_cached(x, c.dtype), at, 2)
+        cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+        slots = index - (index - ring) % w  # the newest slot <= index at each ring position
+        return as_keys(cache["k"], k.dtype), as_keys(cache["v"], v.dtype), slots, cache
+    before = index - 1 - (index - 1 - ring) % w  # the newest slot < index at each position
+    slots = jnp.concatenate([before, index + jnp.arange(t)])
+    keys = jnp.concatenate([as_keys(cache["k"], k.dtype), k], axis=1)
+    values = jnp.concatenate([as_keys(cache["v"], v.dtype), v], axis=1)
+    n = min(t, w)
+    at = (index + t - n + jnp.arange(n)) % w  # distinct positions: no write is lost to another
+    write = lambda c, x: c.at[:, :, at].set(as_cached(x[:, t - n:], c.dtype))
+    return keys, values, slots, {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
+def ring_key_valid(key_valid: Optional[jax.Array], slots: jax.Array, batch: int) -> jax.Array:
+    """[b, keys] for keys at `slots`: the slot holds a token (>= 0) that `key_valid` [b, length]
+    (indexed by slot) does not hide."""
+    valid = jnp.broadcast_to(slots >= 0, (batch, slots.shape[0]))
+    if key_valid is None:
+        return valid
+    return valid & jnp.take(key_valid, jnp.maximum(slots, 0), axis=1)

@@ -266,7 +266,8 @@ class _Mask:
     def __call__(self, i: jax.Array, j: jax.Array) -> jax.Array:
         """[blk, blk] bool for the traced block indices."""
         q_slots, k_slots = i * self.blk + jnp.arange(self.blk), j * self.blk + jnp.arange(self.blk)
-        return visible(q_slots, k_slots, causal=self.causal, window=self.window) & (k_slots < self.t)  # padded keys: never
+        padded = k_slots >= self.t  # keys past the sequence: never visible
+        return visible(q_slots, k_slots, causal=self.causal, window=self.window) & ~padded
 
     def bias(self, i: jax.Array, j: jax.Array) -> jax.Array:
         """ALiBi's [h, blk, blk] bias for the traced block indices (0 without ALiBi)."""

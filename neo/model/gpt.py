@@ -300,7 +300,8 @@ class GPT(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         tokens = constrain(tokens, ("batch", "sequence"))
-        h = jnp.take(self.wte.astype(dtype), tokens, axis=0)
+        # an id past the table (GPT-Neo's padding_id 50257 of 50257) embeds as zeros, as mesh-tf's gather did
+        h = jnp.take(self.wte.astype(dtype), tokens, axis=0, mode="fill", fill_value=0)
         h = self.embed_drop(h, deterministic=deterministic)
         if cfg.position_embedding in ("learned", "sinusoidal"):
             # GPT-Neo drops token and position embeddings with separate masks (reference 1.9).
@@ -333,18 +334,23 @@ class GPT(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dtype] = None) -> list:
-    """An empty KV cache: per layer {"k", "v"}: [batch, length, kv_heads, features_per_head];
-    for `linear` layers the running sums of linear attention (neo/model/linear_attention.py).
-    With scanned layers, one entry per layer of the repeating group, stacked over the groups
-    (leading axis n_layer / period), as the scan reads it."""
+    """An empty KV cache for `length` tokens, in the compute dtype: per layer {"k", "v"}:
+    [batch, kv_heads, length, features_per_head] (grouped-query: the kv heads only; heads first:
+    neo/model/attention.py says why);
+    for `local` layers only their window [batch, heads, min(local_attention_radius, length),
+    ...], a ring (attention.ring_attend_write); for `linear` layers the running sums of linear
+    attention (neo/model/linear_attention.py). With scanned layers, one entry per layer of the
+    repeating group, stacked over the groups (leading axis n_layer / period), as the scan reads
+    it."""
     dtype = dtype or compute_dtype(cfg)
-    shape = (batch, length, cfg.kv_heads, cfg.features_per_head)  # grouped-query: the kv heads only
 
     def layer(kind: str):
         if kind == "none":
             return None
         if kind == "linear":
             return init_state(batch, cfg.n_head, cfg.features_per_head)
+        slots = min(cfg.local_attention_radius, length) if kind == "local" else length
+        shape = (batch, cfg.kv_heads, slots, cfg.features_per_head)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     caches = [layer(kind) for kind in cfg.attention_types]

@@ -6,12 +6,17 @@ tokenize batches of documents. Batches come back in the order they were sent, so
 depends only on the input and the options: the same input gives byte-identical files, whatever
 the number of processes.
 
-Two layouts:
-- `documents`: one record per document (its tokens and the separator);
+Two layouts (`--mode`):
+- `documents`, the default as GPT-Neo's README says: one record per document (its tokens and
+  the separator), for the `documents_fixed` / `documents_random` sampling modes;
 - `chunks`: the documents (each followed by the separator) as one token stream, cut into records
-  of exactly chunk_size + 1 tokens. A document's tail is carried into the next record, across
-  documents and input files; only the stream's final tail (less than one record) is not written.
+  of exactly chunk_size + 1 tokens, for the `chunks` sampling mode. A document's tail is carried
+  into the next record, across documents and input files; only the stream's final tail (less
+  than one record) is not written.
 Documents with fewer than `minimum_size` tokens are dropped in both layouts.
+
+`--use_gpt2_tokenizer` (the README's flag) tokenizes with GPT-2's BPE from data/gpt2, offline,
+the separator then being its `<|endoftext|>`, 50256.
 
 Output files are `<name>_<index>_<records>.tfrecords`, written under a `.partial` name and renamed
 when complete: an interrupted run leaves nothing that looks finished.
@@ -44,7 +49,7 @@ class Options:
     output_dir: str = "./tfrecords"
     name: str = "openwebtext"
     encoder_path: str = "gpt2"
-    mode: str = "chunks"
+    mode: str = "documents"
     chunk_size: int = 2048
     minimum_size: int = 100
     separator: Optional[int] = None
@@ -297,11 +302,15 @@ def main(argv=None) -> int:
     p.add_argument("--input_dir", required=True, help="folder of input files (not recursive), or one file")
     p.add_argument("--output_dir", default="./tfrecords", help="where the tfrecords go (created if missing)")
     p.add_argument("--name", default="openwebtext", help="output file prefix")
-    p.add_argument("--encoder_path", default="gpt2",
+    p.add_argument("--encoder_path", default=None,
                    help="tokenizer: a tokenizers JSON file, a folder with GPT-2's encoder.json + vocab.bpe, "
-                        "or a Hugging Face hub name (needs the network)")
-    p.add_argument("--mode", choices=["chunks", "documents"], default="chunks",
-                   help="chunks: fixed chunk_size+1-token records; documents: one document per record")
+                        "'gpt2' (GPT-2's BPE, shipped in data/gpt2), or a Hugging Face hub name (needs the "
+                        "network); default gpt2")
+    p.add_argument("--use_gpt2_tokenizer", action="store_true",
+                   help="tokenize with GPT-2's BPE (data/gpt2, offline): --encoder_path gpt2, separator 50256")
+    p.add_argument("--mode", choices=["chunks", "documents"], default="documents",
+                   help="documents: one document per record (for documents_* sampling); "
+                        "chunks: fixed chunk_size+1-token records (for chunks sampling)")
     p.add_argument("--chunk_size", type=int, default=2048, help="n_ctx of the model: records hold chunk_size+1 tokens")
     p.add_argument("--minimum_size", type=int, default=100, help="drop documents with fewer tokens than this")
     p.add_argument("--separator", type=parse_separator, default=None,
@@ -316,7 +325,10 @@ def main(argv=None) -> int:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    options = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    if args.use_gpt2_tokenizer and args.encoder_path not in (None, "gpt2"):
+        p.error(f"--use_gpt2_tokenizer and --encoder_path {args.encoder_path} name two tokenizers; keep one.")
+    args.encoder_path = args.encoder_path or "gpt2"
+    options = {k: v for k, v in vars(args).items() if k not in ("no_progress", "use_gpt2_tokenizer")}
     return run_command("create_tfrecords",
                        lambda: create_tfrecords(Options(**options, progress=not args.no_progress)))
 

@@ -54,7 +54,8 @@ def train_tokenizer(base_dir: str, output_dir: str, vocab_size: int, file_type: 
     tokenizer.save(tmp, pretty=True)
     os.replace(tmp, path)
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-    log(f"train_tokenizer: {len(files)} file(s), vocabulary {tokenizer.get_vocab_size()} -> {path}"
+    log(f"tokenizer saved at {path}")  # the line GPT-Neo's README tells its users to look for
+    log(f"train_tokenizer: {len(files)} file(s), vocabulary {tokenizer.get_vocab_size()}"
         + (f" ({skipped.count} unreadable document(s) skipped)" if skipped.count else ""))
     log(f"  special tokens: " + ", ".join(f"{t} = {i}" for t, i in ids.items()))
     log(f"  dataset config: \"tokenizer_path\": \"{os.path.abspath(path)}\", \"n_vocab\": "

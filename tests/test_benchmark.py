@@ -1,0 +1,91 @@
+"""scripts/benchmark.py runs on a machine without TensorFlow or lm-eval (a GPU box): every mode
+is run here with both made unimportable; the CPU peak it divides by follows the CPU's flags."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neo.flops import cpu_peak_flops
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK = str(ROOT / "scripts" / "benchmark.py")
+
+# Python's path finder stops seeing tensorflow and lm_eval, as if they were not installed;
+# sitecustomize runs in every process started with this PYTHONPATH, the backends' too.
+HIDE = """
+import importlib.machinery
+_find = importlib.machinery.PathFinder.find_spec
+def _hidden(cls, fullname, path=None, target=None):
+    if fullname.partition(".")[0] in ("tensorflow", "lm_eval"):
+        return None
+    return _find(fullname, path, target)
+importlib.machinery.PathFinder.find_spec = classmethod(_hidden)
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    hide = tmp_path_factory.mktemp("hide")
+    (hide / "sitecustomize.py").write_text(HIDE)
+    env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{ROOT}", "XLA_FLAGS": ""}
+    for module in ("tensorflow", "lm_eval"):  # the hiding works (so this test can fail)
+        out = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
+        assert "No module named" in out.stderr
+    return env
+
+
+def run(env, *args, timeout=600):
+    out = subprocess.run([sys.executable, BENCHMARK, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0 and "failed" not in out.stderr, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_step_benchmark_runs_all_three_backends_without_tensorflow_or_lm_eval(env):
+    out = run(env, "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0",
+              "--steps_per_call", "2", "--precision", "bfloat16")
+    for name in ("neo (jax)", "transformers GPTNeo", "nanoGPT-style torch"):
+        assert name in out
+    assert "neo / nanoGPT-style torch" in out and "GFLOP/s theoretical" in out and "measured 2048^2 matmul" in out
+
+
+def test_compile_only_reports_compiled_memory_on_simulated_devices(env):
+    out = run(env, "--compile_only", "--model", "tiny", "--batch", "8", "--seq", "32", "--mesh_shape", "x:8",
+              "--layout", "batch:x,embd:x", "--recompute", "--set", "z_loss=0.0")
+    (line,) = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    r = json.loads(line[7:])
+    assert r["devices"] == 8 and r["recompute"] is True and r["seq"] == 32 and r["set"] == ["z_loss=0.0"]
+    assert r["compile_s"] > 0 and r["temp_bytes"] > 0 and r["argument_bytes"] > 0 and r["output_bytes"] > 0
+    assert "alias_bytes" in r
+
+
+def test_quickstart_mode_trains_both_loops_and_validates_them(env):
+    out = run(env, "--quickstart", "--quickstart_steps", "6")
+    rows = [l for l in out.splitlines() if l.startswith(("neo main.py", "nanoGPT recipe"))]
+    assert len(rows) == 2
+    for row in rows:
+        val = float(row.split()[-1])
+        assert 0 < val < 6  # a byte model starts near ln(256) = 5.5
+    assert "neo / nanoGPT throughput" in out
+
+
+def test_cpu_peak_follows_the_flags(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+
+    def info(model, vendor, flags, siblings=1, per_socket=1):
+        path = tmp_path / f"{model[:5]}{siblings}"
+        path.write_text(f"vendor_id\t: {vendor}\nmodel name\t: {model}\ncpu MHz\t\t: 2600.000\n"
+                        f"siblings\t: {siblings}\ncpu cores\t: {per_socket}\nflags\t\t: {flags}\n\n")
+        return str(path)
+
+    xeon = info("Intel(R) Xeon(R) Platinum 8480C @ 2.00GHz", "GenuineIntel", "fma avx2 avx512f avx512_bf16 amx_bf16")
+    assert cpu_peak_flops("float32", xeon)[0] == cores * 64 * 2.0e9  # the nominal clock, not cpu MHz
+    assert cpu_peak_flops("bfloat16", xeon)[0] == cores * 1024 * 2.0e9
+    epyc = info("AMD EPYC 7B13", "AuthenticAMD", "fma avx2", siblings=2, per_socket=1)  # 2 threads per core
+    peak, formula = cpu_peak_flops("bfloat16", epyc)
+    assert peak == max(1, cores // 2) * 32 * 2.6e9 and "AVX2" in formula and "2.60 GHz" in formula
+    zen4 = info("AMD EPYC 9B14", "AuthenticAMD", "fma avx2 avx512f avx512_bf16")
+    assert cpu_peak_flops("bfloat16", zen4)[0] == cores * 64 * 2.6e9  # 256-bit data paths, bf16 pairs
