@@ -104,7 +104,7 @@ def test_greedy_equals_transformers_generate(family, kv):
     window (6) is far shorter than the 30 generated tokens."""
     hfc, model = hf_model(family, kv=kv, init=0.2)  # sharper logits: no near-ties for argmax
     _, cfg, params = hf_to_neo(hfc.to_dict(), state_dict(model))
-    assert jax.tree.leaves(init_cache(cfg.model, 1, 8))[0].shape[1] == kv  # [b, kv_heads, slots, d]
+    assert jax.tree.leaves(init_cache(cfg.model, 1, 8))[0].shape[-3] == kv  # [(layers,) b, kv_heads, slots, d]
     layout = make_layout("", "", jax.devices()[:1])
     sampler = Sampler(cfg, jax.device_put(params, shardings_of(place(layout, abstract_init(cfg.model)))), layout)
     ours = sampler.generate(PROMPTS, SamplingOptions(temperature=0, max_new_tokens=30), eos_id=None)
