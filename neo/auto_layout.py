@@ -179,9 +179,9 @@ def _dense_scores(cfg: ModelConfig, kind: str) -> bool:
     return impl in ("xla", "dot_product")
 
 
-def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
-    """Floats one layer keeps for the backward pass, per (local) token, without remat."""
-    c = ACT_SCANNED if cfg.scan_period else ACT_UNROLLED
+def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool, c: dict) -> float:
+    """Floats one layer keeps for the backward pass, per (local) token, without remat; `c`:
+    ACT_SCANNED or ACT_UNROLLED."""
     act = ("batch", "sequence", "embd")
     heads_names = ("batch", "sequence", "heads", "features_per_head")
     d = cfg.n_embd / plan.split("embd", act)
@@ -276,21 +276,35 @@ def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
     rows = cfg.run.train_batch_size / n_micro / batch_shards
     tokens = rows * cfg.model.n_ctx / plan.split("sequence", act)
     width = 2 if cfg.model.precision == "bfloat16" else 4
-    moe_layers = set(cfg.model.moe_layers or ())
-    layers = [_layer_floats(cfg.model, plan, k, i in moe_layers) for i, k in enumerate(cfg.model.attention_types)]
-    vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
-    d = cfg.model.n_embd / plan.split("embd", act)
-    # float32 logits of one chunk of the loss (neo/loss.py) and their gradient; embeddings, ln_f
-    chunk = min(tokens, rows * max(1, CHUNK_TOKENS // r.train_batch_size))
-    head = chunk * 4 * ACT_LOGITS * vocab + tokens * width * 2 * d
-    acts = tokens * width * sum(layers) + head
-    policy = cfg.model.remat if cfg.model.remat != "none" else "full"
-    saved = sum(_saved_floats(cfg.model, plan, policy, k) for k in cfg.model.attention_types)
-    acts_remat = tokens * width * (saved + max(layers)) + head
+    acts, acts_remat = _activations(cfg, plan, rows, tokens, width)
 
     comm = _communication(cfg, plan, params, tokens, width, n_micro)
     e = Estimate(mesh_shape, layout, p_bytes, opt, grads, acts, acts_remat, comm, cfg.model.remat != "none", int(rows))
     return replace(e, memory=p_bytes + opt + grads + (acts_remat if e.remat else acts))
+
+
+def _activations(cfg: Config, plan: _Plan, rows: float, tokens: float, width: int) -> tuple[float, float]:
+    """Bytes of activations one microbatch keeps for the backward pass on one device: without
+    remat, and with the remat policy in effect (`full` when none is)."""
+    act = ("batch", "sequence", "embd")
+    moe_layers = set(cfg.model.moe_layers or ())
+    c = ACT_SCANNED if cfg.model.scan_period else ACT_UNROLLED
+    kinds = list(enumerate(cfg.model.attention_types))
+    layers = [_layer_floats(cfg.model, plan, k, i in moe_layers, c) for i, k in kinds]
+    # With remat each layer keeps what its policy saves, and one layer at a time is recomputed
+    # (less what was saved) and run backward inside one loop body or checkpoint, which XLA fuses
+    # as it fuses an unrolled layer.
+    policy = cfg.model.remat if cfg.model.remat != "none" else "full"
+    saved = [_saved_floats(cfg.model, plan, policy, k) for _, k in kinds]
+    d = cfg.model.n_embd / plan.split("embd", act)
+    one = max(_layer_floats(cfg.model, plan, k, i in moe_layers, ACT_UNROLLED) - (saved[i] - d) for i, k in kinds)
+    vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
+    # float32 logits of one chunk of the loss (neo/loss.py) and their gradient; embeddings, ln_f
+    chunk = min(tokens, rows * max(1, CHUNK_TOKENS // cfg.run.train_batch_size))
+    head = chunk * 4 * ACT_LOGITS * vocab + tokens * width * 2 * d
+    acts = tokens * width * sum(layers) + head
+    acts_remat = tokens * width * (sum(saved) + one) + head
+    return acts, acts_remat
 
 
 def _ring(n: int) -> float:
