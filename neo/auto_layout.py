@@ -225,7 +225,7 @@ def _saved_floats(cfg: ModelConfig, plan: _Plan, policy: str, kind: str) -> floa
     attn = kind != "none"
     if policy == "save_dots":
         n_mlp = 2 if cfg.macaron else 1
-        return d + attn * (3 * hd + d) + n_mlp * (f * (2 if cfg.mlp_glu else 1) + d)
+        return d + attn * (3 * hd + d) + n_mlp * (f * (2 if cfg.gated else 1) + d)
     if policy == "save_attention_out":
         return d + attn * hd
     return d
