@@ -21,7 +21,8 @@ The activation coefficients (ACT_*) count what XLA actually keeps. They were mea
 XLA:CPU (float32); tests/test_auto_layout.py checks the whole estimate against
 `compiled.memory_analysis()` of neo's real train step on 8 simulated devices, within
 TOLERANCE (docs/layouts.md). TPU and GPU compilers fuse more, so there the activation part is
-an upper bound. XLA:CPU ignores rematerialisation, so the remat column is not checked there.
+an upper bound. The remat column is not checked: XLA:CPU ignores remat between unrolled layers,
+and honours it under nn.scan only since the layers were scanned (docs/layouts.md).
 """
 
 from __future__ import annotations
@@ -32,17 +33,26 @@ from typing import Optional, Sequence
 
 from neo.config import Config, ModelConfig
 from neo.errors import NeoError
+from neo.loss import CHUNK_TOKENS
 from neo.mesh import num_microbatches, parameter_name, parse_layout, parse_mesh_shape, resolve
 
 GiB = 1024 ** 3
 TOLERANCE = 0.25  # |estimate / compiled - 1| on simulated devices (tests/test_auto_layout.py)
 
-# Floats kept for the backward pass, per token and layer, per unit of the named dimension.
-ACT_RESIDUAL = 7.25   # x embd: block input, norms' inputs and outputs, residual sums
-ACT_HEADS = 4.0       # x heads * features_per_head: q, k, v and the attention output
-ACT_PROBS = 1.85      # x heads * keys attended: attention probabilities (float32)
-ACT_LINEAR = 1.6      # x heads * features_per_head: linear attention's normalised q, exp(k), sums
-ACT_MLP = 2.3         # x intermediate: c_fc output, activation output
+# Floats kept for the backward pass, per token and layer, per unit of the named dimension:
+# (residual x embd: block input, norms' inputs and outputs, residual sums; heads x heads *
+# features_per_head: q, k, v and the attention output; probs x heads * keys attended: attention
+# probabilities (float32); linear x heads * features_per_head: linear attention's normalised q,
+# exp(k), sums; mlp x intermediate: c_fc output and the activation's intermediates).
+# Unrolled layers: what XLA keeps after fusing each layer's forward into its backward; it
+# recomputes cheap elementwise values (most of the gelu) instead of storing them.
+ACT_UNROLLED = dict(residual=7.25, heads=4.0, probs=1.85, linear=1.6, mlp=2.3)
+# Scanned layers (nn.scan, `scan_layers`): the forward loop stacks, per layer, every residual
+# JAX's linearisation of the layer body names, and XLA cannot fuse across the loop to recompute
+# any of them: the MLP leaves six [tokens, intermediate] values (c_fc's output and the
+# activation's intermediates), where unrolled XLA keeps about two (counted in the compiled
+# step's forward while loop, whose outputs are these stacked residuals; 2026-11-29).
+ACT_SCANNED = dict(residual=8.0, heads=4.0, probs=2.0, linear=1.6, mlp=6.0)
 ACT_LOGITS = 2.2      # x vocab: float32 logits and their gradient
 # Bytes, per byte of the weights as one device sees them in the backward pass (gathered over
 # the batch axis when FSDP splits them there): gradients and their reduction buffers, and the
@@ -81,7 +91,7 @@ class Estimate:
     activations: float
     activations_remat: float
     communication: float
-    remat: bool  # recompute_grad
+    remat: bool  # a remat_policy other than none (recompute_grad: full)
     microbatch: int  # sequences per microbatch per replica
     memory: float = 0.0  # params + optimizer + gradients + activations (remat or not)
     fits: bool = False
@@ -151,19 +161,40 @@ def _keys(cfg: ModelConfig, kind: str) -> float:
     return 0
 
 
-def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
-    """Floats one layer keeps for the backward pass, per (local) token."""
+def _dense_scores(cfg: ModelConfig, kind: str) -> bool:
+    """Does this layer's attention kernel hold the [heads, T, keys] probabilities? `auto` is
+    resolved as attention_op.choose resolves it on the backend at hand (planning for another
+    one from a CPU counts CPU's choice: an upper bound where the target fuses more)."""
+    import jax.numpy as jnp
+
+    from neo.model.attention_op import choose
+
+    if kind not in ("global", "local"):
+        return kind != "none"  # linear attention's chunks: counted as before
+    impl = cfg.attention_impl
+    if impl == "auto":
+        window = cfg.local_attention_radius if kind == "local" else None
+        impl = choose("auto", t=cfg.n_ctx, head_dim=cfg.n_embd // cfg.n_head, dtype=jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32,
+                      causal=cfg.causal, window=window)
+    return impl in ("xla", "dot_product")
+
+
+def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool, c: dict) -> float:
+    """Floats one layer keeps for the backward pass, per (local) token, without remat; `c`:
+    ACT_SCANNED or ACT_UNROLLED."""
     act = ("batch", "sequence", "embd")
     heads_names = ("batch", "sequence", "heads", "features_per_head")
     d = cfg.n_embd / plan.split("embd", act)
     hd = cfg.n_embd / plan.split("heads", heads_names) / plan.split("features_per_head", heads_names)
     h = cfg.n_head / plan.split("heads", ("batch", "heads", "sequence", "memory_length"))
     keys = _keys(cfg, kind) / plan.split("memory_length", ("batch", "heads", "sequence", "memory_length"))
-    floats = ACT_RESIDUAL * d
+    floats = c["residual"] * d
     if kind != "none":
-        floats += ACT_HEADS * hd + ACT_PROBS * h * keys
+        floats += c["heads"] * hd
+        if _dense_scores(cfg, kind):  # the fused kernels never hold T x T
+            floats += c["probs"] * h * keys
         if kind == "linear":
-            floats += ACT_LINEAR * hd
+            floats += c["linear"] * hd
     n_mlp = 2 if cfg.macaron else 1
     if moe:
         from neo.model.moe import capacity, group_size
@@ -174,11 +205,30 @@ def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool) -> float:
         ex = ("experts", "batch", None, "expert_capacity", "embd")
         e_split = plan.split("experts", ex)
         f = p.moe_hidden_size / plan.split("intermediate_expanded", ex[:-1] + ("intermediate_expanded",))
-        floats += slots / s / e_split * (2 * d + ACT_MLP * f) + 2 * slots / e_split
+        floats += slots / s / e_split * (2 * d + c["mlp"] * f) + 2 * slots / e_split
         n_mlp -= 1
     f = cfg.intermediate_expanded / plan.split("intermediate_expanded", ("batch", "sequence", "intermediate_expanded"))
-    floats += n_mlp * ACT_MLP * f * (2 if cfg.mlp_glu else 1)
+    floats += n_mlp * c["mlp"] * f * (2 if cfg.gated else 1)
     return floats
+
+
+def _saved_floats(cfg: ModelConfig, plan: _Plan, policy: str, kind: str) -> float:
+    """Floats one layer keeps per (local) token under a remat policy (neo/model/gpt.py
+    REMAT_SAVED): its input always (the scan's carry, or the checkpoint's argument); with
+    `save_dots` every Dense output (q, k, v, the attention projection, c_fc, c_proj); with
+    `save_attention_out` the attention output. The rest is recomputed, one layer at a time."""
+    act = ("batch", "sequence", "embd")
+    d = cfg.n_embd / plan.split("embd", act)
+    heads_names = ("batch", "sequence", "heads", "features_per_head")
+    hd = cfg.n_embd / plan.split("heads", heads_names) / plan.split("features_per_head", heads_names)
+    f = cfg.intermediate_expanded / plan.split("intermediate_expanded", ("batch", "sequence", "intermediate_expanded"))
+    attn = kind != "none"
+    if policy == "save_dots":
+        n_mlp = 2 if cfg.macaron else 1
+        return d + attn * (3 * hd + d) + n_mlp * (f * (2 if cfg.gated else 1) + d)
+    if policy == "save_attention_out":
+        return d + attn * hd
+    return d
 
 
 def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
@@ -216,25 +266,45 @@ def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
         extra = 4 * plan.local(names, shape) * (n - 1)
         gathered += extra
         block = path.split("/")[0]
+        if block == "layers":  # stacked for nn.scan (neo/model/params.py): one layer is one slice
+            block, extra = "/".join(path.split("/")[:2]), extra / shape[0]
         per_block[block] = per_block.get(block, 0.0) + extra
-    seen = p_bytes + (max(per_block.values()) if cfg.model.recompute_grad else gathered)
+    seen = p_bytes + (max(per_block.values()) if cfg.model.remat != "none" else gathered)
     grads = (GRADS_LIVE + (ACCUMULATOR if n_micro > 1 else 0.0)) * seen + update_temp
 
     act = ("batch", "sequence", "embd")
     rows = cfg.run.train_batch_size / n_micro / batch_shards
     tokens = rows * cfg.model.n_ctx / plan.split("sequence", act)
     width = 2 if cfg.model.precision == "bfloat16" else 4
-    moe_layers = set(cfg.model.moe_layers or ())
-    layers = [_layer_floats(cfg.model, plan, k, i in moe_layers) for i, k in enumerate(cfg.model.attention_types)]
-    vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
-    d = cfg.model.n_embd / plan.split("embd", act)
-    head = tokens * (4 * ACT_LOGITS * vocab + width * 2 * d)  # float32 logits; embeddings, ln_f
-    acts = tokens * width * sum(layers) + head
-    acts_remat = tokens * width * (len(layers) * d + max(layers)) + head
+    acts, acts_remat = _activations(cfg, plan, rows, tokens, width)
 
     comm = _communication(cfg, plan, params, tokens, width, n_micro)
-    e = Estimate(mesh_shape, layout, p_bytes, opt, grads, acts, acts_remat, comm, cfg.model.recompute_grad, int(rows))
-    return replace(e, memory=p_bytes + opt + grads + (acts_remat if cfg.model.recompute_grad else acts))
+    e = Estimate(mesh_shape, layout, p_bytes, opt, grads, acts, acts_remat, comm, cfg.model.remat != "none", int(rows))
+    return replace(e, memory=p_bytes + opt + grads + (acts_remat if e.remat else acts))
+
+
+def _activations(cfg: Config, plan: _Plan, rows: float, tokens: float, width: int) -> tuple[float, float]:
+    """Bytes of activations one microbatch keeps for the backward pass on one device: without
+    remat, and with the remat policy in effect (`full` when none is)."""
+    act = ("batch", "sequence", "embd")
+    moe_layers = set(cfg.model.moe_layers or ())
+    c = ACT_SCANNED if cfg.model.scan_period else ACT_UNROLLED
+    kinds = list(enumerate(cfg.model.attention_types))
+    layers = [_layer_floats(cfg.model, plan, k, i in moe_layers, c) for i, k in kinds]
+    # With remat each layer keeps what its policy saves, and one layer at a time is recomputed
+    # (less what was saved) and run backward inside one loop body or checkpoint, which XLA fuses
+    # as it fuses an unrolled layer.
+    policy = cfg.model.remat if cfg.model.remat != "none" else "full"
+    saved = [_saved_floats(cfg.model, plan, policy, k) for _, k in kinds]
+    d = cfg.model.n_embd / plan.split("embd", act)
+    one = max(_layer_floats(cfg.model, plan, k, i in moe_layers, ACT_UNROLLED) - (saved[i] - d) for i, k in kinds)
+    vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
+    # float32 logits of one chunk of the loss (neo/loss.py) and their gradient; embeddings, ln_f
+    chunk = min(tokens, rows * max(1, CHUNK_TOKENS // cfg.run.train_batch_size))
+    head = chunk * 4 * ACT_LOGITS * vocab + tokens * width * 2 * d
+    acts = tokens * width * sum(layers) + head
+    acts_remat = tokens * width * (sum(saved) + one) + head
+    return acts, acts_remat
 
 
 def _ring(n: int) -> float:
@@ -300,7 +370,7 @@ def _role_layout(cfg: Config, data: str, model: Optional[str], model_size: int, 
     if fsdp:
         pairs.append(f"embd:{data}")
     if model and model_size > 1:
-        if cfg.model.n_head % model_size:
+        if cfg.model.kv_heads % model_size:
             return None
         pairs.append(f"heads:{model}")
         if cfg.model.intermediate_expanded % model_size == 0:
@@ -346,7 +416,7 @@ def fits_shapes(cfg: Config, mesh_shape: str, layout: str, num_devices: int) -> 
     rules = parse_layout(layout, list(axes))
     m = cfg.model
     sizes = {"batch": cfg.run.train_batch_size, "sequence": m.n_ctx, "memory_length": m.n_ctx,
-             "embd": m.n_embd, "embed_sequence": m.n_ctx, "vocab": m.n_vocab, "heads": m.n_head,
+             "embd": m.n_embd, "embed_sequence": m.n_ctx, "vocab": m.n_vocab, "heads": m.kv_heads,
              "features_per_head": m.features_per_head, "intermediate_expanded": m.intermediate_expanded}
     if m.moe_layers:
         p = m.moe_params
@@ -414,7 +484,7 @@ def _best_settings(cfg: Config, mesh: str, layout: str, target: Target, params: 
     if first.memory <= target.memory_bytes:
         return replace(first, fits=True)
     tried = []
-    for remat in ((False, True) if not cfg.model.recompute_grad else (True,)):
+    for remat in ((False, True) if cfg.model.remat == "none" else (True,)):
         rows = first.microbatch
         while rows >= 1:
             trial = cfg.replace(recompute_grad=remat, tokens_per_mb_per_replica=rows * cfg.model.n_ctx)
@@ -498,7 +568,7 @@ def config_lines(cfg: Config, e: Estimate) -> list[str]:
     pairs = [("mesh_shape", e.mesh_shape), ("layout", e.layout)]
     if e.microbatch != per_replica or cfg.run.tokens_per_mb_per_replica:
         pairs.append(("tokens_per_mb_per_replica", e.microbatch * cfg.model.n_ctx))
-    if e.remat != cfg.model.recompute_grad:
+    if e.remat != (cfg.model.remat != "none"):
         pairs.append(("recompute_grad", e.remat))
     return [f"{json.dumps(k)}: {json.dumps(v)}" + ("," if i < len(pairs) - 1 else "") for i, (k, v) in enumerate(pairs)]
 

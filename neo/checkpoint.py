@@ -85,7 +85,34 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> tuple[Any, Any, dict]:
         """(params, opt_state or None, meta). `abstract_*` are trees of jax.ShapeDtypeStruct
-        carrying the target shardings; pass abstract_opt_state=None to read parameters only."""
+        carrying the target shardings; pass abstract_opt_state=None to read parameters only.
+        A checkpoint that holds the layers in the other form (per layer vs stacked for nn.scan,
+        neo/model/params.py) is read in its own form and converted, straight into the target
+        shardings."""
+        from neo.model import is_stacked, per_layer
+        from neo.model.params import stacked, stacked_period
+
+        stored = self._stored_params(step)
+        if stored is None or is_stacked(stored) == is_stacked(abstract_params):
+            return self._restore(step, abstract_params, abstract_opt_state)
+        as_stored = (lambda t: stacked(t, stacked_period(stored))) if is_stacked(stored) else per_layer
+        params, opt_state, meta = self._restore(step, as_stored(abstract_params),
+                                                None if abstract_opt_state is None else as_stored(abstract_opt_state))
+        to_model = (lambda t: stacked(t, stacked_period(abstract_params))) if is_stacked(abstract_params) else per_layer
+        target = jax.tree.map(lambda x: x.sharding, (abstract_params, abstract_opt_state))
+        # (no donation: a stacked tree cannot reuse the per-layer buffers, nor the reverse)
+        params, opt_state = jax.jit(to_model, out_shardings=target)((params, opt_state))
+        return params, opt_state, meta
+
+    def _stored_params(self, step: int) -> Any:
+        """The stored parameter tree's metadata (names and shapes), or None if unreadable."""
+        try:
+            metadata = self.manager.item_metadata(step)["params"]
+        except (KeyError, TypeError, ValueError, FileNotFoundError):
+            return None
+        return getattr(metadata, "tree", metadata)
+
+    def _restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict]:
         items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)

@@ -30,8 +30,8 @@ from neo.config import ModelConfig
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters used in matrix multiplies per token (the LM head included)."""
     d, f = cfg.n_embd, cfg.intermediate_expanded
-    per_attn = 4 * d * d
-    per_mlp = (3 if cfg.mlp_glu else 2) * d * f
+    per_attn = 2 * d * d + 2 * d * cfg.kv_heads * cfg.features_per_head  # q, o; k, v (grouped-query: fewer)
+    per_mlp = (3 if cfg.gated else 2) * d * f
     n_attn = sum(k != "none" for k in cfg.attention_types)
     n_moe = len(set(cfg.moe_layers or ()))
     per_moe = 0

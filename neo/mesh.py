@@ -113,6 +113,12 @@ class Layout:
 _ACTIVE: contextvars.ContextVar[Optional[Layout]] = contextvars.ContextVar("neo_layout", default=None)
 
 
+def active_layout() -> Optional[Layout]:
+    """The layout `Layout.active` set while tracing, if any (a kernel that runs per device, under
+    shard_map, needs the mesh and the specs of its operands)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     """Pin an activation's sharding by dimension names (a no-op outside `Layout.active`)."""
     layout = _ACTIVE.get()

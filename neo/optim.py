@@ -65,8 +65,8 @@ def make_optimizer(cfg: OptimizerConfig, train_steps: int) -> optax.GradientTran
         # relative step size (scaled by the parameter's RMS, at least eps2), optional momentum.
         parts += [
             optax.scale_by_factored_rms(epsilon=cfg.ada_epsilon1),
-            optax.clip_by_block_rms(1.0),
-            optax.scale_by_param_block_rms(min_scale=cfg.ada_epsilon2),
+            clip_by_layer_rms(1.0),
+            scale_by_param_layer_rms(min_scale=cfg.ada_epsilon2),
         ]
         if cfg.beta1:
             parts.append(optax.ema(cfg.beta1, debias=False))
@@ -74,3 +74,32 @@ def make_optimizer(cfg: OptimizerConfig, train_steps: int) -> optax.GradientTran
             parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
         parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
+
+
+# Adafactor's per-parameter statistics, per layer when the layers are stacked for nn.scan (a
+# leading `layers` axis, neo/model/params.py): optax's block RMS would mix the layers.
+
+
+def _layer_rms(path: tuple, x: jax.Array) -> jax.Array:
+    """Root mean square of a parameter (or its update); of each layer of a stacked one."""
+    stacked = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][:1] == ["layers"]
+    axes = tuple(range(1, x.ndim)) if stacked else None
+    return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=stacked))
+
+
+def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
+    """optax.clip_by_block_rms, per layer: u / max(1, rms(u) / threshold)."""
+    def update(updates, state, params=None):
+        clip = lambda path, u: u / jnp.maximum(1.0, _layer_rms(path, u) / threshold)
+        return jax.tree_util.tree_map_with_path(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def scale_by_param_layer_rms(min_scale: float) -> optax.GradientTransformation:
+    """optax.scale_by_param_block_rms, per layer: u * max(rms(param), min_scale)."""
+    def update(updates, state, params):
+        scale = lambda path, u, p: u * jnp.maximum(_layer_rms(path, p), min_scale)
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)

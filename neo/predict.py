@@ -168,6 +168,17 @@ def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
     return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
 
 
+def constrain_cache(cache: list) -> list:
+    """Shard the key/value caches by name (scanned layers stack them behind a leading `layers`
+    axis); linear attention's running sums stay as the compiler places them."""
+    def one(path, c):
+        if getattr(path[-1], "key", None) not in ("k", "v"):
+            return c
+        return constrain(c, (None,) * (c.ndim - len(CACHE_NAMES)) + CACHE_NAMES)
+
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+
 def make_generate(cfg: Config, layout: Layout, on_trace: Optional[Callable[[], None]] = None) -> Callable:
     """The jit-compiled sampler for `cfg`:
 
@@ -187,7 +198,7 @@ def make_generate(cfg: Config, layout: Layout, on_trace: Optional[Callable[[], N
             b, p = tokens.shape
             slots = jnp.arange(p + room)
             key_valid = slots[None, :] >= pad[:, None]  # the causal mask hides the future slots
-            cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), init_cache(cfg.model, b, p + room))
+            cache = constrain_cache(init_cache(cfg.model, b, p + room))
             positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
             logits, cache = model.apply({"params": params}, tokens, positions, cache=cache,
                                         cache_index=jnp.int32(0), key_valid=key_valid, last_only=True)

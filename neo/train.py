@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from neo.config import Config
 from neo.errors import NeoError
-from neo.loss import lm_loss, shift
+from neo.loss import chunked_lm_loss, shift
 from neo.mesh import (
     Layout, assemble_rows, check_divisible, constrain, num_microbatches, parameter_name, place, process_rows,
     shardings_of,
@@ -69,7 +69,7 @@ def build(cfg: Config, layout: Layout) -> Setup:
     model = GPT(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, cfg.run.train_steps)
     check_divisible(layout, {"batch": cfg.run.train_batch_size, "sequence": cfg.model.n_ctx,
-                             "memory_length": cfg.model.n_ctx, "heads": cfg.model.n_head}, " in the config")
+                             "memory_length": cfg.model.n_ctx, "heads": cfg.model.kv_heads}, " in the config")
     n_micro = num_microbatches(cfg.run.train_batch_size, cfg.model.n_ctx, cfg.run.tokens_per_mb_per_replica,
                                layout.axis_size("batch"))
     if (cfg.run.train_batch_size // n_micro) % layout.axis_size("batch"):
@@ -117,9 +117,10 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
         inputs, targets, mask = shift(tokens, cfg.data.padding_id)  # padded targets masked
         if cfg.model.mlm_training:
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
-        logits, extra = model.apply({"params": params}, inputs, deterministic=not dropout,
+        hidden, extra = model.apply({"params": params}, inputs, deterministic=not dropout, return_hidden=True,
                                     rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
-        objective, aux = lm_loss(logits, targets, cfg.run.z_loss, mask)
+        project = lambda h: model.apply({"params": params}, h, method=GPT.head_logits)
+        objective, aux = chunked_lm_loss(hidden, project, targets, cfg.run.z_loss, mask)
         if cfg.model.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
             aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))
             objective = objective + aux["moe_loss"]

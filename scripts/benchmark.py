@@ -20,7 +20,9 @@ MFU counts its own FLOPs.
 --compile_only: compile neo's train step (nothing runs) and print one line
 `RESULT {json}` with compile_s and the compiled step's memory_analysis() (temp_bytes,
 argument_bytes, output_bytes, alias_bytes, generated_code_bytes); on CPU, a --mesh_shape
-larger than one device gets that many simulated devices.
+larger than one device gets that many simulated devices. `--top N` adds the N largest slices
+of XLA's memory-usage report of the step (`largest_temporaries`: MiB and the shapes XLA placed
+there over the step), which says what dominates the temporary memory.
 
 --quickstart: neo's real training loop (`main.py --model quickstart`, its logged tokens/s,
 compilation and evaluation excluded) against nanoGPT's CPU recipe for the same shape
@@ -152,7 +154,22 @@ def compile_only(args) -> dict:
             "device_kind": layout.mesh.devices.flat[0].device_kind, "params": setup.param_count,
             "compile_s": compile_s, "temp_bytes": m.temp_size_in_bytes, "argument_bytes": m.argument_size_in_bytes,
             "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-            "generated_code_bytes": m.generated_code_size_in_bytes}
+            "generated_code_bytes": m.generated_code_size_in_bytes,
+            **({"largest_temporaries": largest_temporaries(args.dump, args.top)} if args.top else {})}
+
+
+def largest_temporaries(dump: str, n: int) -> list[dict]:
+    """The n largest slices of the train step's temporary memory from XLA's memory-usage report
+    (the biggest report in the dump is the step's), each with the shapes that used it."""
+    import re
+
+    reports = sorted(Path(dump).glob("*memory-usage-report.txt"), key=lambda f: f.stat().st_size)
+    if not reports:
+        return []
+    rows = re.findall(r"^\s+[\d.]+\w+\(\s*\d+%\);\s+([\d.]+)(\w+);\s+\d+;\s+\d+;\s+(.*)$",
+                      reports[-1].read_text(), flags=re.M)
+    unit = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+    return [{"mib": round(float(size) * unit[u] / 2 ** 20, 1), "shapes": shapes} for size, u, shapes in rows[:n]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +390,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="config override key=JSON")
     p.add_argument("--backend", choices=["all", *BACKENDS, "quickstart_neo", "quickstart_torch"], default="all")
     p.add_argument("--compile_only", action="store_true")
+    p.add_argument("--top", type=int, default=0, help="--compile_only: the N largest temporary slices")
     p.add_argument("--quickstart", action="store_true")
     p.add_argument("--quickstart_steps", type=int, default=2000)
     p.add_argument("--json", help="append the results as JSON lines to this file")
@@ -384,6 +402,9 @@ def main() -> None:
         if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
         args.devices = 0 if args.mesh_shape else args.devices
+        if args.top:  # XLA writes its memory-usage report with the dump
+            args.dump = tempfile.mkdtemp(prefix="neo_compile_")
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.dump}"
         print("RESULT " + json.dumps(compile_only(args)))
         return
     if args.backend != "all":

@@ -1,7 +1,8 @@
-"""Hugging Face GPT-Neo / GPT-NeoX (Pythia) weights <-> neo checkpoints.
+"""Hugging Face GPT-Neo / GPT-NeoX (Pythia) / LLaMA / Mistral weights <-> neo checkpoints.
 
     python scripts/convert_hf.py import --input EleutherAI/gpt-neo-125M --output runs/gpt-neo-125M
     python scripts/convert_hf.py import --input ./pythia-70m --output runs/pythia-70m
+    python scripts/convert_hf.py import --input ./Mistral-7B-v0.1 --output runs/mistral-7b
     python main.py --model runs/pythia-70m/config.json --predict --prompt prompt.txt
     python scripts/convert_hf.py export --model runs/pythia-70m/config.json --output hf/pythia-70m-ft
 

@@ -10,9 +10,9 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.errors import NeoError
-from neo.model import GPT, init_cache, init_params
+from neo.model import GPT, init_cache, init_params, per_layer
 from neo.model.attention import Attention
-from neo.model.attention_op import attend, attend_local_blocked, visible
+from neo.model.attention_op import attend, blocked, visible
 from neo.model.layers import LayerNorm
 from neo.model.linear_attention import causal_linear_attention, linear_attention
 
@@ -119,9 +119,10 @@ def test_local_layers_cache_only_their_window_and_decode_as_the_full_pass(tiny_c
 def test_none_layer_is_feed_forward_only(tiny_config):
     cfg = parse_model_config(tiny_config(attention_types=[[["none"], 2]], n_layer=2))
     params = unbox(params_of(cfg))
-    assert "attn" not in params["h_0"] and "ln_1" not in params["h_0"]
     tokens = jnp.asarray(RNG.randint(0, cfg.model.n_vocab, (2, 16)))
     logits = GPT(cfg.model).apply({"params": params}, tokens)
+    params = per_layer(params)  # two `none` layers run under nn.scan; read them one by one
+    assert "attn" not in params["h_0"] and "ln_1" not in params["h_0"]
     # by hand: x <- x + MLP(LN2(x)) per layer (the original's x <- x + x would double x first)
     from neo.model.gpt import MLP
 
@@ -158,7 +159,7 @@ def test_bidirectional_blocked_local_attention_equals_the_dense_mask():
     q, k, v = (jnp.asarray(RNG.randn(2, 37, 3, 8).astype(np.float32)) for _ in range(3))
     slots = jnp.arange(37)
     dense = attend(q, k, v, visible(slots, slots, causal=False, window=6)[None, None], 1.0)
-    np.testing.assert_allclose(attend_local_blocked(q, k, v, 6, 1.0, causal=False), dense, atol=1e-6)
+    np.testing.assert_allclose(blocked(q, k, v, causal=False, window=6, scale=1.0), dense, atol=1e-6)
 
 
 def test_memory_key_values_are_prepended_in_global_layers_only(tiny_config):

@@ -208,9 +208,12 @@ def test_replace_routes_flat_keys_and_checks_again(tiny_config):
 
 
 def test_every_activation_name_the_config_accepts_exists_in_the_model():
+    from neo.config.sections import GATED_ACTIVATIONS
     from neo.model.activations import ACTIVATIONS, PARAMETRIC
 
-    assert set(ACTIVATION_FNS) == set(ACTIVATIONS) | set(PARAMETRIC)
+    # GLU names (swiglu, ...) gate the MLP with one of the model's functions
+    assert set(GATED_ACTIVATIONS.values()) <= set(ACTIVATIONS)
+    assert set(ACTIVATION_FNS) == set(ACTIVATIONS) | set(PARAMETRIC) | set(GATED_ACTIVATIONS)
 
 
 def test_readme_dataset_entry_and_gpt_neo_spellings(tmp_path, tiny_config):

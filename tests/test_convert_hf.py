@@ -19,7 +19,7 @@ from neo.config import load_model_config, parse_model_config  # noqa: E402
 from neo.convert import gpt_neox  # noqa: E402
 from neo.convert.hf import export_hf, import_hf, read_hf_weights, read_safetensors, write_safetensors  # noqa: E402
 from neo.errors import NeoError  # noqa: E402
-from neo.model import GPT, abstract_init  # noqa: E402
+from neo.model import GPT, abstract_init, as_model_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def test_gpt_neox_logits_match_transformers(parallel, act):
     cfg = parse_model_config(gpt_neox.config_from_hf(hfc.to_dict()), "hf")
     assert cfg.model.rotary_pct == 0.25 and cfg.model.parallel_residual == parallel
     assert cfg.model.activation_fn == ("gelu_exact" if act == "gelu" else "gelu")
-    params = gpt_neox.params_from_hf(state_dict(model), cfg.model)
+    params = as_model_tree(cfg.model, gpt_neox.params_from_hf(state_dict(model), cfg.model))
     tokens = np.random.RandomState(1).randint(0, 203, (2, 40))
     ref = logits(model, tokens)
     out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
@@ -81,7 +81,7 @@ def test_gpt_neox_tied_head_without_attention_bias():
     assert not cfg.model.no_weight_tie and not cfg.model.qkv_bias
     params = gpt_neox.params_from_hf(state_dict(model), cfg.model)
     tokens = np.random.RandomState(2).randint(0, 203, (2, 17))
-    out = np.asarray(GPT(cfg.model).apply({"params": params}, jnp.asarray(tokens)))
+    out = np.asarray(GPT(cfg.model).apply({"params": as_model_tree(cfg.model, params)}, jnp.asarray(tokens)))
     np.testing.assert_allclose(out, logits(model, tokens), atol=2e-5, rtol=0)
     assert gpt_neox.config_to_hf(cfg, params)["attention_bias"] is False  # all output biases still zero
 
@@ -119,8 +119,8 @@ def test_import_refuses_to_overwrite_and_names_unknown_families(tmp_path):
     with pytest.raises(NeoError, match="already holds checkpoints"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "neo"), log=lambda s: None)
     cfg_path = tmp_path / "hf" / "config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "llama"}))
-    with pytest.raises(NeoError, match="not GPT-Neo or GPT-NeoX"):
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "bloom"}))
+    with pytest.raises(NeoError, match="not one neo converts"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "other"), log=lambda s: None)
     with pytest.raises(NeoError, match="not a folder, and not a hub id"):
         import_hf(str(tmp_path / "missing"), str(tmp_path / "other"), log=lambda s: None)

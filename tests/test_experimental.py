@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from neo.config import parse_model_config
-from neo.model import GPT, init_params
+from neo.model import GPT, init_params, per_layer
 from neo.model.activations import ACTIVATIONS, PARAMETRIC, Activation
 from neo.model.attention import Attention, rotary
 from neo.model.gpt import MLP, Block, LayerSpec
@@ -168,12 +168,12 @@ def test_init_scaling_by_depth_and_fan_in(depth, fan_in):
     d, layers = 256, 4
     cfg = parse_model_config(dict(n_embd=d, n_head=4, n_layer=layers, n_ctx=8, n_vocab=64,
                                   attention_types=[[["global"], layers]], scale_by_depth=depth, scale_by_in=fan_in))
-    mlp = init(cfg)["h_0"]["mlp"]
+    mlp = per_layer(init(cfg))["h_0"]["mlp"]
     std = lambda w: float(np.std(np.asarray(w)))
     assert std(mlp["c_fc"]["kernel"]) == pytest.approx(0.02 / math.sqrt(d), rel=0.05)
     expect = 0.02 / math.sqrt(4 * d) / (math.sqrt(layers) if depth else 1)
     assert std(mlp["c_proj"]["kernel"]) == pytest.approx(expect, rel=0.05)
-    q = init(cfg)["h_0"]["attn"]["q"]["kernel"]  # attention initialisers are not affected
+    q = per_layer(init(cfg))["h_0"]["attn"]["q"]["kernel"]  # attention initialisers are not affected
     assert std(q) == pytest.approx(d ** -0.5 * (d // 4) ** -0.5, rel=0.05)
 
 

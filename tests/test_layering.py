@@ -25,7 +25,7 @@ ALLOWED = {
     "tracking": {"config", "errors"},
     "checkpoint": {"config", "errors", "mesh", "model"},
     "train": {"config", "errors", "loss", "mesh", "mlm", "model", "optim"},
-    "auto_layout": {"config", "errors", "mesh", "model"},
+    "auto_layout": {"config", "errors", "loss", "mesh", "model"},
     "predict": {"checkpoint", "config", "data", "errors", "mesh", "model"},
     "interactive": {"checkpoint", "config", "data", "errors", "mesh", "predict"},
     "convert": {"checkpoint", "config", "data", "errors", "mesh", "model"},

@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from neo.config import expand_attention_types, parse_model_config  # noqa: E402
 from neo.convert.gpt_neo import config_from_hf, params_from_hf  # noqa: E402
-from neo.model import GPT, init_params  # noqa: E402
-from neo.model.attention_op import attend, attend_local_blocked, visible  # noqa: E402
+from neo.model import GPT, as_model_tree, init_params, per_layer  # noqa: E402
+from neo.model.attention_op import attend, blocked, visible  # noqa: E402
 
 
 def hf_gpt_neo(attention_types, window, seed=0, **kw):
@@ -32,7 +32,7 @@ def hf_gpt_neo(attention_types, window, seed=0, **kw):
 def neo_from_hf(hfc, model):
     cfg = parse_model_config(config_from_hf(hfc.to_dict()), "hf")
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return cfg, params_from_hf(sd, cfg.model.n_layer, cfg.model.n_head)
+    return cfg, as_model_tree(cfg.model, params_from_hf(sd, cfg.model.n_layer, cfg.model.n_head))
 
 
 @pytest.mark.parametrize("seq", [20, 90])  # 90 > 2 * window: the blocked local-attention path
@@ -63,7 +63,7 @@ def test_blocked_local_attention_equals_dense_mask():
     q, k, v = (jnp.asarray(rng.randn(2, 37, 3, 8).astype(np.float32)) for _ in range(3))
     slots = jnp.arange(37)
     dense = attend(q, k, v, visible(slots, slots, causal=True, window=6)[None, None], 1.0)
-    np.testing.assert_allclose(attend_local_blocked(q, k, v, 6, 1.0), dense, atol=1e-6)
+    np.testing.assert_allclose(blocked(q, k, v, causal=True, window=6, scale=1.0), dense, atol=1e-6)
 
 
 def test_window_includes_the_current_token():
@@ -87,7 +87,7 @@ def test_initialisation_follows_mesh_tensorflow():
     cfg = parse_model_config(dict(n_embd=256, n_head=4, n_layer=4, n_ctx=64, n_vocab=1000,
                                   attention_types=[[["global"], 4]], scale_by_depth=True))
     params = init_params(cfg.model, jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    params = per_layer(jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")))
     std = lambda x: float(np.std(np.asarray(x)))
     d, dh = 256, 64
     assert std(params["wte"]) == pytest.approx(0.02, rel=0.05)

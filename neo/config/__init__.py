@@ -15,7 +15,7 @@ from neo.config.load import (
 )
 from neo.config.sections import (
     ACTIVATION_FNS, ATTENTION_KINDS, KEY_SECTION, SAMPLING_MODES, SECTIONS, Config, DataConfig, DatasetConfig,
-    DatasetEntry, ModelConfig, MoEParams, OptimizerConfig, RunConfig, SamplingConfig,
+    DatasetEntry, ModelConfig, MoEParams, OptimizerConfig, RunConfig, SamplingConfig, neox_intermediate_size,
 )
 from neo.config.validate import validate
 
@@ -23,6 +23,6 @@ __all__ = [
     "ACTIVATION_FNS", "ATTENTION_KINDS", "CONFIG_DIR", "KEY_SECTION", "ROOT", "RUNTIME_KEYS", "SAMPLING_MODES",
     "SECTIONS", "Config", "DataConfig", "DatasetConfig", "DatasetEntry", "ModelConfig", "MoEParams",
     "OptimizerConfig", "RunConfig", "SamplingConfig", "dataset_config_dirs", "expand_attention_types",
-    "find_model_config", "load_dataset_config", "load_model_config", "parse_model_config", "resolve_path",
+    "find_model_config", "load_dataset_config", "load_model_config", "neox_intermediate_size", "parse_model_config", "resolve_path",
     "to_json_dict", "validate",
 ]

@@ -218,6 +218,10 @@ def _read_value(key: str, value: Any, where: str, base: Path, raw: dict) -> Any:
         return _resolve_datasets(value, where, base, raw)
     if key == "moe_params":
         return value if isinstance(value, MoEParams) else parse_moe_params(value, where)
+    if key == "scan_layers":  # "auto" (or null), true, false
+        if value in ("auto", None) or isinstance(value, bool):
+            return None if value == "auto" else value
+        raise NeoError(f"{where}: 'scan_layers' must be \"auto\", true or false, got {json.dumps(value)}.")
     if key == "curriculum_learning" and value is not None:
         return value if isinstance(value, Curriculum) else parse_curriculum(value, where)
     return _coerce(key, value, _hints(SECTIONS[KEY_SECTION[key]])[key], where)

@@ -45,8 +45,19 @@ ACTIVATION_FNS = (
     "bipolarsigmoid", "rrelu", "elish", "arcsinh", "maxsig", "cosid", "minsin", "maxtanh", "mish",
     "tanhexp", "lisht", "seagull", "snake", "roottanh", "softplusmone",
     "aria", "prelu", "parcsinh", "psoftplus", "proottanh",
+    # GPT-NeoX's gated activations (GLU variants, Shazeer 2020): the MLP's input projection makes
+    # two halves x and gate, and the hidden layer is x * act(gate)
+    "swiglu", "geglu", "reglu",
 )
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_exact", "reglu": "relu"}  # gate activation
+# GPT-NeoX's `pos_emb` and `norm` values (docs/configs.md)
+POS_EMBS = ("learned", "rotary", "alibi", "sinusoidal", "none")
+NORMS = ("layernorm", "rmsnorm", "scalenorm")
 MOE_POLICIES = ("random", "threshold", "all", "none")
+# Kernels of the attention operation (neo/model/attention_op.py) and rematerialisation policies
+# (neo/model/gpt.py); docs/configs.md describes each.
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "blocked", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 CURRICULUM_SCHEDULES = ("fixed_linear", "fixed_root")
 
 
@@ -154,6 +165,20 @@ class ModelConfig:
     qkv_bias: bool = False
     intermediate_size: Optional[int] = None
     layer_norm_epsilon: float = 1e-5
+    # GPT-NeoX's architecture options, under GPT-NeoX's names (docs/configs.md)
+    pos_emb: Optional[str] = None  # None: "rotary" with rotary_emb, else "learned"
+    norm: Optional[str] = None  # None: "layernorm" (GPT-Neo's `scalenorm` flag is separate)
+    rms_norm_epsilon: Optional[float] = None  # None: 1e-8 (GPT-NeoX's default)
+    scalenorm_epsilon: Optional[float] = None  # None: 1e-8
+    use_bias_in_norms: bool = True
+    use_bias_in_attn_linear: Optional[bool] = None  # None: GPT-Neo's (q/k/v per qkv_bias, o with)
+    use_bias_in_mlp: bool = True
+    mlp_multiple_of: int = 1
+    num_kv_heads: Optional[int] = None  # None: n_head (multi-head); 1: multi-query
+    # neo: how the network is computed (docs/configs.md, "Speed and memory")
+    attention_impl: str = "auto"
+    remat_policy: Optional[str] = None  # None: `full` with recompute_grad, else `none`
+    scan_layers: Optional[bool] = None  # None ("auto"): scan when the layers can be
 
     # Derived values: properties so they can never disagree with the fields.
     @property
@@ -161,12 +186,83 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def position_embedding(self) -> str:
+        """`pos_emb` in effect: GPT-Neo's `rotary_emb` means "rotary", else learned (axial
+        embeddings are a learned table too)."""
+        return self.pos_emb or ("rotary" if self.rotary_emb else "learned")
+
+    @property
+    def norm_kind(self) -> str:
+        return self.norm or "layernorm"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.n_head
+
+    @property
+    def gated(self) -> bool:
+        """Is the MLP gated (GPT-Neo's `mlp_glu`, or a GLU activation such as swiglu)?"""
+        return self.mlp_glu or self.activation_fn in GATED_ACTIVATIONS
+
+    @property
+    def mlp_activation(self) -> str:
+        """The function applied in the MLP (the gate's for GLU activations)."""
+        return GATED_ACTIVATIONS.get(self.activation_fn, self.activation_fn)
+
+    @property
+    def attn_qkv_bias(self) -> bool:
+        return self.qkv_bias if self.use_bias_in_attn_linear is None else self.use_bias_in_attn_linear
+
+    @property
+    def attn_out_bias(self) -> bool:
+        return True if self.use_bias_in_attn_linear is None else self.use_bias_in_attn_linear
+
+    @property
     def intermediate_expanded(self) -> int:
-        return self.intermediate_size or 4 * self.n_embd
+        """The MLP's hidden width (each half's when gated): `intermediate_size`, else 4 * n_embd,
+        or for a GLU activation LLaMA's 2/3 of that (int(8 * n_embd / 3)); rounded up to a
+        multiple of `mlp_multiple_of` (LLaMA: 4096 -> 11008 with 256)."""
+        f = self.intermediate_size or (int(2 * 4 * self.n_embd / 3) if self.activation_fn in GATED_ACTIVATIONS
+                                       else 4 * self.n_embd)
+        return -(-f // self.mlp_multiple_of) * self.mlp_multiple_of
 
     @property
     def causal(self) -> bool:
         return not self.mlm_training
+
+    @property
+    def remat(self) -> str:
+        """The rematerialisation policy in effect: `remat_policy`, else GPT-Neo's
+        `recompute_grad` (true: recompute each whole layer)."""
+        if self.remat_policy is not None:
+            return self.remat_policy
+        return "full" if self.recompute_grad else "none"
+
+    @property
+    def pattern_period(self) -> int:
+        """The length of the shortest run of layers that repeats to make every layer (its
+        attention kind and MoE flag): 2 for GPT-Neo's [global, local] * 12."""
+        moe = set(self.moe_layers or ())
+        kinds = [(kind, i in moe) for i, kind in enumerate(self.attention_types)]
+        return next(p for p in range(1, self.n_layer + 1)
+                    if self.n_layer % p == 0 and all(kinds[i] == kinds[i % p] for i in range(self.n_layer)))
+
+    def scan_blocker(self) -> Optional[str]:
+        """Why the layers cannot run under nn.scan, or None if they can."""
+        if self.share_parameters:
+            return "share_parameters (one block serves every layer)"
+        if self.moe_layers:
+            return "moe_layers (mixture-of-experts layers sow their balance loss per layer)"
+        if self.pattern_period == self.n_layer:
+            return f"attention_types does not repeat over the {self.n_layer} layers"
+        return None
+
+    @property
+    def scan_period(self) -> Optional[int]:
+        """Layers per scanned group (the repeating pattern), or None: unrolled layers."""
+        if self.scan_layers is False or self.scan_blocker() is not None:
+            return None
+        return self.pattern_period
 
 
 @dataclass(frozen=True)
@@ -298,6 +394,17 @@ class Config:
         from neo.config.load import replace_keys
 
         return replace_keys(self, changes)
+
+
+def neox_intermediate_size(intermediate_size: Optional[int], n_embd: int, gated: bool, multiple_of: int = 1) -> int:
+    """neo's `intermediate_size` (the hidden width, each half's when gated) for GPT-NeoX's
+    `intermediate_size` (megatron/model/transformer.py ParallelMLP): f = intermediate_size or 4h;
+    gated: f = int(2f/3), and the hidden width is f // 2 rounded up to `mlp_multiple_of`
+    (Llama-2-7B's YAML: 32768 -> 11008 with 256)."""
+    f = intermediate_size or 4 * n_embd
+    if gated:
+        f = int(f * 2 / 3) // 2
+    return -(-f // multiple_of) * multiple_of
 
 
 def mlm_excluded_ids(cfg: Config) -> frozenset[int]:

@@ -15,8 +15,9 @@ import re
 from typing import Callable, NoReturn
 
 from neo.config.sections import (
-    ACTIVATION_FNS, CURRICULUM_SCHEDULES, INPUT_FNS, LR_DECAYS, MOE_POLICIES, OPTIMIZERS, PRECISIONS, Config,
-    Curriculum, ModelConfig, MoEParams, OptimizerConfig, RunConfig, SamplingConfig, mlm_excluded_ids, mlm_vocab,
+    ACTIVATION_FNS, ATTENTION_IMPLS, CURRICULUM_SCHEDULES, INPUT_FNS, LR_DECAYS, MOE_POLICIES, NORMS, OPTIMIZERS,
+    POS_EMBS, PRECISIONS, REMAT_POLICIES, Config, Curriculum, ModelConfig, MoEParams, OptimizerConfig, RunConfig,
+    SamplingConfig, mlm_excluded_ids, mlm_vocab,
 )
 from neo.errors import NeoError, did_you_mean
 
@@ -83,7 +84,7 @@ def _check_model(m: ModelConfig, fail: Fail) -> None:
         fail(f"'num_mem_kv' must be >= 0 (learned memory key/value slots), got {m.num_mem_kv}.")
     if m.intermediate_size is not None and m.intermediate_size <= 0:
         fail(f"'intermediate_size' must be a positive integer (or absent for 4 x n_embd), got {m.intermediate_size}.")
-    if m.rotary_emb and int(m.features_per_head * m.rotary_pct) % 2:
+    if m.position_embedding == "rotary" and int(m.features_per_head * m.rotary_pct) % 2:
         fail(f"rotary dims = int(features_per_head {m.features_per_head} * rotary_pct {m.rotary_pct}) "
              f"must be even; adjust 'rotary_pct'.")
     if m.axial_pos_emb is not None:
@@ -92,10 +93,72 @@ def _check_model(m: ModelConfig, fail: Fail) -> None:
                  f"got {list(m.axial_pos_emb)}.")
         if m.rotary_emb:
             fail("axial_pos_emb and rotary_emb are two position encodings; keep one of them.")
+    _check_neox_options(m, fail)
     if m.moe_layers:
         bad = [i for i in m.moe_layers if not 0 <= i < m.n_layer]
         if bad:
             fail(f"'moe_layers' has layer indices {bad} outside 0..{m.n_layer - 1}.")
+    _check_speed(m, fail)
+
+
+def _check_neox_options(m: ModelConfig, fail: Fail) -> None:
+    """GPT-NeoX's architecture keys (docs/configs.md), and how they meet GPT-Neo's own."""
+    for key, value, allowed in (("pos_emb", m.pos_emb, POS_EMBS), ("norm", m.norm, NORMS)):
+        if value is not None and value not in allowed:
+            fail(f"'{key}' must be one of {', '.join(allowed)}, got {value!r}.{did_you_mean(value, allowed)}")
+    if m.rotary_emb and m.position_embedding != "rotary":
+        fail(f"rotary_emb is true but pos_emb is {m.pos_emb!r}; drop rotary_emb or set pos_emb to \"rotary\".")
+    if m.axial_pos_emb is not None and m.position_embedding != "learned":
+        fail(f"axial_pos_emb is a learned position table but pos_emb is {m.pos_emb!r}; drop one of them.")
+    if m.position_embedding == "alibi" and m.num_mem_kv:
+        fail("num_mem_kv memory slots have no position for ALiBi's distance bias; set num_mem_kv to 0 or "
+             "choose another pos_emb.")
+    if m.position_embedding == "alibi" and "linear" in m.attention_types:
+        fail("ALiBi is a bias on softmax attention scores; linear attention layers have none. Choose "
+             "another pos_emb or drop the linear layers.")
+    if m.position_embedding == "sinusoidal" and m.n_embd % 2:
+        fail(f"sinusoidal position embeddings need an even n_embd (sin and cos halves), got {m.n_embd}.")
+    if m.scalenorm and m.norm is not None:
+        fail(f"GPT-Neo's scalenorm flag and 'norm' ({m.norm!r}) both choose the norm; keep one of them.")
+    for key, norm in (("rms_norm_epsilon", "rmsnorm"), ("scalenorm_epsilon", "scalenorm")):
+        if getattr(m, key) is not None and m.norm_kind != norm:
+            fail(f"'{key}' is set but norm is {m.norm_kind!r}; set norm to \"{norm}\" or drop '{key}'.")
+    if m.num_kv_heads is not None and (m.num_kv_heads < 1 or m.n_head % m.num_kv_heads):
+        fail(f"'num_kv_heads' ({m.num_kv_heads}) must divide n_head ({m.n_head}); 1 is multi-query, "
+             f"n_head (or absent) multi-head.")
+    if m.num_kv_heads not in (None, m.n_head) and {"linear"} & set(m.attention_types):
+        fail("'num_kv_heads' (grouped-query attention) applies to softmax attention; linear layers have "
+             "one key/value head per query head. Drop num_kv_heads or the linear layers.")
+    if m.qkv_bias and m.use_bias_in_attn_linear is False:
+        fail("qkv_bias is true but use_bias_in_attn_linear is false; keep one of them.")
+    if m.mlp_glu and m.activation_fn in ("swiglu", "geglu", "reglu"):
+        fail(f"activation_fn {m.activation_fn!r} is already gated; drop mlp_glu (or use its base "
+             f"function with mlp_glu).")
+    if m.mlp_multiple_of < 1:
+        fail(f"'mlp_multiple_of' must be >= 1, got {m.mlp_multiple_of}.")
+    for key in ("rms_norm_epsilon", "scalenorm_epsilon"):
+        if getattr(m, key) is not None:
+            _above_zero(key, getattr(m, key), fail)
+
+
+def _check_speed(m: ModelConfig, fail: Fail) -> None:
+    """attention_impl, remat_policy and scan_layers (what the device can run is checked when the
+    model is traced, before compiling)."""
+    if m.attention_impl not in ATTENTION_IMPLS:
+        fail(f"'attention_impl' must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention_impl!r}."
+             f"{did_you_mean(m.attention_impl, ATTENTION_IMPLS)}")
+    if m.attention_impl == "cudnn" and m.precision != "bfloat16":
+        fail("attention_impl 'cudnn' needs precision bfloat16 (cuDNN's flash attention has no float32 "
+             "kernel); use 'auto' or 'blocked' in float32.")
+    if m.remat_policy is not None and m.remat_policy not in REMAT_POLICIES:
+        fail(f"'remat_policy' must be one of {', '.join(REMAT_POLICIES)}, got {m.remat_policy!r}."
+             f"{did_you_mean(m.remat_policy, REMAT_POLICIES)}")
+    if m.recompute_grad and m.remat_policy == "none":
+        fail("recompute_grad is true but remat_policy is 'none'; drop one of them (remat_policy decides "
+             "when both are set).")
+    if m.scan_layers and m.scan_blocker():
+        fail(f"scan_layers is true but the layers cannot be scanned: {m.scan_blocker()}; set scan_layers "
+             f"to \"auto\" or false.")
 
 
 def _check_moe(p: MoEParams, where: str) -> None:

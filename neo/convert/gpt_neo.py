@@ -76,7 +76,11 @@ def config_to_hf(cfg: Config) -> dict:
     unsupported = {
         "rotary_emb": m.rotary_emb, "no_weight_tie": m.no_weight_tie,
         "parallel_residual": m.parallel_residual, "scale_attention": m.scale_attention,
-        "qkv_bias": m.qkv_bias, "linear/none attention": bool({"linear", "none"} & set(m.attention_types)),
+        "qkv_bias": m.attn_qkv_bias, "linear/none attention": bool({"linear", "none"} & set(m.attention_types)),
+        f"pos_emb {m.position_embedding!r}": m.position_embedding != "learned",
+        f"norm {m.norm_kind!r}": m.norm_kind != "layernorm", "bias-free norms": not m.use_bias_in_norms,
+        "bias-free attention output": not m.attn_out_bias, "bias-free MLP": not m.use_bias_in_mlp,
+        "num_kv_heads (grouped-query attention)": m.kv_heads != m.n_head,
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

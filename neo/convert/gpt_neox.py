@@ -91,7 +91,7 @@ def params_from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
         p = f"layers.{i}."
         w = get(p + "attention.query_key_value.weight").reshape(h, 3, dh, d)
         attn = {n: {"kernel": w[:, j].transpose(2, 0, 1)} for j, n in enumerate("qkv")}
-        if cfg.qkv_bias:
+        if cfg.attn_qkv_bias:
             b = get(p + "attention.query_key_value.bias").reshape(h, 3, dh)
             for j, n in enumerate("qkv"):
                 attn[n]["bias"] = b[:, j]
@@ -112,7 +112,7 @@ def params_from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
 def _attention_bias(cfg: ModelConfig, params: Mapping[str, Any]) -> bool:
     """HF has one switch for the qkv and output biases; neo always has an output bias, so it is
     needed whenever q/k/v have biases or any output bias is non-zero."""
-    return cfg.qkv_bias or any(np.any(np.asarray(params[f"h_{i}"]["attn"]["o"]["bias"]) != 0)
+    return cfg.attn_qkv_bias or any(np.any(np.asarray(params[f"h_{i}"]["attn"]["o"].get("bias", 0)) != 0)
                                for i in range(cfg.n_layer))
 
 
@@ -120,9 +120,13 @@ def config_to_hf(cfg: Config, params: Mapping[str, Any]) -> dict:
     """A neo Config -> HF GPTNeoXConfig fields; errors for what GPT-NeoX cannot express."""
     m = cfg.model
     unsupported = {
-        "learned position embeddings (set rotary_emb)": not m.rotary_emb,
+        f"pos_emb {m.position_embedding!r} (set pos_emb rotary)": m.position_embedding != "rotary",
         "attention without 1/sqrt(d_head) scaling (set scale_attention)": not m.scale_attention,
         "local/linear/none attention layers": set(m.attention_types) != {"global"},
+        f"norm {m.norm_kind!r} (export RMSNorm models as LLaMA)": m.norm_kind != "layernorm",
+        "bias-free norms": not m.use_bias_in_norms, "bias-free MLP": not m.use_bias_in_mlp,
+        "num_kv_heads (grouped-query attention)": m.kv_heads != m.n_head,
+        "gated MLP": m.gated,
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

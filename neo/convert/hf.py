@@ -2,7 +2,7 @@
 
 Import reads `config.json` and the weights (safetensors, or PyTorch files through torch's
 weights-only loader: nothing is ever unpickled as code), converts them with the family's
-table (gpt_neo.py / gpt_neox.py), writes a parameters-only checkpoint into the output folder
+table (gpt_neo.py / gpt_neox.py / llama.py), writes a parameters-only checkpoint into the output folder
 and a neo model config `config.json` beside it whose `model_path` is that folder, and copies the
 tokenizer files. Export reads a neo checkpoint and writes what
 `AutoModelForCausalLM.from_pretrained` loads. Neither direction needs torch or transformers
@@ -19,12 +19,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from neo.convert import gpt_neo, gpt_neox
+from neo.convert import gpt_neo, gpt_neox, llama
 from neo.errors import NeoError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json")
-ARCHITECTURES = {"gpt_neo": "GPTNeoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+ARCHITECTURES = {"gpt_neo": "GPTNeoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", **llama.ARCHITECTURES}
 MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' own default shard size
 
 # ----------------------------------------------------------------------------------------------
@@ -119,14 +119,15 @@ def model_type(hf_cfg: Mapping[str, Any], where: str) -> str:
     kind = hf_cfg.get("model_type")
     if kind not in ARCHITECTURES:
         archs = hf_cfg.get("architectures")
-        raise NeoError(f"{where}: model_type {kind!r} ({archs}) is not GPT-Neo or GPT-NeoX; neo converts "
-                       f"GPTNeoForCausalLM and GPTNeoXForCausalLM.")
+        raise NeoError(f"{where}: model_type {kind!r} ({archs}) is not one neo converts: "
+                       f"{', '.join(ARCHITECTURES.values())}.")
     return kind
 
 
 def hf_to_neo(hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str = "<hf>"):
-    """(neo config dict, Config, params) for an HF config and state dict of either family."""
+    """(neo config dict, Config, params) for an HF config and state dict of any family."""
     from neo.config import parse_model_config
+    from neo.model import as_model_tree
 
     kind = model_type(hf_cfg, where)
     if kind == "gpt_neo":
@@ -134,10 +135,11 @@ def hf_to_neo(hf_cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: st
         cfg = parse_model_config(raw, where)
         params = gpt_neo.params_from_hf(sd, cfg.model.n_layer, cfg.model.n_head)
     else:
-        raw = gpt_neox.config_from_hf(hf_cfg)
+        table = gpt_neox if kind == "gpt_neox" else llama
+        raw = table.config_from_hf(hf_cfg)
         cfg = parse_model_config(raw, where)
-        params = gpt_neox.params_from_hf(sd, cfg.model)
-    return raw, cfg, params
+        params = table.params_from_hf(sd, cfg.model)
+    return raw, cfg, as_model_tree(cfg.model, params)
 
 
 def _check_shapes(cfg, params: Any, where: str) -> None:
@@ -159,7 +161,7 @@ def _check_shapes(cfg, params: Any, where: str) -> None:
 
 
 def import_hf(name_or_dir: str, output: str, revision: Optional[str] = None, log=print) -> Path:
-    """Convert an HF GPT-Neo/GPT-NeoX folder (or hub id) into `output`: a neo checkpoint in
+    """Convert an HF GPT-Neo/GPT-NeoX/LLaMA/Mistral folder (or hub id) into `output`: a neo checkpoint in
     output/checkpoints/0 and a neo config output/config.json. Returns the config's path."""
     import jax
 
@@ -193,12 +195,25 @@ def import_hf(name_or_dir: str, output: str, revision: Optional[str] = None, log
 # Export
 
 
+def hf_family(m) -> str:
+    """The Hugging Face family a neo model exports as: RMSNorm models as LLaMA (Mistral when
+    every layer has a sliding window), other rotary models as GPT-NeoX, the rest as GPT-Neo."""
+    if m.norm_kind == "rmsnorm":
+        return llama.family(m)
+    return "gpt_neox" if m.position_embedding == "rotary" else "gpt_neo"
+
+
 def neo_to_hf(cfg, params: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
-    """(HF config.json dict, HF state dict) for a neo config and parameters. Rotary models go
-    to GPT-NeoX, learned-position models to GPT-Neo."""
-    kind = "gpt_neox" if cfg.model.rotary_emb else "gpt_neo"
+    """(HF config.json dict, HF state dict) for a neo config and parameters, in the family
+    `hf_family` chooses."""
+    from neo.model import per_layer
+
+    kind = hf_family(cfg.model)
+    params = per_layer(params)  # the tables name layers one by one, as Hugging Face does
     if kind == "gpt_neox":
         fields, sd = gpt_neox.config_to_hf(cfg, params), gpt_neox.params_to_hf(params, cfg.model)
+    elif kind in llama.ARCHITECTURES:
+        fields, sd = llama.config_to_hf(cfg), llama.params_to_hf(params, cfg.model)
     else:
         fields, sd = gpt_neo.config_to_hf(cfg), gpt_neo.params_to_hf(params, cfg.model)
     dtype = str(next(iter(sd.values())).dtype)

@@ -1,10 +1,17 @@
 """The GPT-Neo network (and its GPT-NeoX variant), readable in one sitting.
 
-    h = drop(wte[tokens]) + drop(wpe[positions])          (no wpe with rotary embeddings;
-                                                           axial: wpe = (A1[i] + A2[j]) / 2)
+    h = drop(wte[tokens]) + drop(wpe[positions])          (pos_emb: learned table; axial:
+                                                           wpe = (A1[i] + A2[j]) / 2; sinusoidal:
+                                                           a fixed table; rotary, alibi, none:
+                                                           nothing here, see attention.py)
     for each layer:  h = h + Attn(LN1(h));  h = h + MLP(LN2(h))
                      (parallel residual: h = h + Attn(LN1(h)) + MLP(LN2(h)))
     logits = LN_f(h) @ wte^T                                (untied: @ lm_head)
+
+GPT-NeoX's options (docs/configs.md): `norm` chooses LayerNorm, RMSNorm or ScaleNorm for every
+norm (ln_f included), `use_bias_in_norms` / `use_bias_in_mlp` drop biases, GLU activations
+(`swiglu`, `geglu`, `reglu`) gate the MLP, and attention.py has grouped-query heads, ALiBi
+and bias-free projections; LLaMA and Mistral are these options together.
 
 A layer's kind is a `LayerSpec`: its attention (`global`, `local`: attention.py; `linear`:
 linear_attention.py; `none`) and whether a mixture of experts replaces its MLP.
@@ -34,7 +41,7 @@ from neo.errors import NeoError
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.attention import Attention
-from neo.model.layers import Dense, LayerNorm, ScaleNorm, named, normal
+from neo.model.layers import Dense, L2ScaleNorm, LayerNorm, RMSNorm, ScaleNorm, einsum, named, normal
 from neo.model.linear_attention import LinearAttention, init_state
 from neo.model.moe import MoE
 
@@ -45,9 +52,30 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
 
 
+def make_norm(cfg: ModelConfig, dtype: jnp.dtype, **name) -> nn.Module:
+    """The norm `norm` chooses (GPT-NeoX megatron/model/norms.py get_norm), with its epsilon:
+    layernorm `layer_norm_epsilon`, rmsnorm `rms_norm_epsilon`, scalenorm `scalenorm_epsilon`
+    (GPT-NeoX's defaults 1e-5, 1e-8, 1e-8)."""
+    kind, bias = cfg.norm_kind, cfg.use_bias_in_norms
+    if kind == "rmsnorm":
+        return RMSNorm(cfg.rms_norm_epsilon or 1e-8, dtype, bias, **name)
+    if kind == "scalenorm":
+        return L2ScaleNorm(cfg.scalenorm_epsilon or 1e-8, dtype, **name)
+    return LayerNorm(cfg.layer_norm_epsilon, dtype, bias, **name)
+
+
+def sinusoid_table(positions: jax.Array, d: int) -> jax.Array:
+    """GPT-NeoX's `sinusoidal` embeddings (Vaswani et al. 2017; positional_embeddings.py):
+    [sin(p * f) | cos(p * f)] halves, f = 1 / 10000^(2i / d). positions [b, t] -> [b, t, d]."""
+    inv_freq = 1.0 / (10000 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angle = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], -1)
+
+
 class MLP(nn.Module):
-    """c_fc (d -> 4d) -> activation -> c_proj (4d -> d) -> dropout. With `mlp_glu`, c_fc makes
-    two 4d halves h and gate, and c_proj takes h * activation(gate)."""
+    """c_fc (d -> f) -> activation -> c_proj (f -> d) -> dropout, f = `intermediate_expanded`
+    (4d). Gated (`mlp_glu`, or a GLU activation such as swiglu = LLaMA's MLP): c_fc makes two
+    halves h and gate, and c_proj takes h * act(gate) (LLaMA: up, gate, down)."""
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
@@ -59,14 +87,17 @@ class MLP(nn.Module):
         fc_std = 0.02 * (d ** -0.5 if cfg.scale_by_in else 1.0)
         proj_std = 0.02 * (cfg.n_layer ** -0.5 if cfg.scale_by_depth else 1.0) * (f ** -0.5 if cfg.scale_by_in else 1.0)
         hidden = ("batch", "sequence", "intermediate_expanded")
-        act = Activation(cfg.activation_fn, name="act")
-        if cfg.mlp_glu:
-            hg = Dense((2, f), ("embd", None, "intermediate_expanded"), normal(fc_std), dtype=self.dtype, name="c_fc")(x)
+        act, bias = Activation(cfg.mlp_activation, name="act"), cfg.use_bias_in_mlp
+        if cfg.gated:
+            hg = Dense((2, f), ("embd", None, "intermediate_expanded"), normal(fc_std), use_bias=bias, dtype=self.dtype,
+                       name="c_fc")(x)
             h = constrain(hg[..., 0, :], hidden) * act(constrain(hg[..., 1, :], hidden))
         else:
-            h = Dense((f,), ("embd", "intermediate_expanded"), normal(fc_std), dtype=self.dtype, name="c_fc")(x)
+            h = Dense((f,), ("embd", "intermediate_expanded"), normal(fc_std), use_bias=bias, dtype=self.dtype,
+                      name="c_fc")(x)
             h = act(constrain(h, hidden))
-        h = Dense((d,), ("intermediate_expanded", "embd"), normal(proj_std), dtype=self.dtype, name="c_proj")(h)
+        h = Dense((d,), ("intermediate_expanded", "embd"), normal(proj_std), use_bias=bias, dtype=self.dtype,
+                  name="c_proj")(h)
         return nn.Dropout(cfg.res_dropout)(h, deterministic=deterministic)
 
 
@@ -143,7 +174,7 @@ class Block(nn.Module):
             return lambda x: x
         if cfg.scalenorm:
             return ScaleNorm(cfg.layer_norm_epsilon, self.dtype, name=name)
-        return LayerNorm(cfg.layer_norm_epsilon, self.dtype, name=name)
+        return make_norm(cfg, self.dtype, name=name)
 
     def gate(self, name: str, branch: jax.Array) -> jax.Array:
         """ReZero: the branch times a learned scalar that starts at 0."""
@@ -153,13 +184,51 @@ class Block(nn.Module):
         return branch * g.astype(branch.dtype)
 
 
-def apply_block(block: Block, x: jax.Array, *, spec: LayerSpec, deterministic: bool, remat: bool,
-                **arrays) -> tuple[jax.Array, Optional[dict]]:
-    """Run one layer. With `remat` (`recompute_grad`) its activations are recomputed in the
-    backward pass instead of kept: jax.checkpoint traces every argument it is handed, so the
-    static ones (spec, deterministic) are closed over and only arrays pass through it."""
+# What each `remat_policy` keeps for the backward pass (docs/configs.md); the rest is recomputed.
+# The names are attached where the values are made: "dense" in layers.Dense, "attention_out" in
+# attention_op (its output, and blocked attention's logsumexp).
+REMAT_SAVED = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.save_only_these_names("dense"),
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def apply_block(block: Block, x: jax.Array, *, spec: LayerSpec, deterministic: bool, remat: str,
+                scanned: bool = False, **arrays) -> tuple[jax.Array, Optional[dict]]:
+    """Run one layer. With a `remat` policy other than `none`, what the policy does not save is
+    recomputed in the backward pass (GPT-Neo's `recompute_grad`: everything but the layer's
+    input). jax.checkpoint traces every argument it is handed, so the static ones (spec,
+    deterministic) are closed over and only arrays pass through it. Under nn.scan the loop
+    already keeps the forward and backward apart, so XLA's common-subexpression barrier is not
+    needed (`prevent_cse`)."""
     call = lambda block, x, arrays: block(x, spec=spec, deterministic=deterministic, **arrays)
-    return (nn.remat(call) if remat else call)(block, x, arrays)
+    if remat != "none":
+        call = nn.remat(call, policy=REMAT_SAVED[remat], prevent_cse=not scanned)
+    return call(block, x, arrays)
+
+
+class LayerGroup(nn.Module):
+    """One repetition of the attention pattern: `len(specs)` layers, named "0", "1", ...
+    GPT runs it under nn.scan, n_layer / len(specs) times, with every parameter stacked along
+    a leading `layers` axis (layer g * len(specs) + j is group g's "j")."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    specs: tuple[LayerSpec, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: Optional[tuple], positions: jax.Array, deterministic: bool,
+                 cache_index: Optional[jax.Array], key_valid: Optional[jax.Array]) -> tuple[jax.Array, Optional[tuple]]:
+        """x [batch, sequence, embd] (the carry), cache: this group's slice of the stacked cache
+        (one entry per layer of the group) -> (x, the group's updated cache)."""
+        new_cache = []
+        for j, spec in enumerate(self.specs):
+            x, c = apply_block(Block(self.cfg, self.dtype, name=str(j)), x, spec=spec, deterministic=deterministic,
+                               remat=self.cfg.remat, scanned=True, positions=positions,
+                               cache=None if cache is None else cache[j], cache_index=cache_index, key_valid=key_valid)
+            new_cache.append(c)
+        return x, None if cache is None else tuple(new_cache)
 
 
 class GPT(nn.Module):
@@ -177,41 +246,52 @@ class GPT(nn.Module):
                                           (a1, cfg.n_embd), jnp.float32)
             self.axial_wpe_2 = self.param("axial_wpe_2", named(normal(0.01), ("axial_dim", "embd")),
                                           (a2, cfg.n_embd), jnp.float32)
-        elif not cfg.rotary_emb:
+        elif cfg.position_embedding == "learned":
             self.wpe = self.param("wpe", named(normal(0.01), ("embed_sequence", "embd")),
                                   (cfg.n_ctx, cfg.n_embd), jnp.float32)
         self.specs = layer_specs(cfg)
-        if cfg.share_parameters:  # one Block (variables under h_0) serves every layer
+        period = cfg.scan_period
+        if period:  # the repeating pattern under nn.scan: compile time does not grow with depth
+            self.layers = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  length=cfg.n_layer // period, metadata_params={nn.PARTITION_NAME: "layers"})(
+                cfg, compute_dtype(cfg), self.specs[:period], name="layers")
+        elif cfg.share_parameters:  # one Block (variables under h_0) serves every layer
             self.blocks = [Block(cfg, compute_dtype(cfg), name="h_0")] * cfg.n_layer
         else:
             self.blocks = [Block(cfg, compute_dtype(cfg), name=f"h_{i}") for i in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, compute_dtype(cfg))
+        self.ln_f = make_norm(cfg, compute_dtype(cfg))
         if cfg.no_weight_tie:
             self.lm_head = self.param("lm_head", named(normal(0.02), ("embd", "vocab")),
                                       (cfg.n_embd, cfg.n_vocab), jnp.float32)
         self.embed_drop = nn.Dropout(cfg.embed_dropout)
         self.pos_drop = nn.Dropout(cfg.embed_dropout)
 
-    def position_table(self) -> jax.Array:
-        """[n_ctx, embd] learned position embeddings; axial ones are (A1[i] + A2[j]) / 2 for
-        position i * a2 + j."""
-        if self.cfg.axial_pos_emb is None:
-            return self.wpe
-        a1, a2 = self.cfg.axial_pos_emb
+    def position_embeddings(self, positions: jax.Array) -> jax.Array:
+        """[b, t] -> [b, t, embd]: the learned table's rows (axial: (A1[i] + A2[j]) / 2 for
+        position i * a2 + j), or the sinusoids."""
+        cfg = self.cfg
+        if cfg.position_embedding == "sinusoidal":
+            return sinusoid_table(positions, cfg.n_embd)
+        if cfg.axial_pos_emb is None:
+            return jnp.take(self.wpe, positions, axis=0)
+        a1, a2 = cfg.axial_pos_emb
         table = (self.axial_wpe_1[:, None, :] + self.axial_wpe_2[None, :, :]) / 2
-        return table.reshape(a1 * a2, -1)[: self.cfg.n_ctx]
+        return jnp.take(table.reshape(a1 * a2, -1)[: cfg.n_ctx], positions, axis=0)
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None, *,
                  deterministic: bool = True, cache: Optional[list] = None,
                  cache_index: Optional[jax.Array] = None,
                  key_valid: Optional[jax.Array] = None, last_only: bool = False,
-                 logits_at: Optional[jax.Array] = None):
+                 logits_at: Optional[jax.Array] = None, return_hidden: bool = False):
         """tokens, positions: [batch, sequence] int. With `cache` (from `init_cache`), the
         tokens are written at slot `cache_index` and (logits, new_cache) is returned;
         `key_valid` [batch, cache length] marks the slots that hold real tokens (left padding).
         `last_only`: logits for the last position only (a sampler's prompt pass).
         `logits_at` [batch, k]: logits at these positions only (a scorer that needs a few
-        positions per row skips most of the vocabulary projection)."""
+        positions per row skips most of the vocabulary projection).
+        `return_hidden`: the final hidden state LN_f(h) [batch, sequence, embd] instead of
+        logits; `head_logits` projects it (a loss that never holds all logits at once)."""
         cfg = self.cfg
         if cache is not None and not cfg.causal:
             raise NeoError("a masked-LM model (mlm_training) sees the whole sequence at once; it "
@@ -223,32 +303,45 @@ class GPT(nn.Module):
         # an id past the table (GPT-Neo's padding_id 50257 of 50257) embeds as zeros, as mesh-tf's gather did
         h = jnp.take(self.wte.astype(dtype), tokens, axis=0, mode="fill", fill_value=0)
         h = self.embed_drop(h, deterministic=deterministic)
-        if not cfg.rotary_emb:
+        if cfg.position_embedding in ("learned", "sinusoidal"):
             # GPT-Neo drops token and position embeddings with separate masks (reference 1.9).
-            p = jnp.take(self.position_table().astype(dtype), positions, axis=0)
+            p = self.position_embeddings(positions).astype(dtype)
             h = h + self.pos_drop(p, deterministic=deterministic)
         h = constrain(h, ACT)
-        new_cache = []
-        for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
-            h, c = apply_block(block, h, spec=spec, deterministic=deterministic, remat=cfg.recompute_grad,
-                               positions=positions, cache=None if cache is None else cache[i],
-                               cache_index=cache_index, key_valid=key_valid)
-            new_cache.append(c)
+        if cfg.scan_period:
+            h, new_cache = self.layers(h, None if cache is None else tuple(cache), positions, deterministic,
+                                       cache_index, key_valid)
+        else:
+            new_cache = []
+            for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
+                h, c = apply_block(block, h, spec=spec, deterministic=deterministic, remat=cfg.remat,
+                                   positions=positions, cache=None if cache is None else cache[i],
+                                   cache_index=cache_index, key_valid=key_valid)
+                new_cache.append(c)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         h = self.ln_f(h[:, -1:] if last_only else h)
-        head = self.lm_head if cfg.no_weight_tie else self.wte.T
-        logits = jnp.einsum("bte,ev->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "sequence", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        if return_hidden:
+            return h
+        logits = self.head_logits(h)
+        return logits if cache is None else (logits, list(new_cache))
+
+    def head_logits(self, h: jax.Array) -> jax.Array:
+        """Final hidden states [batch, sequence, embd] -> float32 logits [batch, sequence, vocab]
+        (tied: h @ wte^T)."""
+        head = self.lm_head if self.cfg.no_weight_tie else self.wte.T
+        return constrain(einsum("bte,ev->btv", h, head, compute_dtype(self.cfg)), ("batch", "sequence", "vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dtype] = None) -> list:
     """An empty KV cache for `length` tokens, in the compute dtype: per layer {"k", "v"}:
-    [batch, heads, length, features_per_head] (heads first: neo/model/attention.py says why);
+    [batch, kv_heads, length, features_per_head] (grouped-query: the kv heads only; heads first:
+    neo/model/attention.py says why);
     for `local` layers only their window [batch, heads, min(local_attention_radius, length),
     ...], a ring (attention.ring_attend_write); for `linear` layers the running sums of linear
-    attention (neo/model/linear_attention.py)."""
+    attention (neo/model/linear_attention.py). With scanned layers, one entry per layer of the
+    repeating group, stacked over the groups (leading axis n_layer / period), as the scan reads
+    it."""
     dtype = dtype or compute_dtype(cfg)
 
     def layer(kind: str):
@@ -257,7 +350,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dt
         if kind == "linear":
             return init_state(batch, cfg.n_head, cfg.features_per_head)
         slots = min(cfg.local_attention_radius, length) if kind == "local" else length
-        shape = (batch, cfg.n_head, slots, cfg.features_per_head)
+        shape = (batch, cfg.kv_heads, slots, cfg.features_per_head)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    return [layer(kind) for kind in cfg.attention_types]
+    caches = [layer(kind) for kind in cfg.attention_types]
+    period = cfg.scan_period
+    if not period:
+        return caches
+    return [jax.tree.map(lambda *c: jnp.stack(c), *caches[j::period]) if caches[j] is not None else None
+            for j in range(period)]

@@ -1,16 +1,22 @@
-"""Building blocks shared by the network: named parameters, dense layers, norms, activations.
+"""Building blocks shared by the network: named parameters, matmuls, dense layers, norms.
 
 Every parameter is created through `named`, which attaches GPT-Neo's dimension names so the
 config's layout decides its sharding (see neo/mesh.py).
+
+Precision (docs/DESIGN.md, "Speed and memory"): parameters are float32; every matmul multiplies
+in the compute dtype and accumulates in float32 (`einsum` below), in the backward pass too.
 """
 
 from __future__ import annotations
 
+import functools
+import string
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Initializer = Callable[..., jax.Array]
 
@@ -23,6 +29,59 @@ def named(init: Initializer, names: Sequence[str]) -> Initializer:
 def normal(std: float) -> Initializer:
     """N(0, std): GPT-Neo initialises every matrix with an untruncated normal."""
     return nn.initializers.normal(stddev=std)
+
+
+def einsum(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """jnp.einsum(eq, a, b) with both operands in `dtype` and float32 accumulation; the result
+    is float32. Its gradients are the two transposed products, also taken in `dtype` with
+    float32 accumulation, and come back in a's and b's own dtypes (a float32 weight gets a
+    float32 gradient). Plain autodiff of `preferred_element_type` would multiply the float32
+    cotangent by a bfloat16 operand, which XLA runs as a float32 matmul (on a CPU with bfloat16
+    units, 5x slower). Every index of an operand must appear in the other operand or the
+    output (true of every product in the network)."""
+    return _einsum(eq, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
+
+
+def _product(eq: str, dtype: jnp.dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    if dtype != jnp.float32 and jax.default_backend() == "cpu" and not _row_major(eq):
+        dtype = jnp.float32  # see _row_major
+    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _row_major(eq: str) -> bool:
+    """Is `eq` a plain batched matmul, a [batch, M, K] @ b [batch, K, N] (or [batch, N, K]),
+    with no operand to transpose? XLA's CPU backend decides early that a 16-bit product with a
+    float32 result goes to its matmul library, but when it later gives a transposed operand a
+    transposed layout the product falls to a fallback kernel that has no such product and
+    fails at run time ("Unsupported element type for DotThunk"). So on CPU only these products
+    run in 16 bits; the others (weight gradients, which contract the leading token dimensions)
+    run in float32, which is what XLA makes of them when it notices."""
+    (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
+    batch = "".join(c for c in x if c in y and c in z)
+    contract = "".join(c for c in x if c in y and c not in z)
+    m, n = "".join(c for c in x if c not in y), "".join(c for c in y if c not in x)
+    return x == batch + m + contract and y in (batch + contract + n, batch + n + contract)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _einsum(eq, dtype, a_dtype, b_dtype, a, b):
+    return _product(eq, dtype, a, b)
+
+
+def _einsum_fwd(eq, dtype, a_dtype, b_dtype, a, b):
+    a, b = a.astype(dtype), b.astype(dtype)  # the residuals are kept in the compute dtype
+    return _product(eq, dtype, a, b), (a, b)
+
+
+def _einsum_bwd(eq, dtype, a_dtype, b_dtype, residuals, g):
+    a, b = residuals
+    (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
+    g = g.astype(dtype)
+    return (_product(f"{z},{y}->{x}", dtype, g, b).astype(a_dtype),
+            _product(f"{x},{z}->{y}", dtype, a, g).astype(b_dtype))
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 class Dense(nn.Module):
@@ -40,32 +99,56 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.axes:]
         kernel = self.param("kernel", named(self.kernel_init, self.names), (*in_shape, *self.features), jnp.float32)
-        x = x.astype(self.dtype)
-        n_in = len(in_shape)
-        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
-                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        n_in, n_out, n_lead = len(in_shape), len(self.features), x.ndim - len(in_shape)
+        letters = iter(string.ascii_letters)
+        lead, ins, outs = ("".join(next(letters) for _ in range(n)) for n in (n_lead, n_in, n_out))
+        y = einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, self.dtype)  # float32
         if self.use_bias:
             bias = self.param("bias", named(nn.initializers.zeros, self.names[n_in:]), self.features, jnp.float32)
-            y = y + bias.astype(self.dtype)
-        return y
+            y = y + bias
+        return checkpoint_name(y.astype(self.dtype), "dense")  # what remat_policy save_dots keeps
 
 
 class LayerNorm(nn.Module):
-    """GPT-Neo's LayerNorm: biased variance of the centred input, eps 1e-5, gain and bias.
-    Statistics in float32 whatever the compute dtype."""
+    """GPT-Neo's LayerNorm: biased variance of the centred input, eps 1e-5, gain and bias
+    (GPT-NeoX's `use_bias_in_norms: false` drops the bias). Statistics in float32 whatever the
+    compute dtype."""
 
     epsilon: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         scale = self.param("scale", named(nn.initializers.ones, ("embd",)), (d,), jnp.float32)
-        bias = self.param("bias", named(nn.initializers.zeros, ("embd",)), (d,), jnp.float32)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+        if self.use_bias:
+            y = y + self.param("bias", named(nn.initializers.zeros, ("embd",)), (d,), jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """GPT-NeoX's `rmsnorm` (Zhang & Sennrich 2019; LLaMA): x / RMS(x) * scale, no centring,
+    optional bias (`use_bias_in_norms`). eps sits inside the root, x * rsqrt(mean(x^2) + eps), as
+    in LLaMA and Hugging Face's LlamaRMSNorm, which the released LLaMA/Mistral weights were
+    trained with; GPT-NeoX adds eps to the RMS instead (docs/differences.md)."""
+
+    epsilon: float = 1e-8
+    dtype: jnp.dtype = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", named(nn.initializers.ones, ("embd",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon) * scale
+        if self.use_bias:
+            y = y + self.param("bias", named(nn.initializers.zeros, ("embd",)), (d,), jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -83,3 +166,19 @@ class ScaleNorm(nn.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale).astype(self.dtype)
+
+
+class L2ScaleNorm(nn.Module):
+    """GPT-NeoX's `norm: scalenorm` (Nguyen & Salazar 2019, megatron/model/norms.py): the input
+    divided by its L2 norm (at least eps), times one learned scalar `scale` (init 1). Unlike
+    GPT-Neo's scalenorm it neither centres nor divides by sqrt(n_embd)."""
+
+    epsilon: float = 1e-8
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", named(nn.initializers.ones, ()), (), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        norm = jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), self.epsilon)
+        return (x32 / norm * scale).astype(self.dtype)

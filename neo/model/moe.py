@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from neo.config import ModelConfig, MoEParams
 from neo.mesh import constrain
 from neo.model.activations import Activation
-from neo.model.layers import named, normal
+from neo.model.layers import einsum, named, normal
 
 
 def group_size(seq: int, max_group: int) -> int:
@@ -129,13 +129,16 @@ class MoE(nn.Module):
         dispatch, combine, loss = route(gates, p, cap, train, rng)
         self.sow("aux_loss", "moe", loss * p.moe_loss_coef)
 
-        expert_in = jnp.einsum("bgsec,bgsd->ebgcd", dispatch.astype(self.dtype), xg.astype(self.dtype))
+        # Expert matmuls in the compute dtype with float32 accumulation (layers.einsum); the
+        # router above stays float32.
+        mm = lambda eq, a, b: einsum(eq, a, b, self.dtype).astype(self.dtype)
+        expert_in = mm("bgsec,bgsd->ebgcd", dispatch, xg)
         expert_in = constrain(expert_in, ("experts", "batch", None, "expert_capacity", "embd"))
-        h = jnp.einsum("ebgcd,edf->ebgcf", expert_in, w_in.astype(self.dtype))
+        h = mm("ebgcd,edf->ebgcf", expert_in, w_in)
         h = constrain(h, ("experts", "batch", None, "expert_capacity", "intermediate_expanded"))
         h = Activation(cfg.moe_activation, name="act")(h)
         h = nn.Dropout(p.moe_dropout_rate)(h, deterministic=deterministic)
-        out = jnp.einsum("ebgcf,efd->ebgcd", h, w_out.astype(self.dtype))
+        out = mm("ebgcf,efd->ebgcd", h, w_out)
         out = constrain(out, ("experts", "batch", None, "expert_capacity", "embd"))
-        y = jnp.einsum("ebgcd,bgsec->bgsd", out, combine.astype(self.dtype))
+        y = mm("ebgcd,bgsec->bgsd", out, combine)
         return y.reshape(b, t, d)

@@ -1,0 +1,154 @@
+"""The attention operation's kernels (`attention_impl`) compute what the dense reference
+computes, forward and backward, for every mask a model trains with; what a kernel cannot
+express falls back to the dense path; no fused kernel holds a T x T matrix."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neo.config import parse_model_config
+from neo.errors import NeoError
+from neo.mesh import make_layout
+from neo.model import GPT, init_params
+from neo.model import attention_op as A
+
+RNG = np.random.RandomState(0)
+MASKS = [(True, None), (False, None), (True, 6), (False, 6)]  # (causal, window): GPT-Neo, masked-LM
+
+
+def qkv(b=2, t=37, h=3, d=8, dtype=np.float32):
+    return tuple(jnp.asarray(RNG.randn(b, t, h, d).astype(dtype)) for _ in range(3))
+
+
+def reference(q, k, v, causal, window, scale):
+    slots = jnp.arange(q.shape[1])
+    return A.attend(q, k, v, A.visible(slots, slots, causal=causal, window=window)[None, None], scale)
+
+
+def value_and_grads(fn, q, k, v):
+    """The output and the gradients of a loss that weights every output feature differently."""
+    w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def assert_same(fn, q, k, v, causal, window, scale=0.3, atol=1e-5):
+    out, grads = value_and_grads(fn, q, k, v)
+    ref, ref_grads = value_and_grads(lambda *a: reference(*a, causal, window, scale), q, k, v)
+    np.testing.assert_allclose(out, ref, atol=atol)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=atol)
+
+
+@pytest.mark.parametrize("causal, window", MASKS)
+@pytest.mark.parametrize("block", [8, 512])  # 37 tokens: 5 blocks, the last one padded / one block
+def test_blocked_equals_the_dense_reference(causal, window, block, monkeypatch):
+    monkeypatch.setattr(A, "BLOCK", block)
+    assert_same(lambda q, k, v: A.blocked(q, k, v, causal=causal, window=window, scale=0.3), *qkv(), causal, window)
+
+
+@pytest.mark.parametrize("causal, window", MASKS)
+def test_jax_dot_product_attention_gets_gpt_neos_masks(causal, window):
+    """implementation="xla" of the very call `cudnn` makes: local_window_size and scale map
+    GPT-Neo's window (the current token included) and its unscaled scores."""
+    fn = lambda q, k, v: A.jax_attention(q, k, v, causal=causal, window=window, scale=0.3, implementation="xla")
+    assert_same(fn, *qkv(), causal, window)
+
+
+@pytest.mark.parametrize("causal, window", MASKS)
+def test_splash_kernel_in_pallas_interpreter(causal, window):
+    """The TPU kernel, run by Pallas' interpreter on CPU: GPT-Neo's masks in splash's terms."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    fn = lambda q, k, v: A.splash(q, k, v, causal=causal, window=window and 40, scale=0.3, interpret=True)
+    assert_same(fn, *qkv(b=1, t=128, h=2, d=16), causal, window and 40, atol=2e-5)
+
+
+def test_splash_runs_per_device_under_a_sharded_layout():
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    q, k, v = qkv(b=8, t=128, h=2, d=16)
+    layout = make_layout("x:4,y:2", "batch:x,heads:y")
+    with layout.active():
+        out = jax.jit(lambda q, k, v: A.splash(q, k, v, causal=True, window=None, scale=1.0, interpret=True))(q, k, v)
+    np.testing.assert_allclose(out, reference(q, k, v, True, None, 1.0), atol=2e-5)
+
+
+def test_masks_a_kernel_cannot_express_take_the_dense_path():
+    """A KV cache, left padding, memory slots or dropout: the dense path, whatever was asked,
+    and it is exact."""
+    q, k, v = qkv(t=12)
+    valid = jnp.asarray(RNG.rand(2, 12) > 0.3).at[:, -1].set(True)
+    slots = jnp.arange(12)
+    want = A.attend(q, k, v, A.visible(slots, slots, causal=True, window=None)[None, None] & valid[:, None, None], 1.0)
+    got = A.dot_product_attention(q, k, v, causal=True, key_valid=valid, impl="blocked")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    mem = (k[:, :2], v[:, :2])
+    got = A.dot_product_attention(q, k, v, causal=True, memory=mem, impl="blocked")
+    np.testing.assert_allclose(got, A.dot_product_attention(q, k, v, causal=True, memory=mem, impl="xla"), atol=1e-6)
+
+
+def test_kernels_this_backend_lacks_are_refused_before_compiling():
+    q, k, v = qkv()
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(NeoError, match="'cudnn' needs a GPU"):
+        A.dot_product_attention(q, k, v, causal=True, impl="cudnn")
+    with pytest.raises(NeoError, match="'splash' needs a TPU"):
+        A.dot_product_attention(q, k, v, causal=True, impl="splash")
+    auto = lambda t: A.choose("auto", t=t, head_dim=8, dtype=jnp.float32, causal=True, window=None)
+    assert auto(A.BLOCK + 1) == "blocked" and auto(A.BLOCK) == "xla"  # on CPU: blocked beyond one block
+
+
+def shapes_in(jaxpr) -> set:
+    found = set()
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def test_blocked_never_holds_t_by_t(monkeypatch):
+    monkeypatch.setattr(A, "BLOCK", 64)
+    q, k, v = qkv(b=1, t=512, h=2, d=8)
+    loss = lambda q, k, v: jnp.sum(A.blocked(q, k, v, causal=True, window=None, scale=1.0) ** 2)
+    shapes = shapes_in(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert not [s for s in shapes if sum(n == 512 for n in s) >= 2]
+    dense = lambda q, k, v: jnp.sum(reference(q, k, v, True, None, 1.0) ** 2)  # the check can fail
+    assert [s for s in shapes_in(jax.make_jaxpr(jax.grad(dense))(q, k, v)) if sum(n == 512 for n in s) >= 2]
+
+
+def test_bfloat16_scores_multiply_bfloat16_q_and_k():
+    """q and k reach the score product in bfloat16 (never cast up first), accumulating in
+    float32; the result stays close to float32 attention."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(t=64))
+    jaxpr = jax.make_jaxpr(lambda q, k, v: A.blocked(q, k, v, causal=True, window=None, scale=1.0))(q, k, v)
+    dots = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(([x.aval.dtype for x in eqn.invars], eqn.outvars[0].aval.dtype))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert dots and all(ins == [jnp.bfloat16, jnp.bfloat16] and out == jnp.float32 for ins, out in dots)
+    out = A.blocked(q, k, v, causal=True, window=None, scale=1.0).astype(jnp.float32)
+    f32 = reference(*(x.astype(jnp.float32) for x in (q, k, v)), True, None, 1.0)
+    assert float(jnp.abs(out - f32).max()) < 0.02
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_every_implementation_gives_the_models_logits(tiny_config, kind):
+    cfg = parse_model_config(tiny_config(attention_types=[[[kind], 2]], local_attention_radius=5))
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(RNG.randint(0, 128, (2, 32)))
+    logits = {impl: GPT(cfg.replace(attention_impl=impl).model).apply({"params": params}, tokens)
+              for impl in ("xla", "blocked", "dot_product", "auto")}
+    for impl, out in logits.items():
+        np.testing.assert_allclose(out, logits["xla"], atol=1e-5, err_msg=impl)
