@@ -146,10 +146,11 @@ def test_architecture_keys_go_to_neos_key_of_the_same_name(tmp_path, key, value)
     path = write(tmp_path, "m.yml", '{"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, '
                                     '"seq_length": 32, "optimizer": {"params": {"lr": 1.0e-3}}, "min_lr": 1.0e-4, '
                                     f'"train_iters": 10, "tokenizer_type": "HFTokenizer", "{key}": {value}}}')
-    if key in KEY_SECTION:
+    name = {"activation": "activation_fn"}.get(key, key)  # GPT-NeoX's activation is neo's activation_fn
+    if name in KEY_SECTION:
         cfg = load_model_config(f"{path},{DATA}")
-        section = getattr(cfg, KEY_SECTION[key])
-        assert str(getattr(section, key)).lower() == value.strip('"')
+        section = getattr(cfg, KEY_SECTION[name])
+        assert str(getattr(section, name)).lower() == value.strip('"')
     else:
         with pytest.raises(NeoError, match=f"GPT-NeoX key '{key}'.*needs neo's '{key}' config key"):
             load_model_config(f"{path},{DATA}")
@@ -188,3 +189,26 @@ def test_a_neox_yaml_trains_and_lists_the_keys_it_ignores(tmp_path):
     assert "step 2/2 | loss" in run.stdout
     assert "ignored (DeepSpeed/launcher setting): zero_optimization" in run.stdout
     assert "not applied 'init_method' ('small_init')" in run.stdout
+
+
+def test_llama2_and_mistral_yamls_build_their_architecture(tmp_path):
+    """GPT-NeoX's llama2/7B.yml: SwiGLU whose GPT-NeoX intermediate_size 32768 is Llama's 11008,
+    RMSNorm without biases, no attention biases, untied head; as GPT-NeoX builds it, its MLP
+    keeps biases (use_bias_in_mlp defaults to true there), so with a vocabulary V it has
+    Llama-2-7B's 6,738,415,616 parameters - 2 x 32,000 x 4096 + 2 x V x 4096 + 32 x (2 x 11008 + 4096).
+    A sliding_window_width w makes every layer local with radius w + 1 (Mistral's window)."""
+    import jax
+    import numpy as np
+
+    from neo.model.params import abstract_init
+
+    extra = write(tmp_path, "hf.yml", '{"tokenizer_type": "HFTokenizer", "optimizer": {"type": "Adam", "params": '
+                                      '{"lr": 3.0e-4}}, "min_lr": 3.0e-5, "train_iters": 10}')
+    cfg = load_model_config(f"{NEOX}/llama2/7B.yml,{DATA},{extra}")
+    m = cfg.model
+    assert (m.activation_fn, m.intermediate_size, m.norm, m.n_vocab) == ("swiglu", 11008, "rmsnorm", 50277)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_init(m)))
+    assert count == 6_738_415_616 - 2 * 32_000 * 4096 + 2 * 50277 * 4096 + 32 * (2 * 11008 + 4096)
+    window = write(tmp_path, "w.yml", '{"sliding_window_width": 4095}')
+    m = load_model_config(f"{NEOX}/llama2/7B.yml,{DATA},{extra},{window}").model
+    assert set(m.attention_types) == {"local"} and m.local_attention_radius == 4096

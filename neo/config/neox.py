@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from neo.config.sections import KEY_SECTION
+from neo.config.sections import GATED_ACTIVATIONS, KEY_SECTION, neox_intermediate_size
 from neo.errors import NeoError, did_you_mean
 
 YAML_SUFFIXES = (".yml", ".yaml")
@@ -257,12 +257,17 @@ class _Mapping:
                 self.pass_on(key, False)
             elif key == "use_bias_in_attn_linear":
                 self.out["qkv_bias"] = True  # GPT-NeoX's QKV has biases; GPT-Neo's had none
-        for key, neutral in (("num_kv_heads", self.neox.get("num_attention_heads")), ("mlp_multiple_of", 1),
-                             ("sliding_window_width", None)):
+        for key, neutral in (("num_kv_heads", self.neox.get("num_attention_heads")), ("mlp_multiple_of", 1)):
             value = self.pop(key)
             if value is not None and value != neutral:
                 self.pass_on(key, value)
         self.out["attention_types"] = self.attention_types()
+        window = self.pop("sliding_window_width")
+        if window is not None:  # Mistral: every layer attends to the last w + 1 positions (itself included)
+            if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+                raise self.refuse("sliding_window_width", f"{window!r} must be a positive integer")
+            self.out["attention_types"] = [[["local"] * len(kinds), n] for kinds, n in self.out["attention_types"]]
+            self.out["local_attention_radius"] = window + 1
         self.out["scale_attention"] = True  # GPT-NeoX scales scores by 1/sqrt(head dim)
 
     def activation(self) -> None:
@@ -273,6 +278,10 @@ class _Mapping:
             self.out["activation_fn"] = "gelu_tanh" if fused and not onnx else "gelu_exact"
         elif act in PLAIN_ACTIVATIONS:
             self.out["activation_fn"] = act
+        elif act in GATED_ACTIVATIONS:  # neo's gated MLP; GPT-NeoX's intermediate_size counts differently
+            self.out["activation_fn"] = act
+            size, multiple = self.pop("intermediate_size"), self.neox.get("mlp_multiple_of") or 1
+            self.out["intermediate_size"] = neox_intermediate_size(size, self.neox["hidden_size"], True, multiple)
         else:
             self.pass_on("activation", act)
         if factor is not None:
