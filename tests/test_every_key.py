@@ -55,6 +55,16 @@ WALK = [
     ("macaron", True, "model", MODEL), ("moe_layers", [1], "model", MODEL),
     ("moe_activation", "gelu", "model", dict(MODEL, **MOE)), ("precision", "bfloat16", "model", MODEL),
     ("recompute_grad", True, "program", MODEL), ("embed_dropout", 0.5, "train_model", MODEL),
+    # speed and memory (same numbers, another program)
+    ("attention_impl", "blocked", "program", MODEL), ("remat_policy", "full", "program", MODEL),
+    ("scan_layers", False, "program", dict(MODEL, n_layer=4, attention_types=[[["global", "local"], 2]])),
+    # GPT-NeoX's architecture options
+    ("pos_emb", "alibi", "model", MODEL), ("norm", "rmsnorm", "model", MODEL),
+    ("rms_norm_epsilon", 0.5, "model", dict(MODEL, norm="rmsnorm")),
+    ("scalenorm_epsilon", 0.5, "model", dict(MODEL, norm="scalenorm")),
+    ("use_bias_in_norms", False, "model", MODEL), ("use_bias_in_attn_linear", False, "model", MODEL),
+    ("use_bias_in_mlp", False, "model", MODEL), ("num_kv_heads", 2, "model", MODEL),
+    ("mlp_multiple_of", 64, "model", dict(MODEL, activation_fn="swiglu")),
     ("attn_dropout", 0.5, "train_model", MODEL), ("res_dropout", 0.5, "train_model", MODEL),
     ("mlm_training", True, "model", dict(MODEL, mlm_mask_id=1)), ("rotary_pct", 0.5, "model", dict(MODEL, **ROTARY)),
     ("rotary_emb_base", 100.0, "model", dict(MODEL, **ROTARY)), ("parallel_residual", True, "model", MODEL),
