@@ -11,18 +11,22 @@ compiling anything:
                them (gathered over the batch axis under FSDP; without remat all of them, with
                remat one block's), plus an accumulator with microbatches
   activations  per microbatch: what the backward pass keeps per token and layer, counted per
-               tensor in units of its (sharded) dimensions; with remat (recompute_grad) only
-               each block's input plus one block recomputed
+               tensor in units of its (sharded) dimensions. Scanned layers (`scan_layers`)
+               keep more than unrolled ones: the scan stacks every residual JAX's
+               linearisation names, which XLA cannot fuse away across the loop (ACT_SCANNED
+               against ACT_UNROLLED). With remat (`remat_policy`, or recompute_grad: full)
+               each layer keeps what its policy saves, plus one layer recomputed at a time
   communication  ring all-reduce / all-gather / reduce-scatter bytes implied by the layout:
                gradient reduction over the batch axis, parameter gathers for FSDP, partial-sum
                reductions of matmuls whose contracted dimension is split (tensor parallelism)
 
 The activation coefficients (ACT_*) count what XLA actually keeps. They were measured on
-XLA:CPU (float32); tests/test_auto_layout.py checks the whole estimate against
+XLA:CPU, in float32 (FLOAT32_SHARE: what stays float32 under bfloat16 was counted in the
+scanned step's outputs); tests/test_auto_layout.py checks the whole estimate against
 `compiled.memory_analysis()` of neo's real train step on 8 simulated devices, within
-TOLERANCE (docs/layouts.md). TPU and GPU compilers fuse more, so there the activation part is
-an upper bound. The remat column is not checked: XLA:CPU ignores remat between unrolled layers,
-and honours it under nn.scan only since the layers were scanned (docs/layouts.md).
+TOLERANCE (docs/layouts.md), scanned and unrolled, with and without remat. TPU and GPU
+compilers fuse more, so there the activation part is an upper bound. Remat between unrolled
+layers is estimated but not checked: XLA:CPU ignores it there.
 """
 
 from __future__ import annotations
