@@ -178,12 +178,13 @@ def _dense_scores(cfg: ModelConfig, kind: str) -> bool:
     from neo.model.attention_op import choose
 
     if kind not in ("global", "local"):
-        return kind != "none"  # linear attention's chunks: counted as before
+        return kind == "linear"  # linear attention's [heads, T, 64] chunk scores, whatever the kernel
     impl = cfg.attention_impl
     if impl == "auto":
         window = cfg.local_attention_radius if kind == "local" else None
-        impl = choose("auto", t=cfg.n_ctx, head_dim=cfg.n_embd // cfg.n_head, dtype=jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32,
-                      causal=cfg.causal, window=window)
+        dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
+        impl = choose("auto", t=cfg.n_ctx, head_dim=cfg.n_embd // cfg.n_head, dtype=dtype, causal=cfg.causal,
+                      window=window)
     return impl in ("xla", "dot_product")
 
 
