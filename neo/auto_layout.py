@@ -11,18 +11,22 @@ compiling anything:
                them (gathered over the batch axis under FSDP; without remat all of them, with
                remat one block's), plus an accumulator with microbatches
   activations  per microbatch: what the backward pass keeps per token and layer, counted per
-               tensor in units of its (sharded) dimensions; with remat (recompute_grad) only
-               each block's input plus one block recomputed
+               tensor in units of its (sharded) dimensions. Scanned layers (`scan_layers`)
+               keep more than unrolled ones: the scan stacks every residual JAX's
+               linearisation names, which XLA cannot fuse away across the loop (ACT_SCANNED
+               against ACT_UNROLLED). With remat (`remat_policy`, or recompute_grad: full)
+               each layer keeps what its policy saves, plus one layer recomputed at a time
   communication  ring all-reduce / all-gather / reduce-scatter bytes implied by the layout:
                gradient reduction over the batch axis, parameter gathers for FSDP, partial-sum
                reductions of matmuls whose contracted dimension is split (tensor parallelism)
 
 The activation coefficients (ACT_*) count what XLA actually keeps. They were measured on
-XLA:CPU (float32); tests/test_auto_layout.py checks the whole estimate against
+XLA:CPU, in float32 (FLOAT32_SHARE: what stays float32 under bfloat16 was counted in the
+scanned step's outputs); tests/test_auto_layout.py checks the whole estimate against
 `compiled.memory_analysis()` of neo's real train step on 8 simulated devices, within
-TOLERANCE (docs/layouts.md). TPU and GPU compilers fuse more, so there the activation part is
-an upper bound. The remat column is not checked: XLA:CPU ignores remat between unrolled layers,
-and honours it under nn.scan only since the layers were scanned (docs/layouts.md).
+TOLERANCE (docs/layouts.md), scanned and unrolled, with and without remat. TPU and GPU
+compilers fuse more, so there the activation part is an upper bound. Remat between unrolled
+layers is estimated but not checked: XLA:CPU ignores it there.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ ACT_UNROLLED = dict(residual=7.25, heads=4.0, probs=1.85, linear=1.6, mlp=2.3)
 # activation's intermediates), where unrolled XLA keeps about two (counted in the compiled
 # step's forward while loop, whose outputs are these stacked residuals; 2026-11-29).
 ACT_SCANNED = dict(residual=8.0, heads=4.0, probs=2.0, linear=1.6, mlp=6.0)
+# The share of these kept in float32 whatever `precision` says, the rest in the compute dtype:
+# layer norms and the softmax compute in float32 (as mesh-tf does), so in bfloat16 six of the
+# eight stacked residual-width values and one of the two [heads, T, keys] stay float32.
+FLOAT32_SHARE = dict(residual=0.75, heads=0.0, probs=0.5, linear=0.0, mlp=0.0)
 ACT_LOGITS = 2.2      # x vocab: float32 logits and their gradient
 # Bytes, per byte of the weights as one device sees them in the backward pass (gathered over
 # the batch axis when FSDP splits them there): gradients and their reduction buffers, and the
@@ -170,31 +178,33 @@ def _dense_scores(cfg: ModelConfig, kind: str) -> bool:
     from neo.model.attention_op import choose
 
     if kind not in ("global", "local"):
-        return kind != "none"  # linear attention's chunks: counted as before
+        return kind == "linear"  # linear attention's [heads, T, 64] chunk scores, whatever the kernel
     impl = cfg.attention_impl
     if impl == "auto":
         window = cfg.local_attention_radius if kind == "local" else None
-        impl = choose("auto", t=cfg.n_ctx, head_dim=cfg.n_embd // cfg.n_head, dtype=jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32,
-                      causal=cfg.causal, window=window)
+        dtype = jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
+        impl = choose("auto", t=cfg.n_ctx, head_dim=cfg.n_embd // cfg.n_head, dtype=dtype, causal=cfg.causal,
+                      window=window)
     return impl in ("xla", "dot_product")
 
 
-def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool, c: dict) -> float:
-    """Floats one layer keeps for the backward pass, per (local) token, without remat; `c`:
-    ACT_SCANNED or ACT_UNROLLED."""
+def _layer_bytes(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool, acts: dict, width: int) -> float:
+    """Bytes one layer keeps for the backward pass, per (local) token, without remat; `acts`:
+    ACT_SCANNED or ACT_UNROLLED, `width`: bytes of the compute dtype."""
+    c = {k: n * (4 * FLOAT32_SHARE[k] + width * (1 - FLOAT32_SHARE[k])) for k, n in acts.items()}
     act = ("batch", "sequence", "embd")
     heads_names = ("batch", "sequence", "heads", "features_per_head")
     d = cfg.n_embd / plan.split("embd", act)
     hd = cfg.n_embd / plan.split("heads", heads_names) / plan.split("features_per_head", heads_names)
     h = cfg.n_head / plan.split("heads", ("batch", "heads", "sequence", "memory_length"))
     keys = _keys(cfg, kind) / plan.split("memory_length", ("batch", "heads", "sequence", "memory_length"))
-    floats = c["residual"] * d
+    nbytes = c["residual"] * d
     if kind != "none":
-        floats += c["heads"] * hd
+        nbytes += c["heads"] * hd
         if _dense_scores(cfg, kind):  # the fused kernels never hold T x T
-            floats += c["probs"] * h * keys
+            nbytes += c["probs"] * h * keys
         if kind == "linear":
-            floats += c["linear"] * hd
+            nbytes += c["linear"] * hd
     n_mlp = 2 if cfg.macaron else 1
     if moe:
         from neo.model.moe import capacity, group_size
@@ -205,11 +215,11 @@ def _layer_floats(cfg: ModelConfig, plan: _Plan, kind: str, moe: bool, c: dict) 
         ex = ("experts", "batch", None, "expert_capacity", "embd")
         e_split = plan.split("experts", ex)
         f = p.moe_hidden_size / plan.split("intermediate_expanded", ex[:-1] + ("intermediate_expanded",))
-        floats += slots / s / e_split * (2 * d + c["mlp"] * f) + 2 * slots / e_split
+        nbytes += slots / s / e_split * (2 * d * width + c["mlp"] * f) + 2 * slots / e_split * width
         n_mlp -= 1
     f = cfg.intermediate_expanded / plan.split("intermediate_expanded", ("batch", "sequence", "intermediate_expanded"))
-    floats += n_mlp * c["mlp"] * f * (2 if cfg.gated else 1)
-    return floats
+    nbytes += n_mlp * c["mlp"] * f * (2 if cfg.gated else 1)
+    return nbytes
 
 
 def _saved_floats(cfg: ModelConfig, plan: _Plan, policy: str, kind: str) -> float:
@@ -290,20 +300,21 @@ def _activations(cfg: Config, plan: _Plan, rows: float, tokens: float, width: in
     moe_layers = set(cfg.model.moe_layers or ())
     c = ACT_SCANNED if cfg.model.scan_period else ACT_UNROLLED
     kinds = list(enumerate(cfg.model.attention_types))
-    layers = [_layer_floats(cfg.model, plan, k, i in moe_layers, c) for i, k in kinds]
+    layers = [_layer_bytes(cfg.model, plan, k, i in moe_layers, c, width) for i, k in kinds]
     # With remat each layer keeps what its policy saves, and one layer at a time is recomputed
     # (less what was saved) and run backward inside one loop body or checkpoint, which XLA fuses
     # as it fuses an unrolled layer.
     policy = cfg.model.remat if cfg.model.remat != "none" else "full"
     saved = [_saved_floats(cfg.model, plan, policy, k) for _, k in kinds]
     d = cfg.model.n_embd / plan.split("embd", act)
-    one = max(_layer_floats(cfg.model, plan, k, i in moe_layers, ACT_UNROLLED) - (saved[i] - d) for i, k in kinds)
+    one = max(_layer_bytes(cfg.model, plan, k, i in moe_layers, ACT_UNROLLED, width) - width * (saved[i] - d)
+              for i, k in kinds)
     vocab = cfg.model.n_vocab / plan.split("vocab", ("batch", "sequence", "vocab"))
     # float32 logits of one chunk of the loss (neo/loss.py) and their gradient; embeddings, ln_f
     chunk = min(tokens, rows * max(1, CHUNK_TOKENS // cfg.run.train_batch_size))
     head = chunk * 4 * ACT_LOGITS * vocab + tokens * width * 2 * d
-    acts = tokens * width * sum(layers) + head
-    acts_remat = tokens * width * (sum(saved) + one) + head
+    acts = tokens * sum(layers) + head
+    acts_remat = tokens * (width * sum(saved) + one) + head
     return acts, acts_remat
 
 

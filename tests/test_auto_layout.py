@@ -26,6 +26,9 @@ CASES = {
     "fsdp+microbatches": ({"tokens_per_mb_per_replica": 256}, "x:8", "batch:x,embd:x"),
     "fsdp+tensor": ({}, "x:4,y:2", "batch:x,embd:x,heads:y,intermediate_expanded:y,vocab:y"),
     "original embd split": ({}, "x:2,y:4", "batch:x,embd:y"),
+    "data, remat full": ({"remat_policy": "full"}, "x:8", "batch:x"),
+    "fsdp+tensor, remat save_dots": ({"remat_policy": "save_dots"}, "x:4,y:2",
+                                     "batch:x,embd:x,heads:y,intermediate_expanded:y,vocab:y"),
     "experts+local+linear": ({"attention_types": ["local", "linear"], "local_attention_radius": 64, "moe_layers": [1],
                               "moe_params": {"moe_num_experts": 8, "moe_hidden_size": 512}}, "x:8", "experts:x,batch:x"),
 }
