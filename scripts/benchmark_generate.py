@@ -8,6 +8,13 @@ kept in float32) and transformers' model in bfloat16. Reports new tokens per sec
 whole generate call, prompt pass included) and, for neo, the one-off compile time apart.
 Each backend and batch runs in its own process, one after the other (thread pools of JAX
 and PyTorch disturb each other).
+
+Where the time goes: each decode step reads every weight matrix once (the vocabulary matrix
+too, for the logits), so at small batch a step cannot be faster than reading those bytes. The
+script measures the memory read bandwidth (a compiled sum over 512 MiB, best of 5) and prints,
+per backend, the bytes of weights read per step (parameters in the dtype the step reads them,
+less the position table, of which a step reads one row), the bandwidth a step reached and the
+tok/s that reading the weights at the measured bandwidth would allow (the roofline).
 """
 
 from __future__ import annotations
@@ -55,8 +62,11 @@ def bench_neo(args, batch: int) -> dict:
         times.append(time.perf_counter() - t)
     assert all(len(r) == args.new for r in out)
     s = statistics.median(times)
+    # neo keeps float32 parameters and casts them to the compute dtype where they are used
+    read = sum(x.nbytes for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if "wpe" not in jax.tree_util.keystr(path))
     return {"backend": "neo (jax, KV cache)", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s,
-            "compile_s": first - s}
+            "compile_s": first - s, "weight_bytes": read}
 
 
 def bench_torch(args, batch: int) -> dict:
@@ -86,7 +96,25 @@ def bench_torch(args, batch: int) -> dict:
         times.append(time.perf_counter() - t)
     assert out.shape[1] == args.prompt + args.new
     s = statistics.median(times)
-    return {"backend": "transformers generate()", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s}
+    read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n)
+    return {"backend": "transformers generate()", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s,
+            "weight_bytes": read}
+
+
+def read_bandwidth() -> dict:
+    """Bytes per second a compiled sum reads from memory (512 MiB, best of 5)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return {"read_bytes_per_s": x.nbytes / best}
 
 
 def main() -> None:
@@ -99,7 +127,7 @@ def main() -> None:
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--cores", type=int, default=0,
                    help="pin each backend to this many cores (0 = all); 1 is steadier on a busy machine")
-    p.add_argument("--backend", choices=["both", "neo", "torch"], default="both")
+    p.add_argument("--backend", choices=["both", "neo", "torch", "bandwidth"], default="both")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.cores and args.backend != "both":  # before JAX or torch start their thread pools
@@ -109,28 +137,45 @@ def main() -> None:
 
             torch.set_num_threads(args.cores)
 
+    if args.backend == "bandwidth":
+        print("RESULT " + json.dumps(read_bandwidth()))
+        return
     if args.backend != "both":
         fn = bench_neo if args.backend == "neo" else bench_torch
         print("RESULT " + json.dumps(fn(args, args.batch[0])))
         return
+    bandwidth = child("bandwidth", 1)
+    bw = bandwidth["read_bytes_per_s"] if bandwidth else None
     print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, {args.precision}, "
-          f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)")
-    print(f"{'backend':26} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12}")
+          f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)"
+          + (f"; memory read bandwidth {bw / 1e9:.1f} GB/s" if bw else ""))
+    print(f"{'backend':26} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12} "
+          f"{'weights MB':>10} {'GB/s':>6} {'roofline tok/s':>15}")
     for batch in args.batch:
         results = {}
         for backend in ("neo", "torch"):
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", backend, "--batch", str(batch)],
-                                 capture_output=True, text=True)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{backend} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            r = child(backend, batch)
+            if r is None:
                 continue
-            r = results[backend] = json.loads(line[7:])
+            results[backend] = r
             compile_s = f"{r['compile_s']:12.1f}" if "compile_s" in r else f"{'-':>12}"
-            print(f"{r['backend']:26} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s}")
+            steps_per_s = r["tokens_per_s"] / batch  # decode steps per second (the prompt pass included)
+            roof = f"{batch * bw / r['weight_bytes']:15.1f}" if bw else ""
+            print(f"{r['backend']:26} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s} "
+                  f"{r['weight_bytes'] / 1e6:10.2f} {steps_per_s * r['weight_bytes'] / 1e9:6.1f} {roof}")
         if len(results) == 2:
             print(f"{'':26} batch {batch}: neo / transformers = "
                   f"{results['neo']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")
+
+
+def child(backend: str, batch: int) -> dict | None:
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", backend, "--batch", str(batch)],
+                         capture_output=True, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{backend} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[7:])
 
 
 if __name__ == "__main__":

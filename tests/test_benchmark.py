@@ -72,6 +72,42 @@ def test_quickstart_mode_trains_both_loops_and_validates_them(env):
     assert "neo / nanoGPT throughput" in out
 
 
+def test_profile_finds_every_matmul_of_both_steps(env, tmp_path):
+    """scripts/profile_step.py sorts every kernel of neo's step and every aten op of the
+    nanoGPT-style step into the same table; both models do the same dense products, so the
+    FLOPs it finds in neo's kernels (from the compiled HLO) and in torch's ops (from its
+    profiler) must agree: a kernel the trace misses or a product counted twice shows here."""
+    results = tmp_path / "profile.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--model", "tiny", "--batch", "2",
+                          "--seq", "16", "--steps", "2", "--warmup", "0", "--backends", "neo,nanogpt",
+                          "--json", str(results)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "failed" not in out.stderr, out.stderr[-3000:]
+    neo, torch = [json.loads(line) for line in results.read_text().splitlines()]
+    assert neo["backend"] == "neo (jax)" and torch["backend"] == "nanoGPT-style torch"
+    assert neo["flops"]["matmul"] == pytest.approx(torch["flops"]["matmul"], rel=0.01)
+    for r in (neo, torch):
+        for phase in ("forward", "backward"):
+            assert r["table"][f"{phase}|matmul"] > 0
+        assert r["step_ms"] > 0 and r["top"]
+    assert "matmul: " in out.stdout and "GFLOP/s" in out.stdout
+
+
+def test_generation_benchmark_reports_the_weight_read_roofline(env):
+    """scripts/benchmark_generate.py: both samplers, and per step the bytes of weights read, the
+    bandwidth reached and the roofline that reading them at the measured bandwidth allows."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_generate.py"), "--model", "tiny",
+                          "--batch", "1", "--prompt", "8", "--new", "4", "--reps", "1"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "failed" not in out.stderr, out.stderr[-3000:]
+    assert "memory read bandwidth" in out.stdout and "neo / transformers" in out.stdout
+    rows = {l.split()[0]: l.split() for l in out.stdout.splitlines() if l.startswith(("neo (jax", "transformers"))}
+    # tiny, float32, position table excluded: 2 layers of 64 wide (q, k, v, o and o's bias, the
+    # MLP's two matrices and biases, two norms), the final norm and the 256 x 64 vocabulary matrix
+    params = 2 * (12 * 64 * 64 + 10 * 64) + 2 * 64 + 256 * 64
+    assert float(rows["neo"][-3]) == pytest.approx(4 * params / 1e6, abs=0.006)
+    assert float(rows["transformers"][-3]) == pytest.approx(4 * params / 1e6, abs=0.006)
+
+
 def test_cpu_peak_follows_the_flags(tmp_path):
     cores = len(os.sched_getaffinity(0))
 
