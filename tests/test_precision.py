@@ -38,3 +38,25 @@ def test_bfloat16_multiplies_bfloat16_into_float32(tiny_config):
     assert all(ins == [jnp.bfloat16, jnp.bfloat16] and out == jnp.float32 for ins, out in found), found
     backward = jax.grad(lambda p: lm_loss(forward(p), tokens, 1e-4)[0])
     assert all(out == jnp.float32 for _, out in dots(backward, params))
+
+
+def test_products_have_the_gradients_of_plain_einsum():
+    """neo.model.layers.einsum writes its own backward pass (and takes a dense layer's weight
+    gradient with whichever operand is smaller on the left, for speed); in float32 its
+    gradients are those of jnp.einsum, for a wide input (the MLP's output projection), a
+    narrow one (its input projection) and a batched product (attention's)."""
+    import numpy as np
+
+    from neo.model.layers import einsum
+
+    rng = np.random.default_rng(0)
+    for eq, a_shape, b_shape in (("abc,cd->abd", (2, 8, 32), (32, 8)), ("abc,cd->abd", (2, 8, 8), (8, 32)),
+                                 ("abc,cde->abde", (2, 8, 16), (16, 2, 4)),
+                                 ("bhqd,bhkd->bhqk", (2, 2, 8, 4), (2, 2, 6, 4))):
+        a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (a_shape, b_shape))
+        w = jnp.asarray(rng.normal(size=jnp.einsum(eq, a, b).shape), jnp.float32)
+        ours = jax.grad(lambda a, b: jnp.sum(einsum(eq, a, b, jnp.float32) * w), argnums=(0, 1))(a, b)
+        plain = jax.grad(lambda a, b: jnp.sum(jnp.einsum(eq, a, b) * w), argnums=(0, 1))(a, b)
+        for x, y in zip(ours, plain):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
