@@ -1,7 +1,10 @@
 """Test environment: 8 simulated CPU devices (set before jax is imported), no network."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -9,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One XLA compilation cache for the session and every process it starts: tests compile the same
+# small programs again and again (each fit() traces afresh, each main.py launch starts cold), and
+# a program loaded from the cache is the executable a compile would produce, so what the tests
+# check is unchanged; only the waiting goes (the suite must fit CI's time on 2 cores).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="neo-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
