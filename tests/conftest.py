@@ -15,11 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One XLA compilation cache for the session and every process it starts: tests compile the same
 # small programs again and again (each fit() traces afresh, each main.py launch starts cold), and
 # a program loaded from the cache is the executable a compile would produce, so what the tests
-# check is unchanged; only the waiting goes (the suite must fit CI's time on 2 cores).
+# check is unchanged; only the waiting goes (the suite must fit CI's time on 2 cores). Only
+# compiles of a second or more are written: the thousands of one-op programs cost more to store.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="neo-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
