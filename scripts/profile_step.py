@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 KINDS = ("matmul", "attention", "layout", "scan", "other")
 PHASES = ("forward", "backward", "optimizer+rest")
 # The attention core's einsums in neo/model/attention.py (heads 'h', queries 'q', keys 'k').
-ATTENTION_OP = re.compile(r"bh\w*,bh\w*->|/attn/\w*(softmax|blocked|dot_product_attention|logits|scores)")
+ATTENTION_OP = re.compile(r"b\w*[qk]\w*,b\w*[qk]\w*->|/attn/\w*(softmax|blocked|dot_product_attention|logits|scores)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from neo.model.layers import named
+from neo.model.layers import named, saves_input
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -110,7 +110,7 @@ class Activation(nn.Module):
                 return self.param(name, named(nn.initializers.constant(init), ()), (), jnp.float32).astype(x.dtype)
 
             return PARAMETRIC[self.fn](x, p)
-        return get_activation(self.fn)(x)
+        return saves_input(get_activation(self.fn), x)
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -182,12 +182,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
            bias: Optional[jax.Array] = None) -> jax.Array:
     """Dense softmax attention: float32 scores from q, k in their dtype. q: [b,tq,h,d], k/v:
     [b,tk,h,d], mask (and the additive float32 bias, if any) broadcastable to [b,h,tq,tk].
-    The products run heads-first ([b, h, t, d]):
-    XLA's CPU backend fails at run time on some 16-bit products with float32 results whose
-    contracted dimension is not the minor one (the gradient of v with probabilities [b,h,q,k]
-    against [b,q,h,d]), never on these."""
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    logits = einsum("bhqd,bhkd->bhqk", q, k, q.dtype)
+    The products take q, k and v as they come, [b, t, h, d]: on CPU, `einsum` copies 16-bit
+    operands into the heads-first order XLA needs to keep them in 16 bits (layers.py
+    _row_major), which a transpose here would hide from it."""
+    logits = einsum("bqhd,bkhd->bhqk", q, k, q.dtype)
     if scale != 1.0:
         logits = logits * scale
     if bias is not None:
@@ -196,7 +194,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, dropout_rng)
-    return einsum("bhqk,bhkd->bhqd", probs, v, v.dtype).astype(v.dtype).transpose(0, 2, 1, 3)
+    return einsum("bhqk,bkhd->bqhd", probs, v, v.dtype).astype(v.dtype)
 
 
 def dropout(probs: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:

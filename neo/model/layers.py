@@ -10,6 +10,7 @@ in the compute dtype and accumulates in float32 (`einsum` below), in the backwar
 from __future__ import annotations
 
 import functools
+import math
 import string
 from typing import Callable, Sequence
 
@@ -43,24 +44,74 @@ def einsum(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def _product(eq: str, dtype: jnp.dtype, a: jax.Array, b: jax.Array) -> jax.Array:
-    if dtype != jnp.float32 and jax.default_backend() == "cpu" and not _row_major(eq):
-        dtype = jnp.float32  # see _row_major
-    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    a, b = a.astype(dtype), b.astype(dtype)
+    if not _needs_row_major(dtype):
+        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+    # The barrier keeps a caller's transpose of the result (the tied head's gradient is the
+    # transpose of [embd, vocab]) from being folded into the product by swapping its operands.
+    return jax.lax.optimization_barrier(
+        jnp.einsum(eq, a, b, preferred_element_type=jnp.float32) if _row_major(eq) else _row_major_product(eq, a, b))
+
+
+def _needs_row_major(dtype: jnp.dtype) -> bool:
+    """16-bit products on XLA's CPU backend run fast only in row-major order (_row_major)."""
+    return dtype != jnp.float32 and jax.default_backend() == "cpu"
+
+
+def _split(x: str, y: str, z: str) -> tuple[str, str, str, str]:
+    """x,y->z's batch, x-only and y-only indices in z's order, and its contracted indices in
+    y's order."""
+    batch = "".join(c for c in z if c in x and c in y)
+    m, n = "".join(c for c in z if c in x and c not in y), "".join(c for c in z if c in y and c not in x)
+    return batch, m, n, "".join(c for c in y if c in x and c not in z)
 
 
 def _row_major(eq: str) -> bool:
-    """Is `eq` a plain batched matmul, a [batch, M, K] @ b [batch, K, N] (or [batch, N, K]),
-    with no operand to transpose? XLA's CPU backend decides early that a 16-bit product with a
-    float32 result goes to its matmul library, but when it later gives a transposed operand a
-    transposed layout the product falls to a fallback kernel that has no such product and
-    fails at run time ("Unsupported element type for DotThunk"). So on CPU only these products
-    run in 16 bits; the others (weight gradients, which contract the leading token dimensions)
-    run in float32, which is what XLA makes of them when it notices."""
+    """Is `eq` a plain batched matmul, a [batch, M, K] @ b [batch, K, N] (or [batch, N, K]) ->
+    [batch, M, N], with no operand or result to transpose? XLA's CPU backend runs a 16-bit
+    product with a float32 result in its matmul library only in this order: its operand
+    upcaster, early in compilation, turns any other product into a float32 one, 5x slower on
+    a CPU with bfloat16 units (a [768, 1024] x [1024, 3072] weight gradient: 255 against 1,207
+    GFLOP/s; attention's key gradient 7x). A transpose counts even when hidden: XLA gives it a
+    transposed layout, which passes through bitcasts, converts and optimization barriers, and
+    if that layout reaches the product only later, the product fails at run time instead
+    ("Unsupported element type for DotThunk"). Weight gradients, which contract the leading
+    token dimensions, and attention's key and value gradients are such products;
+    _row_major_product rewrites them."""
     (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
-    batch = "".join(c for c in x if c in y and c in z)
-    contract = "".join(c for c in x if c in y and c not in z)
-    m, n = "".join(c for c in x if c not in y), "".join(c for c in y if c not in x)
-    return x == batch + m + contract and y in (batch + contract + n, batch + n + contract)
+    batch, m, n, contract = _split(x, y, z)
+    return z == batch + m + n and x == batch + m + contract and y in (batch + contract + n, batch + n + contract)
+
+
+def _row_major_product(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum(eq, a, b) (float32 result) as a row-major product (see _row_major): the
+    operands, taken in whichever order copies the fewest elements, are copied into row-major
+    order, and the result, if it is not in the order asked for, is transposed after an
+    optimization barrier (else XLA folds the transpose back into the product). The copy is a
+    pad by one element and a slice: a plain transpose's layout would reach the product, a
+    pad's result is laid out row-major; XLA fuses the transpose, pad and slice into one copy.
+    Only for CPU; other backends take the operands as they are."""
+    (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
+    best = None
+    for (l, lx), (r, ry) in (((a, x), (b, y)), ((b, y), (a, x))):
+        batch, m, n, contract = _split(lx, ry, z)
+        lo, zo = batch + m + contract, batch + m + n
+        ro = ry if ry in (batch + contract + n, batch + n + contract) else batch + contract + n
+        cost = (lo != lx) * l.size + (ro != ry) * r.size + (zo != z) * 2 * math.prod(
+            (dict(zip(lx, l.shape)) | dict(zip(ry, r.shape)))[c] for c in z)
+        if best is None or cost < best[0]:
+            best = (cost, _row_major_copy(l, lx, lo), _row_major_copy(r, ry, ro), f"{lo},{ro}->{zo}")
+    _, l, r, eq2 = best
+    out = jnp.einsum(eq2, l, r, preferred_element_type=jnp.float32)
+    zo = eq2.split("->")[1]
+    return out if zo == z else jnp.transpose(jax.lax.optimization_barrier(out), [zo.index(c) for c in z])
+
+
+def _row_major_copy(t: jax.Array, order: str, new_order: str) -> jax.Array:
+    if order == new_order:
+        return t
+    t = jnp.transpose(t, [order.index(c) for c in new_order])
+    return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, 1)])[..., :t.shape[-1]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -70,14 +121,49 @@ def _einsum(eq, dtype, a_dtype, b_dtype, a, b):
 
 def _einsum_fwd(eq, dtype, a_dtype, b_dtype, a, b):
     a, b = a.astype(dtype), b.astype(dtype)  # the residuals are kept in the compute dtype
-    return _product(eq, dtype, a, b), (a, b)
+    return _product(eq, dtype, a, b), (_stored(a), _stored(b))
 
 
 def _einsum_bwd(eq, dtype, a_dtype, b_dtype, residuals, g):
-    a, b = residuals
+    a, b = (_loaded(r, dtype) for r in residuals)
     (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
     g = g.astype(dtype)
     return _product(f"{z},{y}->{x}", dtype, g, b).astype(a_dtype), _b_grad(x, y, z, dtype, a, g).astype(b_dtype)
+
+
+def _stored(x: jax.Array) -> jax.Array:
+    """A 16-bit residual as the integers of its bits, on CPU. Under scanned layers every
+    residual is written into a per-layer stack, and XLA:CPU has no 16-bit float
+    dynamic-update-slice: it converts the whole stack to float32 and back for each layer's
+    write (125M, bfloat16, remat_policy none: 3.6-4.0 s per step against 2.9-3.3 s with the
+    bits stored, back to back). Integers it writes in place; the bitcasts cost nothing."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _needs_row_major(x.dtype) else x
+
+
+def _loaded(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def saves_input(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """fn(x), whose backward pass keeps only x and recomputes fn's own intermediates from it,
+    as PyTorch's GELU does. Plain autodiff of a tanh GELU keeps its intermediates, each a
+    [tokens, 4d] array per layer; under scanned layers in bfloat16 on CPU each became a
+    per-layer stack converted to float32 and back at every layer's write (_stored; 125M,
+    remat_policy none: 3.3 s per step before, 2.8 s after). fn: elementwise, parameter-free."""
+    dtype = x.dtype
+
+    @jax.custom_vjp
+    def call(x):
+        return fn(x)
+
+    def call_fwd(x):
+        return fn(x), _stored(x)
+
+    def call_bwd(residual, g):
+        return jax.vjp(fn, _loaded(residual, dtype))[1](g)
+
+    call.defvjp(call_fwd, call_bwd)
+    return call(x)
 
 
 def _b_grad(x: str, y: str, z: str, dtype: jnp.dtype, a: jax.Array, g: jax.Array) -> jax.Array:
@@ -87,7 +173,8 @@ def _b_grad(x: str, y: str, z: str, dtype: jnp.dtype, a: jax.Array, g: jax.Array
     copy whatever made it (a GELU written column by column). Make the smaller of a and g the
     left one: for the MLP's output projection that is g [tokens, d], not a [tokens, 4d]
     (quickstart: 4 transposed [768, 512] copies of 5 ms each per step; scripts/profile_step.py)."""
-    if a.size <= g.size or any(c in x and c in z for c in y):  # batched products keep their order
+    if a.size <= g.size or any(c in x and c in z for c in y):
+        # batched products keep their order; 16-bit CPU products choose their own
         return _product(f"{x},{z}->{y}", dtype, a, g)
     yt = "".join(c for c in y if c in z) + "".join(c for c in y if c not in z)
     return jnp.transpose(_product(f"{z},{x}->{yt}", dtype, g, a), [yt.index(c) for c in y])
