@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from backend_process import run_backend  # noqa: E402
+
 BACKENDS = ("neo", "transformers", "nanogpt")
 NAMES = {"neo": "neo (jax)", "transformers": "transformers GPTNeo", "nanogpt": "nanoGPT-style torch"}
 
@@ -365,13 +367,7 @@ def simulated_devices(mesh_shape: str) -> int:
 
 def child(args, backend: str) -> dict | None:
     """Run one backend in its own process; its RESULT line, or None (and the error printed)."""
-    argv = [a for a in sys.argv[1:] if a != "--quickstart"]
-    out = subprocess.run([sys.executable, __file__, *argv, "--backend", backend], capture_output=True, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{backend} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[7:])
+    return run_backend(__file__, [a for a in sys.argv[1:] if a != "--quickstart"] + ["--backend", backend])
 
 
 def main() -> None:

@@ -23,13 +23,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from backend_process import run_backend  # noqa: E402
 
 
 def prompts(cfg, batch: int, length: int):
@@ -169,13 +171,7 @@ def main() -> None:
 
 
 def child(backend: str, batch: int) -> dict | None:
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", backend, "--batch", str(batch)],
-                         capture_output=True, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{backend} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[7:])
+    return run_backend(__file__, [*sys.argv[1:], "--backend", backend, "--batch", str(batch)])
 
 
 if __name__ == "__main__":

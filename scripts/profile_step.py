@@ -39,7 +39,6 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from backend_process import run_backend  # noqa: E402
 
 KINDS = ("matmul", "attention", "layout", "scan", "other")
 PHASES = ("forward", "backward", "optimizer+rest")
@@ -311,13 +312,7 @@ def print_result(r: dict) -> None:
 
 
 def child(backend: str) -> dict | None:
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", backend], capture_output=True,
-                         text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{backend} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[7:])
+    return run_backend(__file__, [*sys.argv[1:], "--backend", backend])
 
 
 def main() -> None:
