@@ -53,10 +53,11 @@ TOLERANCE = 0.25  # |estimate / compiled - 1| on simulated devices (tests/test_a
 ACT_UNROLLED = dict(residual=7.25, heads=4.0, probs=1.85, linear=1.6, mlp=2.3)
 # Scanned layers (nn.scan, `scan_layers`): the forward loop stacks, per layer, every residual
 # JAX's linearisation of the layer body names, and XLA cannot fuse across the loop to recompute
-# any of them: the MLP leaves six [tokens, intermediate] values (c_fc's output and the
-# activation's intermediates), where unrolled XLA keeps about two (counted in the compiled
-# step's forward while loop, whose outputs are these stacked residuals; 2026-11-29).
-ACT_SCANNED = dict(residual=8.0, heads=4.0, probs=2.0, linear=1.6, mlp=6.0)
+# any of them. The MLP leaves two [tokens, intermediate] values: c_fc's output (the activation
+# keeps only its input, layers.saves_input) and the activation's output (c_proj's input). Before
+# saves_input the activation's own intermediates made it six (counted in the compiled step's
+# forward while loop, whose outputs are these stacked residuals; 2026-11-29).
+ACT_SCANNED = dict(residual=8.0, heads=4.0, probs=2.0, linear=1.6, mlp=2.0)
 # The share of these kept in float32 whatever `precision` says, the rest in the compute dtype:
 # layer norms and the softmax compute in float32 (as mesh-tf does), so in bfloat16 six of the
 # eight stacked residual-width values and one of the two [heads, T, keys] stay float32.
