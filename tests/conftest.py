@@ -21,12 +21,31 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="neo-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# The suite runs in parallel workers (pytest-xdist, `addopts` in pyproject.toml) that share the
+# cache: a size limit is what makes JAX lock it, so no worker reads an entry another is writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
 sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+
+# Memory one test worker may need at its peak (8 simulated devices, a two-process run it starts,
+# transformers' reference models): measured under 4.5 GiB per worker with 2 workers.
+GIB_PER_WORKER = 6
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, as many as memory allows (each worker compiles programs
+    for 8 simulated devices); CI's 2 cores get 2."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        available = 2 * GIB_PER_WORKER << 30
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, available // (GIB_PER_WORKER << 30)))
 
 
 @pytest.fixture(scope="session")
