@@ -166,4 +166,7 @@ def _gather_gpu_ids(args: list[str]) -> list[str]:
 
 
 def cli() -> None:
+    from neo.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # once, before anything heavy is imported (neo/host_memory.py)
     app.run(main, argv=_gather_gpu_ids(sys.argv))

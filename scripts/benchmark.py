@@ -404,6 +404,10 @@ def main() -> None:
         print("RESULT " + json.dumps(compile_only(args)))
         return
     if args.backend != "all":
+        if args.backend == "neo":  # as main.py does (quickstart_neo runs main.py itself)
+            from neo.host_memory import restart_with_huge_pages
+
+            restart_with_huge_pages()
         fn = {"neo": bench_neo, "transformers": bench_transformers, "nanogpt": bench_nanogpt,
               "quickstart_neo": quickstart_neo, "quickstart_torch": quickstart_torch}[args.backend]
         print("RESULT " + json.dumps(fn(args)))

@@ -142,6 +142,10 @@ def main() -> None:
     if args.backend == "bandwidth":
         print("RESULT " + json.dumps(read_bandwidth()))
         return
+    if args.backend == "neo":  # as main.py does
+        from neo.host_memory import restart_with_huge_pages
+
+        restart_with_huge_pages()
     if args.backend != "both":
         fn = bench_neo if args.backend == "neo" else bench_torch
         print("RESULT " + json.dumps(fn(args, args.batch[0])))

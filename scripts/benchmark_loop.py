@@ -37,7 +37,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--checkpoint_only", action="store_true")
     args = p.parse_args()
+    from neo.host_memory import restart_with_huge_pages
 
+    restart_with_huge_pages()  # as main.py does
     import jax
     import numpy as np
 

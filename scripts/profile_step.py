@@ -332,6 +332,10 @@ def main() -> None:
     args = p.parse_args()
     args.mesh_shape, args.layout, args.devices = "", "", 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.backend == "neo":  # as main.py does
+        from neo.host_memory import restart_with_huge_pages
+
+        restart_with_huge_pages()
     if args.backend:
         r = profile_neo(args) if args.backend == "neo" else profile_torch(args, args.backend)
         print("RESULT " + json.dumps(r))

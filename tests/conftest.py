@@ -24,10 +24,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # The suite runs in parallel workers (pytest-xdist, `addopts` in pyproject.toml) that share the
 # cache: a size limit is what makes JAX lock it, so no worker reads an entry another is writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
-
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
 sys.path.insert(0, str(ROOT))
+# The test workers (started after this file is read) and every main.py the tests run get what
+# main.py would restart itself with: malloc on transparent huge pages (neo/host_memory.py).
+from neo.host_memory import huge_pages_available, tunables_with_huge_pages  # noqa: E402
+
+if huge_pages_available() and tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES")):
+    os.environ["GLIBC_TUNABLES"] = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
+
+DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
 
 import pytest  # noqa: E402
 

@@ -15,6 +15,7 @@ ALLOWED = {
     "devices": {"errors"},
     "distributed": {"errors"},
     "memory": set(),
+    "host_memory": set(),
     "model": {"config", "mesh", "errors"},
     "data": {"config", "errors"},
     "optim": {"config", "errors"},
