@@ -92,18 +92,17 @@ def _row_major_product(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
     pad's result is laid out row-major; XLA fuses the transpose, pad and slice into one copy.
     Only for CPU; other backends take the operands as they are."""
     (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
-    best = None
+    sizes = dict(zip(x, a.shape)) | dict(zip(y, b.shape))
+    orders = []
     for (l, lx), (r, ry) in (((a, x), (b, y)), ((b, y), (a, x))):
         batch, m, n, contract = _split(lx, ry, z)
         lo, zo = batch + m + contract, batch + m + n
         ro = ry if ry in (batch + contract + n, batch + n + contract) else batch + contract + n
-        cost = (lo != lx) * l.size + (ro != ry) * r.size + (zo != z) * 2 * math.prod(
-            (dict(zip(lx, l.shape)) | dict(zip(ry, r.shape)))[c] for c in z)
-        if best is None or cost < best[0]:
-            best = (cost, _row_major_copy(l, lx, lo), _row_major_copy(r, ry, ro), f"{lo},{ro}->{zo}")
-    _, l, r, eq2 = best
-    out = jnp.einsum(eq2, l, r, preferred_element_type=jnp.float32)
-    zo = eq2.split("->")[1]
+        cost = (lo != lx) * l.size + (ro != ry) * r.size + (zo != z) * 2 * math.prod(sizes[c] for c in z)
+        orders.append((cost, len(orders), l, lx, lo, r, ry, ro, zo))
+    _, _, l, lx, lo, r, ry, ro, zo = min(orders, key=lambda o: o[:2])  # the first order on a tie
+    out = jnp.einsum(f"{lo},{ro}->{zo}", _row_major_copy(l, lx, lo), _row_major_copy(r, ry, ro),
+                     preferred_element_type=jnp.float32)
     return out if zo == z else jnp.transpose(jax.lax.optimization_barrier(out), [zo.index(c) for c in z])
 
 
