@@ -61,7 +61,7 @@ def restart_with_huge_pages() -> None:
     tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
     if tunables is None or not huge_pages_available():
         return
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, "GLIBC_TUNABLES": tunables})
+    sys.stderr.flush()  # execve drops what Python has not written yet
+    # sys.orig_argv: the command line as given, interpreter options and `-m module` included.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": tunables})

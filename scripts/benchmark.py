@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from backend_process import run_backend  # noqa: E402
 
+from neo.host_memory import restart_with_huge_pages  # noqa: E402
+
 BACKENDS = ("neo", "transformers", "nanogpt")
 NAMES = {"neo": "neo (jax)", "transformers": "transformers GPTNeo", "nanogpt": "nanoGPT-style torch"}
 
@@ -405,8 +407,6 @@ def main() -> None:
         return
     if args.backend != "all":
         if args.backend == "neo":  # as main.py does (quickstart_neo runs main.py itself)
-            from neo.host_memory import restart_with_huge_pages
-
             restart_with_huge_pages()
         fn = {"neo": bench_neo, "transformers": bench_transformers, "nanogpt": bench_nanogpt,
               "quickstart_neo": quickstart_neo, "quickstart_torch": quickstart_torch}[args.backend]

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from backend_process import run_backend  # noqa: E402
 
+from neo.host_memory import restart_with_huge_pages  # noqa: E402
+
 
 def prompts(cfg, batch: int, length: int):
     import numpy as np
@@ -143,8 +145,6 @@ def main() -> None:
         print("RESULT " + json.dumps(read_bandwidth()))
         return
     if args.backend == "neo":  # as main.py does
-        from neo.host_memory import restart_with_huge_pages
-
         restart_with_huge_pages()
     if args.backend != "both":
         fn = bench_neo if args.backend == "neo" else bench_torch

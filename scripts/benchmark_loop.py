@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from neo.host_memory import restart_with_huge_pages  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,8 +39,6 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--checkpoint_only", action="store_true")
     args = p.parse_args()
-    from neo.host_memory import restart_with_huge_pages
-
     restart_with_huge_pages()  # as main.py does
     import jax
     import numpy as np

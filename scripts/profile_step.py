@@ -50,6 +50,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from backend_process import run_backend  # noqa: E402
 
+from neo.host_memory import restart_with_huge_pages  # noqa: E402
+
 KINDS = ("matmul", "attention", "layout", "scan", "other")
 PHASES = ("forward", "backward", "optimizer+rest")
 # The attention core's einsums in neo/model/attention.py (heads 'h', queries 'q', keys 'k').
@@ -333,8 +335,6 @@ def main() -> None:
     args.mesh_shape, args.layout, args.devices = "", "", 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.backend == "neo":  # as main.py does
-        from neo.host_memory import restart_with_huge_pages
-
         restart_with_huge_pages()
     if args.backend:
         r = profile_neo(args) if args.backend == "neo" else profile_torch(args, args.backend)

@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 # main.py would restart itself with: malloc on transparent huge pages (neo/host_memory.py).
 from neo.host_memory import huge_pages_available, tunables_with_huge_pages  # noqa: E402
 
-if huge_pages_available() and tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES")):
-    os.environ["GLIBC_TUNABLES"] = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
+_tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
+if _tunables and huge_pages_available():
+    os.environ["GLIBC_TUNABLES"] = _tunables
 
 DATA = ROOT / "data"  # tokenizers and corpora the tests read, shipped in the repository
 
