@@ -117,3 +117,22 @@ def test_bfloat16_train_step_compiles_every_product_in_bfloat16(tiny_config):
     upcast = [line for lhs, rhs, line in dots_found if (dtypes[lhs], dtypes[rhs]) != ("bf16", "bf16")]
     assert not upcast, upcast
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(step(params)))
+
+
+def test_bfloat16_activation_is_the_float32_one_rounded_once():
+    """A bfloat16 MLP activation and its gradient are computed in float32 and rounded to
+    bfloat16 once (as PyTorch's opmath does), not with every intermediate rounded: equal to the
+    float32 GELU of the same input, rounded, and differing from an all-bfloat16 evaluation."""
+    import numpy as np
+
+    from neo.model.activations import gelu_tanh
+    from neo.model.layers import saves_input
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=4096) * 3, jnp.bfloat16)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=4096), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x: saves_input(gelu_tanh, x), x)
+    y32, vjp32 = jax.vjp(gelu_tanh, x.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16 and vjp(g)[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y32.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp32(g.astype(jnp.float32))[0].astype(jnp.bfloat16)))
+    assert not np.array_equal(np.asarray(y), np.asarray(gelu_tanh(x)))  # the rounded-everywhere form differs

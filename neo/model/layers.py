@@ -148,18 +148,25 @@ def saves_input(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array
     as PyTorch's GELU does. Plain autodiff of a tanh GELU keeps its intermediates, each a
     [tokens, 4d] array per layer; under scanned layers in bfloat16 on CPU each became a
     per-layer stack converted to float32 and back at every layer's write (_stored; 125M,
-    remat_policy none: 3.3 s per step before, 2.8 s after). fn: elementwise, parameter-free."""
+    remat_policy none: 3.3 s per step before, 2.8 s after). fn: elementwise, parameter-free.
+
+    fn and its gradient are computed in float32 from a 16-bit x, and only the results are
+    rounded to x's dtype, as PyTorch computes its 16-bit GELU ("opmath"). Computed in
+    bfloat16, XLA:CPU rounded each of the tanh GELU's ~20 intermediates to bfloat16 and back:
+    its backward took 100 ms per layer on 125M (scripts/profile_step.py), slower than the
+    layer's products."""
     dtype = x.dtype
+    f32 = (lambda x: fn(x.astype(jnp.float32)).astype(dtype)) if jnp.dtype(dtype).itemsize < 4 else fn
 
     @jax.custom_vjp
     def call(x):
-        return fn(x)
+        return f32(x)
 
     def call_fwd(x):
-        return fn(x), _stored(x)
+        return f32(x), _stored(x)
 
     def call_bwd(residual, g):
-        return jax.vjp(fn, _loaded(residual, dtype))[1](g)
+        return jax.vjp(f32, _loaded(residual, dtype))[1](g)
 
     call.defvjp(call_fwd, call_bwd)
     return call(x)
