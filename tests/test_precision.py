@@ -136,3 +136,21 @@ def test_bfloat16_activation_is_the_float32_one_rounded_once():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y32.astype(jnp.bfloat16)))
     np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp32(g.astype(jnp.float32))[0].astype(jnp.bfloat16)))
     assert not np.array_equal(np.asarray(y), np.asarray(gelu_tanh(x)))  # the rounded-everywhere form differs
+
+
+def test_bfloat16_parametric_activation_is_the_float32_one_rounded_once():
+    """The activations with learned scalars (aria, prelu, ...) follow the same rule: computed in
+    float32 with their float32 parameters, rounded to bfloat16 once."""
+    import numpy as np
+
+    from neo.model.activations import Activation
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 1024)) * 3, jnp.bfloat16)
+    for fn in ("aria", "psoftplus", "prelu"):
+        act = Activation(fn)
+        params = act.init(jax.random.PRNGKey(0), x)
+        y = act.apply(params, x)
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(act.apply(params, x.astype(jnp.float32)).astype(jnp.bfloat16)))
+        grads = jax.grad(lambda p: jnp.sum(act.apply(p, x).astype(jnp.float32)))(params)
+        assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g)) for g in jax.tree.leaves(grads)), fn

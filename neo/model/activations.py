@@ -105,11 +105,13 @@ class Activation(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """fn(x) in x's dtype; from a 16-bit x computed in float32 and rounded once, as
+        layers.saves_input does for the parameter-free ones."""
         if self.fn in PARAMETRIC:
             def p(name: str, init: float) -> jax.Array:
-                return self.param(name, named(nn.initializers.constant(init), ()), (), jnp.float32).astype(x.dtype)
+                return self.param(name, named(nn.initializers.constant(init), ()), (), jnp.float32)
 
-            return PARAMETRIC[self.fn](x, p)
+            return PARAMETRIC[self.fn](x.astype(jnp.float32), p).astype(x.dtype)
         return saves_input(get_activation(self.fn), x)
 
 
