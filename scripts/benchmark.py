@@ -31,6 +31,11 @@ torch.compile: lr 1e-3 cosine to 1e-4, warm-up 100, AdamW betas 0.9/0.99, weight
 clipping 1.0) trained on exactly neo's batches, then both validated on neo's 200 held-out
 batches. 2000 steps take minutes.
 
+--profile DIR (neo): after the timed steps, jax.profiler traces two more into DIR, with a
+Perfetto trace-event file that scripts/trace_kernels.py sums by kernel. neo's RESULT also
+names the custom calls of the compiled step (`custom_calls`: cuDNN's flash attention is
+`__cudnn$fmha...`, cuBLAS `__cublas$lt$matmul`). scripts/benchmark_gpu.sh runs the GPU set.
+
 No TensorFlow or lm-eval import (tests/test_benchmark.py checks it with both blocked).
 """
 
@@ -120,6 +125,11 @@ def bench_neo(args) -> dict:
         state, m = call(state, stack)
         jax.block_until_ready(m)
         times.append((time.perf_counter() - t) / k)
+    if args.profile:  # after the timed steps, so tracing costs them nothing
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(2):
+                state, m = call(state, stack)
+            jax.block_until_ready(m)
     peak, source = device_peak_flops(devices[0], cfg.model.precision)
     total_peak = peak if devices[0].platform == "cpu" else peak * len(devices)
     step = statistics.median(times)
@@ -131,7 +141,16 @@ def bench_neo(args) -> dict:
            "loss": float(m["loss"][-1])}
     if devices[0].platform == "cpu":
         out["matmul_flops"] = {d: measured_matmul_flops(d) for d in ("float32", "bfloat16")}
+    out["custom_calls"] = custom_calls(call.as_text())  # which kernels: cuDNN's attention is "__cudnn$fmha..."
     return out
+
+
+def custom_calls(hlo: str) -> dict:
+    """{custom-call target: count} in compiled HLO text."""
+    import collections
+    import re
+
+    return dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo)))
 
 
 def compile_only(args) -> dict:
@@ -392,6 +411,8 @@ def main() -> None:
     p.add_argument("--quickstart", action="store_true")
     p.add_argument("--quickstart_steps", type=int, default=2000)
     p.add_argument("--json", help="append the results as JSON lines to this file")
+    p.add_argument("--profile", help="neo: trace two more steps into this folder (jax.profiler, with a Perfetto "
+                   "trace_events file: perfetto_trace.json.gz)")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

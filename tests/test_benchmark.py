@@ -125,3 +125,21 @@ def test_cpu_peak_follows_the_flags(tmp_path):
     assert peak == max(1, cores // 2) * 32 * 2.6e9 and "AVX2" in formula and "2.60 GHz" in formula
     zen4 = info("AMD EPYC 9B14", "AuthenticAMD", "fma avx2 avx512f avx512_bf16")
     assert cpu_peak_flops("bfloat16", zen4)[0] == cores * 64 * 2.6e9  # 256-bit data paths, bf16 pairs
+
+
+def test_profile_writes_a_trace_that_trace_kernels_sums(env, tmp_path):
+    """--profile traces two more steps into a Perfetto file that scripts/trace_kernels.py sums
+    by kernel (how docs/benchmarks.md splits the GPU step); the RESULT names the custom calls
+    the compiled step makes (cuDNN's attention on a GPU); the GPU script parses."""
+    out = run(env, "--backend", "neo", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "2",
+              "--warmup", "0", "--profile", str(tmp_path))
+    (line,) = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert json.loads(line[7:])["custom_calls"] == {}  # on CPU: no library kernels
+    (trace,) = list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_kernels.py"), str(trace), "--device", "CPU"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0 and "per step: span" in summary.stdout, summary.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_kernels.py"), str(trace)],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no kernels of a 'GPU' device" in missing.stderr
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "benchmark_gpu.sh")]).returncode == 0
