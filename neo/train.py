@@ -106,6 +106,18 @@ def build(cfg: Config, layout: Layout) -> Setup:
                  param_count)
 
 
+# Off CPU the head's product in training is padded to a multiple of this many vocabulary
+# entries (GPT.head_logits): GPT-2's 50,257 divide into no GEMM tile (gpt_neo_1.3B, bfloat16,
+# an H200: 0.333 s per step padded against 0.350; docs/benchmarks.md). On CPU the padding
+# gains nothing and its mask costs a pass over the logits (125M bfloat16: 2.82-2.87 s against
+# 2.56-2.74 s, alternated), so there the head stays as it is.
+HEAD_VOCAB_MULTIPLE = 128
+
+
+def head_vocab_multiple() -> int:
+    return 1 if jax.default_backend() == "cpu" else HEAD_VOCAB_MULTIPLE
+
+
 def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation,
                 layout: Layout, n_micro: int) -> Callable:
     # Stochastic train mode: dropout, and MoE routing (train capacity, random second expert).
@@ -119,7 +131,7 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
         hidden, extra = model.apply({"params": params}, inputs, deterministic=not dropout, return_hidden=True,
                                     rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
-        project = lambda h: model.apply({"params": params}, h, method=GPT.head_logits)
+        project = lambda h: model.apply({"params": params}, h, head_vocab_multiple(), method=GPT.head_logits)
         objective, aux = chunked_lm_loss(hidden, project, targets, cfg.run.z_loss, mask)
         if cfg.model.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
             aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))

@@ -66,3 +66,33 @@ def test_the_models_hidden_state_and_head_give_its_logits(tiny_config):
     logits = model.apply({"params": params}, hidden, method=GPT.head_logits)
     np.testing.assert_allclose(logits, model.apply({"params": params}, tokens), atol=1e-6)
     assert hidden.shape == (2, 16, cfg.model.n_embd)
+
+
+def test_a_head_padded_to_a_multiple_of_the_vocabulary_gives_the_same_loss_and_gradients(tiny_config):
+    """Training pads the head's product to HEAD_VOCAB_MULTIPLE columns (fast tiles on GPU);
+    the padded logits are -inf, so the loss and every gradient, the embedding's included,
+    are those of the unpadded head, and the real logits are unchanged."""
+    from neo.train import HEAD_VOCAB_MULTIPLE
+
+    assert HEAD_VOCAB_MULTIPLE > 1
+    cfg = parse_model_config(tiny_config(n_vocab=300)).model  # 300: not a multiple of 128
+    params = meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    tokens = jnp.asarray(RNG.randint(0, 300, (2, 17)))
+    model = GPT(cfg)
+
+    def loss(p, multiple):
+        hidden = model.apply({"params": p}, tokens[:, :-1], return_hidden=True)
+        project = lambda h: model.apply({"params": p}, h, multiple, method=GPT.head_logits)
+        return L.chunked_lm_loss(hidden, project, tokens[:, 1:], 1e-2)
+
+    (want, want_aux), want_grads = jax.value_and_grad(loss, has_aux=True)(params, 1)
+    (got, got_aux), got_grads = jax.value_and_grad(loss, has_aux=True)(params, HEAD_VOCAB_MULTIPLE)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_aux["z_loss"], want_aux["z_loss"], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    hidden = model.apply({"params": params}, tokens, return_hidden=True)
+    padded = model.apply({"params": params}, hidden, HEAD_VOCAB_MULTIPLE, method=GPT.head_logits)
+    assert padded.shape[-1] % HEAD_VOCAB_MULTIPLE == 0 and bool(jnp.all(padded[..., 300:] == -jnp.inf))
+    np.testing.assert_allclose(padded[..., :300], model.apply({"params": params}, tokens), atol=1e-6)
