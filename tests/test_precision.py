@@ -1,7 +1,8 @@
 """precision bfloat16: parameters stay float32, every matmul of the forward pass multiplies
-bfloat16 operands (q and k included) into float32, and no product anywhere, backward
-included, rounds its result to bfloat16 (a bf16 -> bf16 dot loses the accumulation and, on
-CPU, runs 6x slower than bf16 -> f32)."""
+bfloat16 operands (q and k included) and accumulates in float32. On CPU no product anywhere,
+backward included, hands back a bfloat16 result (XLA:CPU's bf16 -> bf16 dot runs 6x slower
+than bf16 -> f32); on GPU and TPU a dense layer's product does, as the float32 sum rounded
+once inside the kernel (layers.product_dtype), which the CPU emulates here."""
 
 import jax
 import jax.extend
@@ -154,3 +155,44 @@ def test_bfloat16_parametric_activation_is_the_float32_one_rounded_once():
         np.testing.assert_array_equal(np.asarray(y), np.asarray(act.apply(params, x.astype(jnp.float32)).astype(jnp.bfloat16)))
         grads = jax.grad(lambda p: jnp.sum(act.apply(p, x).astype(jnp.float32)))(params)
         assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g)) for g in jax.tree.leaves(grads)), fn
+
+
+def test_products_handed_back_in_bfloat16_are_the_float32_sum_rounded_once(monkeypatch):
+    """Where layers.product_dtype asks for it (GPU, TPU), a dense layer's product, and the
+    gradient of its bfloat16 input, come back in bfloat16: each is the float32 accumulation
+    rounded once, the weight's gradient stays the float32 one, and the bias is added in
+    float32 to the rounded product. The CPU emulates the GPU's choice (monkeypatched)."""
+    import numpy as np
+
+    from neo.model import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(32, 48)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 8, 48)), jnp.bfloat16)
+    eq = "btd,df->btf"
+    as_gpu = lambda d: jnp.dtype(d)
+    monkeypatch.setattr(layers, "product_dtype", as_gpu)
+    y16, vjp16 = jax.vjp(lambda x, w: layers.einsum(eq, x, w, jnp.bfloat16, jnp.bfloat16), x, w)
+    monkeypatch.undo()
+    y32, vjp32 = jax.vjp(lambda x, w: layers.einsum(eq, x, w, jnp.bfloat16), x, w)
+    assert y16.dtype == jnp.bfloat16 and y32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
+    monkeypatch.setattr(layers, "product_dtype", as_gpu)
+    (dx16, dw16), (dx32, dw32) = vjp16(g), vjp32(g.astype(jnp.float32))
+    assert dx16.dtype == jnp.bfloat16 and dw16.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(dx16), np.asarray(dx32))
+    np.testing.assert_array_equal(np.asarray(dw16), np.asarray(dw32))
+
+    dense = layers.Dense((48,), ("embd", "intermediate"), layers.normal(0.5), dtype=jnp.bfloat16)
+    params = dense.init(jax.random.PRNGKey(0), x)["params"]
+    params = {"kernel": params["kernel"].value if hasattr(params["kernel"], "value") else params["kernel"],
+              "bias": jnp.asarray(rng.normal(size=48), jnp.float32)}
+    product = jnp.einsum(eq, x, params["kernel"].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    on_gpu = dense.apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(on_gpu),
+                                  np.asarray((product.astype(jnp.bfloat16).astype(jnp.float32) + params["bias"])
+                                             .astype(jnp.bfloat16)))
+    monkeypatch.undo()  # the CPU's own choice: the float32 product, the bias, one rounding
+    np.testing.assert_array_equal(np.asarray(dense.apply({"params": params}, x)),
+                                  np.asarray((product + params["bias"]).astype(jnp.bfloat16)))

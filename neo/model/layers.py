@@ -32,25 +32,39 @@ def normal(std: float) -> Initializer:
     return nn.initializers.normal(stddev=std)
 
 
-def einsum(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def einsum(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype, out: jnp.dtype = jnp.float32) -> jax.Array:
     """jnp.einsum(eq, a, b) with both operands in `dtype` and float32 accumulation; the result
-    is float32. Its gradients are the two transposed products, also taken in `dtype` with
-    float32 accumulation, and come back in a's and b's own dtypes (a float32 weight gets a
-    float32 gradient). Plain autodiff of `preferred_element_type` would multiply the float32
+    is float32, or `out` (the float32 sum rounded once; see product_dtype). Its gradients are
+    the two transposed products, also taken in `dtype` with float32 accumulation, and come
+    back in a's and b's own dtypes (a float32 weight gets a float32 gradient; a 16-bit
+    activation's is produced in 16 bits where product_dtype says so). Plain autodiff of `preferred_element_type` would multiply the float32
     cotangent by a bfloat16 operand, which XLA runs as a float32 matmul (on a CPU with bfloat16
     units, 5x slower). Every index of an operand must appear in the other operand or the
     output (true of every product in the network)."""
-    return _einsum(eq, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
+    return _einsum(eq, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype), jnp.dtype(out), a, b)
 
 
-def _product(eq: str, dtype: jnp.dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+def product_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype a product of `dtype` operands should hand back for a result that is rounded
+    to `dtype` anyway. On CPU float32: XLA:CPU runs a 16-bit product fast only with a float32
+    result (a 16-bit one: 253 against 1,543 GFLOP/s), and the caller rounds. Elsewhere `dtype`
+    itself: GPU and TPU matrix units accumulate in float32 inside the kernel and round once on
+    the way out, the same value without writing the float32 result and reading it back. On an
+    H200 (gpt_neo_1.3B, bfloat16, layers unrolled) the step took 0.278 s against 0.294 s with
+    float32 results, XLA then running every product in cuBLAS rather than in its own Triton
+    kernels (docs/benchmarks.md)."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
+def _product(eq: str, dtype: jnp.dtype, a: jax.Array, b: jax.Array, out: jnp.dtype = jnp.float32) -> jax.Array:
     a, b = a.astype(dtype), b.astype(dtype)
     if not _needs_row_major(dtype):
-        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+        return jnp.einsum(eq, a, b, preferred_element_type=out)
     # The barrier keeps a caller's transpose of the result (the tied head's gradient is the
     # transpose of [embd, vocab]) from being folded into the product by swapping its operands.
     return jax.lax.optimization_barrier(
-        jnp.einsum(eq, a, b, preferred_element_type=jnp.float32) if _row_major(eq) else _row_major_product(eq, a, b))
+        jnp.einsum(eq, a, b, preferred_element_type=jnp.float32) if _row_major(eq) else _row_major_product(eq, a, b)
+    ).astype(out)
 
 
 def _needs_row_major(dtype: jnp.dtype) -> bool:
@@ -113,21 +127,22 @@ def _row_major_copy(t: jax.Array, order: str, new_order: str) -> jax.Array:
     return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, 1)])[..., :t.shape[-1]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _einsum(eq, dtype, a_dtype, b_dtype, a, b):
-    return _product(eq, dtype, a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _einsum(eq, dtype, a_dtype, b_dtype, out, a, b):
+    return _product(eq, dtype, a, b, out)
 
 
-def _einsum_fwd(eq, dtype, a_dtype, b_dtype, a, b):
+def _einsum_fwd(eq, dtype, a_dtype, b_dtype, out, a, b):
     a, b = a.astype(dtype), b.astype(dtype)  # the residuals are kept in the compute dtype
-    return _product(eq, dtype, a, b), (_stored(a), _stored(b))
+    return _product(eq, dtype, a, b, out), (_stored(a), _stored(b))
 
 
-def _einsum_bwd(eq, dtype, a_dtype, b_dtype, residuals, g):
+def _einsum_bwd(eq, dtype, a_dtype, b_dtype, out, residuals, g):
     a, b = (_loaded(r, dtype) for r in residuals)
     (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
     g = g.astype(dtype)
-    return _product(f"{z},{y}->{x}", dtype, g, b).astype(a_dtype), _b_grad(x, y, z, dtype, a, g).astype(b_dtype)
+    a_grad = _product(f"{z},{y}->{x}", dtype, g, b, product_dtype(a_dtype)).astype(a_dtype)
+    return a_grad, _b_grad(x, y, z, dtype, a, g).astype(b_dtype)
 
 
 def _stored(x: jax.Array) -> jax.Array:
@@ -207,10 +222,10 @@ class Dense(nn.Module):
         n_in, n_out, n_lead = len(in_shape), len(self.features), x.ndim - len(in_shape)
         letters = iter(string.ascii_letters)
         lead, ins, outs = ("".join(next(letters) for _ in range(n)) for n in (n_lead, n_in, n_out))
-        y = einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, self.dtype)  # float32
-        if self.use_bias:
+        y = einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, self.dtype, product_dtype(self.dtype))
+        if self.use_bias:  # added in float32, so its gradient is summed in float32
             bias = self.param("bias", named(nn.initializers.zeros, self.names[n_in:]), self.features, jnp.float32)
-            y = y + bias
+            y = y.astype(jnp.float32) + bias
         return checkpoint_name(y.astype(self.dtype), "dense")  # what remat_policy save_dots keeps
 
 
