@@ -43,7 +43,8 @@ def summarize(path: str, device: str = "GPU") -> tuple[float, collections.Counte
         per_kind[kind(e["name"])] += ms
         start, end = min(start, e["ts"]), max(end, e["ts"] + e.get("dur", 0))
     if not per_kernel:
-        raise SystemExit(f"{path}: no kernels of a '{device}' device in this trace (processes: {sorted(set(names.values()))})")
+        raise SystemExit(f"{path}: no kernels of a '{device}' device in this trace "
+                         f"(processes: {sorted(set(names.values()))}); pass --device")
     return (end - start) / 1e3, per_kernel, per_kind
 
 

@@ -44,12 +44,29 @@ def run(env, *args, timeout=600):
     return out.stdout
 
 
-def test_step_benchmark_runs_all_three_backends_without_tensorflow_or_lm_eval(env):
+def test_step_benchmark_runs_all_three_backends_without_tensorflow_or_lm_eval(env, tmp_path):
+    """Also: --profile traces two more of neo's steps into a Perfetto file that
+    scripts/trace_kernels.py sums by kernel (how docs/benchmarks.md splits the GPU step); neo's
+    result names the custom calls of its compiled step (cuDNN's attention on a GPU, none on
+    CPU); the GPU script parses."""
+    results = tmp_path / "results.jsonl"
     out = run(env, "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0",
-              "--steps_per_call", "2", "--precision", "bfloat16")
+              "--steps_per_call", "2", "--precision", "bfloat16", "--profile", str(tmp_path), "--json", str(results))
     for name in ("neo (jax)", "transformers GPTNeo", "nanoGPT-style torch"):
         assert name in out
     assert "neo / nanoGPT-style torch" in out and "GFLOP/s theoretical" in out and "measured 2048^2 matmul" in out
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["custom_calls"] for r in rows if r["backend"] == "neo (jax)"] == [{}]
+
+    (trace,) = list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    kernels = str(ROOT / "scripts" / "trace_kernels.py")
+    summary = subprocess.run([sys.executable, kernels, str(trace), "--device", "CPU"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0 and "per step: span" in summary.stdout, summary.stderr
+    missing = subprocess.run([sys.executable, kernels, str(trace)], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode != 0 and "no kernels of a 'GPU' device" in missing.stderr
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "benchmark_gpu.sh")]).returncode == 0
 
 
 def test_compile_only_reports_compiled_memory_on_simulated_devices(env):
@@ -125,21 +142,3 @@ def test_cpu_peak_follows_the_flags(tmp_path):
     assert peak == max(1, cores // 2) * 32 * 2.6e9 and "AVX2" in formula and "2.60 GHz" in formula
     zen4 = info("AMD EPYC 9B14", "AuthenticAMD", "fma avx2 avx512f avx512_bf16")
     assert cpu_peak_flops("bfloat16", zen4)[0] == cores * 64 * 2.6e9  # 256-bit data paths, bf16 pairs
-
-
-def test_profile_writes_a_trace_that_trace_kernels_sums(env, tmp_path):
-    """--profile traces two more steps into a Perfetto file that scripts/trace_kernels.py sums
-    by kernel (how docs/benchmarks.md splits the GPU step); the RESULT names the custom calls
-    the compiled step makes (cuDNN's attention on a GPU); the GPU script parses."""
-    out = run(env, "--backend", "neo", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "2",
-              "--warmup", "0", "--profile", str(tmp_path))
-    (line,) = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    assert json.loads(line[7:])["custom_calls"] == {}  # on CPU: no library kernels
-    (trace,) = list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))
-    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_kernels.py"), str(trace), "--device", "CPU"],
-                             env=env, capture_output=True, text=True, timeout=120)
-    assert summary.returncode == 0 and "per step: span" in summary.stdout, summary.stderr
-    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_kernels.py"), str(trace)],
-                             env=env, capture_output=True, text=True, timeout=120)
-    assert missing.returncode != 0 and "no kernels of a 'GPU' device" in missing.stderr
-    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "benchmark_gpu.sh")]).returncode == 0

@@ -37,10 +37,11 @@ def einsum(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype, out: jnp.dtype
     is float32, or `out` (the float32 sum rounded once; see product_dtype). Its gradients are
     the two transposed products, also taken in `dtype` with float32 accumulation, and come
     back in a's and b's own dtypes (a float32 weight gets a float32 gradient; a 16-bit
-    activation's is produced in 16 bits where product_dtype says so). Plain autodiff of `preferred_element_type` would multiply the float32
-    cotangent by a bfloat16 operand, which XLA runs as a float32 matmul (on a CPU with bfloat16
-    units, 5x slower). Every index of an operand must appear in the other operand or the
-    output (true of every product in the network)."""
+    activation's is produced in 16 bits where product_dtype says so). Plain autodiff of
+    `preferred_element_type` would multiply the float32 cotangent by a bfloat16 operand, which
+    XLA runs as a float32 matmul (on a CPU with bfloat16 units, 5x slower). Every index of an
+    operand must appear in the other operand or the output (true of every product in the
+    network)."""
     return _einsum(eq, jnp.dtype(dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype), jnp.dtype(out), a, b)
 
 
