@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from neo.config import ModelConfig, MoEParams
 from neo.mesh import constrain
 from neo.model.activations import Activation
-from neo.model.layers import einsum, named, normal
+from neo.model.layers import einsum, named, normal, product_dtype
 
 
 def group_size(seq: int, max_group: int) -> int:
@@ -129,9 +129,10 @@ class MoE(nn.Module):
         dispatch, combine, loss = route(gates, p, cap, train, rng)
         self.sow("aux_loss", "moe", loss * p.moe_loss_coef)
 
-        # Expert matmuls in the compute dtype with float32 accumulation (layers.einsum); the
-        # router above stays float32.
-        mm = lambda eq, a, b: einsum(eq, a, b, self.dtype).astype(self.dtype)
+        # Expert matmuls in the compute dtype with float32 accumulation (layers.einsum), their
+        # results rounded to it (inside the kernel off CPU: layers.product_dtype); the router
+        # above stays float32.
+        mm = lambda eq, a, b: einsum(eq, a, b, self.dtype, product_dtype(self.dtype)).astype(self.dtype)
         expert_in = mm("bgsec,bgsd->ebgcd", dispatch, xg)
         expert_in = constrain(expert_in, ("experts", "batch", None, "expert_capacity", "embd"))
         h = mm("ebgcd,edf->ebgcf", expert_in, w_in)
