@@ -198,3 +198,16 @@ def test_products_handed_back_in_bfloat16_are_the_float32_sum_rounded_once(monke
     monkeypatch.undo()  # the CPU's own choice: the float32 product, the bias, one rounding
     np.testing.assert_array_equal(np.asarray(dense.apply({"params": params}, x)),
                                   np.asarray((product + params["bias"]).astype(jnp.bfloat16)))
+
+    # Off CPU (layers.rounded_bias_gradient) the bias's gradient is summed from the bfloat16
+    # output gradient as stored: the same values, the other gradients untouched.
+    monkeypatch.setattr(layers, "product_dtype", as_gpu)
+    grads = lambda: jax.vjp(lambda p, x: dense.apply({"params": p}, x), params, x)[1](g)
+    (plain, dx_plain) = grads()
+    monkeypatch.setattr(layers, "rounded_bias_gradient", lambda dtype: True)
+    (stored, dx_stored) = grads()
+    assert stored["bias"].dtype == jnp.float32 and dx_stored.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(stored["bias"]), np.asarray(g.astype(jnp.float32).sum((0, 1))), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stored["bias"]), np.asarray(plain["bias"]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(stored["kernel"]), np.asarray(plain["kernel"]))
+    np.testing.assert_array_equal(np.asarray(dx_stored), np.asarray(dx_plain))
