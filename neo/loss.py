@@ -6,8 +6,14 @@ logged apart: the original folded z-loss into every reported number (docs/differ
 
 Training never holds the float32 logits of the whole batch ([batch, T, vocab]: 400 MiB per
 sequence of 2048 tokens with GPT-2's vocabulary, twice that with its gradient): `chunked_lm_loss`
-projects the final hidden states onto the vocabulary a chunk of positions at a time, inside a
-scan whose body is rematerialised, so the backward pass recomputes each chunk's logits too.
+projects the final hidden states onto the vocabulary a chunk of positions at a time, and takes
+each chunk's gradient right there, in the forward pass. The loss is the last thing computed, so
+its gradient is known then up to one scalar factor (the objective's cotangent, 1 in training);
+the backward pass only scales the stored gradients of the hidden states and of the head. A
+rematerialised chunk, as neo had before, computed every chunk's logits a second time: one more
+[tokens, embd] x [embd, vocab] product and softmax pass per step (gpt_neo_1.3B at batch 8 x 2048
+on an H200: 0.2747 s per step then, 0.2601 s now; docs/benchmarks.md). One chunk (on CPU at the
+benchmarks' batches) is plain autodiff of the full logits.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Positions x rows of one chunk of logits (the batch's rows all take part in every chunk, so a
 # layout's batch split stays as it is): a chunk is CHUNK_TOKENS // rows positions, at least 1.
@@ -31,30 +38,61 @@ def lm_loss(logits: jax.Array, targets: jax.Array, z_loss: float,
     return _objective((ce * weight).sum(), (z * weight).sum(), weight.sum(), z_loss)
 
 
-def chunked_lm_loss(hidden: jax.Array, project: Callable[[jax.Array], jax.Array], targets: jax.Array,
-                    z_loss: float, mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
-    """`lm_loss(project(hidden), ...)`, equal to it, without ever holding all the logits:
-    hidden [b, t, embd] final hidden states, project: [b, c, embd] -> float32 logits [b, c, v]
-    (the model's head), targets and mask [b, t]."""
+def chunked_lm_loss(hidden: jax.Array, head: jax.Array, project: Callable[[jax.Array, jax.Array], jax.Array],
+                    targets: jax.Array, z_loss: float, mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    """`lm_loss(project(hidden, head), ...)`, equal to it with equal gradients for `hidden`
+    and `head`, without ever holding all the logits: hidden [b, t, embd] final hidden states,
+    head the projection's weights, project(h [b, c, embd], head) -> float32 logits [b, c, v]
+    (GPT's project_logits; a pure function of its arguments), targets and mask [b, t]. The
+    metrics in the returned dict carry no gradient, nor do targets and mask."""
     b, t = targets.shape
     c = min(t, max(1, CHUNK_TOKENS // b))
     n = -(-t // c)
     weight = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    if n == 1:  # one chunk: nothing to save by scanning
-        ce, z = token_losses(project(hidden), targets)
+    if n == 1:  # one chunk: nothing to save by splitting
+        ce, z = token_losses(project(hidden, head), targets)
         return _objective((ce * weight).sum(), (z * weight).sum(), weight.sum(), z_loss)
     pad = n * c - t  # padded positions have weight 0
     pad_t = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     chunks = lambda x: pad_t(x).reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)  # [n, b, c, ...]
 
-    @jax.checkpoint
-    def chunk(xs: tuple) -> tuple[jax.Array, jax.Array]:
-        h, y, w = xs
-        ce, z = token_losses(project(h), y)
-        return (ce * w).sum(), (z * w).sum()
+    def forward(hidden, head, targets, weight):
+        count = jnp.maximum(weight.sum(), 1.0)
+        ce_scale, z_scale = 1 / count, z_loss / count  # the objective's weights on the sums
 
-    ce_sums, z_sums = jax.lax.map(chunk, (chunks(hidden), chunks(targets), chunks(weight)))
-    return _objective(ce_sums.sum(), z_sums.sum(), weight.sum(), z_loss)
+        def chunk(head_grad, xs):
+            h, y, w = xs
+            logits, project_vjp = jax.vjp(project, h, head)
+            logits32 = logits.astype(jnp.float32)
+            log_z = jax.nn.logsumexp(logits32, axis=-1)
+            ce = log_z - jnp.take_along_axis(logits32, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+            # d/dlogits of w * (ce_scale * ce + z_scale * log_z^2): softmax weighted, minus the target
+            p = jnp.exp(logits32 - log_z[..., None])
+            is_target = jnp.arange(logits.shape[-1]) == y[..., None]
+            d = (w * (ce_scale + 2 * z_scale * log_z))[..., None] * p - jnp.where(is_target, (w * ce_scale)[..., None], 0)
+            h_grad, head_grad_c = project_vjp(d.astype(logits.dtype))
+            return head_grad + head_grad_c, ((ce * w).sum(), (jnp.square(log_z) * w).sum(), h_grad)
+
+        head_grad, (ce_sums, z_sums, h_grads) = jax.lax.scan(
+            chunk, jnp.zeros_like(head), (chunks(hidden), chunks(targets), chunks(weight)))
+        h_grad = h_grads.swapaxes(0, 1).reshape(b, n * c, *hidden.shape[2:])[:, :t]
+        return _objective(ce_sums.sum(), z_sums.sum(), count, z_loss), (h_grad, head_grad)
+
+    @jax.custom_vjp
+    def loss(hidden, head, targets, weight):
+        return forward(hidden, head, targets, weight)[0]
+
+    def loss_fwd(hidden, head, targets, weight):
+        return forward(hidden, head, targets, weight)
+
+    def loss_bwd(grads, cotangents):
+        h_grad, head_grad = grads
+        g = cotangents[0]  # the objective's; the metrics' are ignored
+        return ((h_grad * g).astype(h_grad.dtype), head_grad * g,
+                np.zeros((b, t), jax.dtypes.float0), jnp.zeros((b, t), jnp.float32))
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss(hidden, head, targets, weight)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

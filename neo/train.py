@@ -12,6 +12,7 @@ alone: n steps in one call compute what n one-step calls compute, and a resumed 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ from neo.mesh import (
 )
 from neo.mlm import mask_tokens
 from neo.model import GPT, init_params
+from neo.model.gpt import compute_dtype, project_logits
 from neo.optim import lr_schedule, make_optimizer
 
 
@@ -131,8 +133,9 @@ def _train_step(cfg: Config, model: GPT, optimizer: optax.GradientTransformation
             inputs, targets, mask = mask_tokens(cfg, tokens, jax.random.fold_in(rng, MLM_STREAM))
         hidden, extra = model.apply({"params": params}, inputs, deterministic=not dropout, return_hidden=True,
                                     rngs={"dropout": rng} if dropout else None, mutable=["aux_loss"])
-        project = lambda h: model.apply({"params": params}, h, head_vocab_multiple(), method=GPT.head_logits)
-        objective, aux = chunked_lm_loss(hidden, project, targets, cfg.run.z_loss, mask)
+        head = model.apply({"params": params}, method=GPT.head)
+        project = functools.partial(project_logits, dtype=compute_dtype(cfg.model), vocab_multiple=head_vocab_multiple())
+        objective, aux = chunked_lm_loss(hidden, head, project, targets, cfg.run.z_loss, mask)
         if cfg.model.moe_layers:  # MoE load-balancing losses, sown by each MoE layer
             aux["moe_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(extra))
             objective = objective + aux["moe_loss"]

@@ -30,7 +30,7 @@ def test_chunked_loss_equals_the_full_logits_loss(masked, chunk_tokens, monkeypa
     monkeypatch.setattr(L, "CHUNK_TOKENS", chunk_tokens)
     hidden, head, targets, mask = inputs(masked)
     full = lambda h, w: L.lm_loss(h @ w, targets, 1e-2, mask)
-    chunked = lambda h, w: L.chunked_lm_loss(h, lambda x: x @ w, targets, 1e-2, mask)
+    chunked = lambda h, w: L.chunked_lm_loss(h, w, lambda x, w: x @ w, targets, 1e-2, mask)
     (want, want_aux), want_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, head)
     (got, got_aux), got_grads = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head)
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -38,12 +38,16 @@ def test_chunked_loss_equals_the_full_logits_loss(masked, chunk_tokens, monkeypa
         np.testing.assert_allclose(got_aux[k], want_aux[k], rtol=1e-6)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, atol=1e-6)
+    # the gradients taken in the forward pass are scaled by the objective's cotangent
+    scaled = jax.grad(lambda h, w: -2.5 * chunked(h, w)[0], argnums=(0, 1))(hidden, head)
+    for g, w in zip(scaled, want_grads):
+        np.testing.assert_allclose(g, -2.5 * w, atol=1e-5)
 
 
 def test_chunked_loss_never_holds_every_logit(monkeypatch):
     monkeypatch.setattr(L, "CHUNK_TOKENS", 12)
     hidden, head, targets, _ = inputs(False)
-    loss = lambda h, w: L.chunked_lm_loss(h, lambda x: x @ w, targets, 1e-4)[0]
+    loss = lambda h, w: L.chunked_lm_loss(h, w, lambda x, w: x @ w, targets, 1e-4)[0]
     shapes = set()
 
     def walk(jp):
@@ -68,10 +72,13 @@ def test_the_models_hidden_state_and_head_give_its_logits(tiny_config):
     assert hidden.shape == (2, 16, cfg.model.n_embd)
 
 
-def test_a_head_padded_to_a_multiple_of_the_vocabulary_gives_the_same_loss_and_gradients(tiny_config):
+@pytest.mark.parametrize("chunk_tokens", [8, 10_000])  # 4 positions x 2 rows per chunk / one chunk
+def test_a_head_padded_to_a_multiple_of_the_vocabulary_gives_the_same_loss_and_gradients(
+        tiny_config, chunk_tokens, monkeypatch):
     """Training pads the head's product to HEAD_VOCAB_MULTIPLE columns (fast tiles on GPU);
     the padded logits are -inf, so the loss and every gradient, the embedding's included,
     are those of the unpadded head, and the real logits are unchanged."""
+    from neo.model.gpt import compute_dtype, project_logits
     from neo.train import HEAD_VOCAB_MULTIPLE
 
     assert HEAD_VOCAB_MULTIPLE > 1
@@ -82,8 +89,10 @@ def test_a_head_padded_to_a_multiple_of_the_vocabulary_gives_the_same_loss_and_g
 
     def loss(p, multiple):
         hidden = model.apply({"params": p}, tokens[:, :-1], return_hidden=True)
-        project = lambda h: model.apply({"params": p}, h, multiple, method=GPT.head_logits)
-        return L.chunked_lm_loss(hidden, project, tokens[:, 1:], 1e-2)
+        project = lambda h, w: project_logits(h, w, compute_dtype(cfg), multiple)
+        return L.chunked_lm_loss(hidden, model.apply({"params": p}, method=GPT.head), project, tokens[:, 1:], 1e-2)
+
+    monkeypatch.setattr(L, "CHUNK_TOKENS", chunk_tokens)
 
     (want, want_aux), want_grads = jax.value_and_grad(loss, has_aux=True)(params, 1)
     (got, got_aux), got_grads = jax.value_and_grad(loss, has_aux=True)(params, HEAD_VOCAB_MULTIPLE)

@@ -326,21 +326,31 @@ class GPT(nn.Module):
         logits = self.head_logits(h)
         return logits if cache is None else (logits, list(new_cache))
 
+    def head(self) -> jax.Array:
+        """The vocabulary projection [embd, vocab], float32: wte^T (tied) or lm_head."""
+        return self.lm_head if self.cfg.no_weight_tie else self.wte.T
+
     def head_logits(self, h: jax.Array, vocab_multiple: int = 1) -> jax.Array:
         """Final hidden states [batch, sequence, embd] -> float32 logits [batch, sequence, vocab]
-        (tied: h @ wte^T). vocab_multiple > 1 pads the head with zero columns to a multiple of
-        it and gives the padded entries logit -inf (probability 0, gradient 0), so a loss over
-        the padded logits is the loss over the real ones: GPT-2's 50,257 entries make a product
-        whose N no tile divides, which XLA:GPU runs at a third of its rate (docs/benchmarks.md)."""
-        head = self.lm_head if self.cfg.no_weight_tie else self.wte.T
-        v = head.shape[-1]
-        pad = -v % vocab_multiple
-        if pad:
-            head = jnp.pad(head, ((0, 0), (0, pad)))
-        logits = constrain(einsum("bte,ev->btv", h, head, compute_dtype(self.cfg)), ("batch", "sequence", "vocab"))
-        if pad:
-            logits = jnp.where(jnp.arange(v + pad) < v, logits, -jnp.inf)
-        return logits
+        (`project_logits` onto `head`)."""
+        return project_logits(h, self.head(), compute_dtype(self.cfg), vocab_multiple)
+
+
+def project_logits(h: jax.Array, head: jax.Array, dtype: jnp.dtype, vocab_multiple: int = 1) -> jax.Array:
+    """h [batch, sequence, embd] @ head [embd, vocab] -> float32 logits, multiplied in `dtype`.
+    vocab_multiple > 1 pads the head with zero columns to a multiple of it and gives the padded
+    entries logit -inf (probability 0, gradient 0), so a loss over the padded logits is the loss
+    over the real ones: GPT-2's 50,257 entries make a product whose N no tile divides, which
+    XLA:GPU runs at a third of its rate (docs/benchmarks.md). A pure function of its arrays, so
+    the loss (neo/loss.py) can take its gradient inside the forward pass."""
+    v = head.shape[-1]
+    pad = -v % vocab_multiple
+    if pad:
+        head = jnp.pad(head, ((0, 0), (0, pad)))
+    logits = constrain(einsum("bte,ev->btv", h, head, dtype), ("batch", "sequence", "vocab"))
+    if pad:
+        logits = jnp.where(jnp.arange(v + pad) < v, logits, -jnp.inf)
+    return logits
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Optional[jnp.dtype] = None) -> list:
