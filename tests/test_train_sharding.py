@@ -58,6 +58,28 @@ def test_eight_devices_equal_one(name, reference, base_cfg, tokens):
     assert max(jax.tree.leaves(diffs)) < 3e-6, diffs
 
 
+def test_chunked_loss_and_padded_head_on_eight_devices_equal_one_device_without(tiny_config, monkeypatch):
+    """The loss as GPU/TPU training runs it at large batches (several chunks, each one's gradient
+    taken in the forward pass; the head padded to HEAD_VOCAB_MULTIPLE columns), under layouts
+    that split the vocabulary or the embedding: 8 devices compute what 1 device computes with
+    the whole vocabulary in one chunk."""
+    import neo.loss
+    import neo.train
+
+    cfg = parse_model_config(tiny_config(n_vocab=120))  # 120: padded to 128
+    tokens = np.random.RandomState(1).randint(0, 120, (8, cfg.model.n_ctx + 1)).astype(np.int32)
+    _, ref_state, ref = run(cfg, tokens, "", "", jax.devices()[:1])
+    monkeypatch.setattr(neo.loss, "CHUNK_TOKENS", 64)  # 8 positions x 8 rows: 4 chunks
+    monkeypatch.setattr(neo.train, "head_vocab_multiple", lambda: neo.train.HEAD_VOCAB_MULTIPLE)
+    for name in ("model", "fsdp"):
+        _, state, metrics = run(cfg, tokens, *LAYOUTS[name])
+        assert abs(metrics["loss"] - ref["loss"]) < 2e-6, name
+        assert abs(metrics["grad_norm"] - ref["grad_norm"]) < 2e-6 * ref["grad_norm"], name
+        diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params),
+                             jax.device_get(ref_state.params))
+        assert max(jax.tree.leaves(diffs)) < 3e-6, (name, diffs)
+
+
 def test_compiled_step_shards_parameters_as_the_layout_says(base_cfg, tokens):
     setup = build(base_cfg, make_layout("x:2,y:4", "batch:x,heads:y,vocab:y,intermediate_expanded:y"))
     state = setup.init()
