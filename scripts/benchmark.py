@@ -246,7 +246,7 @@ def torch_result(backend, cfg, times, device, peak, source, matmul, flops_per_to
     tps = cfg.run.train_batch_size * cfg.model.n_ctx / s
     out = {"backend": NAMES[backend], "device": device, "params": params, "step_s": s, "tokens_per_s": tps,
            "flops_per_token": flops_per_token, "mfu": flops_per_token * tps / peak, "peak_flops": peak,
-           "peak_source": source, "loss": float(loss)}
+           "peak_source": source, "loss": float(loss.detach() if hasattr(loss, "detach") else loss)}
     if matmul:
         out["matmul_flops"] = matmul
     return out
