@@ -61,8 +61,8 @@ def test_eight_devices_equal_one(name, reference, base_cfg, tokens):
 def test_chunked_loss_and_padded_head_on_eight_devices_equal_one_device_without(tiny_config, monkeypatch):
     """The loss as GPU/TPU training runs it at large batches (several chunks, each one's gradient
     taken in the forward pass; the head padded to HEAD_VOCAB_MULTIPLE columns), under layouts
-    that split the vocabulary or the embedding: 8 devices compute what 1 device computes with
-    the whole vocabulary in one chunk."""
+    that split the vocabulary or the embedding, and with microbatches: 8 (2) devices compute
+    what 1 device computes with the whole vocabulary in one chunk."""
     import neo.loss
     import neo.train
 
@@ -71,8 +71,11 @@ def test_chunked_loss_and_padded_head_on_eight_devices_equal_one_device_without(
     _, ref_state, ref = run(cfg, tokens, "", "", jax.devices()[:1])
     monkeypatch.setattr(neo.loss, "CHUNK_TOKENS", 64)  # 8 positions x 8 rows: 4 chunks
     monkeypatch.setattr(neo.train, "head_vocab_multiple", lambda: neo.train.HEAD_VOCAB_MULTIPLE)
-    for name in ("model", "fsdp"):
-        _, state, metrics = run(cfg, tokens, *LAYOUTS[name])
+    micro = cfg.replace(tokens_per_mb_per_replica=2 * cfg.model.n_ctx)  # 2 microbatches of 2 chunks
+    for name, c, mesh_layout in (("model", cfg, LAYOUTS["model"]), ("fsdp", cfg, LAYOUTS["fsdp"]),
+                                 ("microbatches", micro, ("x:2", "batch:x"))):
+        setup, state, metrics = run(c, tokens, *mesh_layout, jax.devices()[:2] if name == "microbatches" else None)
+        assert setup.num_microbatches == (2 if name == "microbatches" else 1)
         assert abs(metrics["loss"] - ref["loss"]) < 2e-6, name
         assert abs(metrics["grad_norm"] - ref["grad_norm"]) < 2e-6 * ref["grad_norm"], name
         diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params),
