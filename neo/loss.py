@@ -64,8 +64,8 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, project: Callable[[jax.A
             h, y, w = xs
             logits, project_vjp = jax.vjp(project, h, head)
             logits32 = logits.astype(jnp.float32)
-            log_z = jax.nn.logsumexp(logits32, axis=-1)
-            ce = log_z - jnp.take_along_axis(logits32, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+            log_z, target_logit = _log_z_and_target(logits32, y)
+            ce = log_z - target_logit
             # d/dlogits of w * (ce_scale * ce + z_scale * log_z^2): softmax weighted, minus the target
             p = jnp.exp(logits32 - log_z[..., None])
             is_target = jnp.arange(logits.shape[-1]) == y[..., None]
@@ -82,25 +82,26 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, project: Callable[[jax.A
     def loss(hidden, head, targets, weight):
         return forward(hidden, head, targets, weight)[0]
 
-    def loss_fwd(hidden, head, targets, weight):
-        return forward(hidden, head, targets, weight)
-
     def loss_bwd(grads, cotangents):
         h_grad, head_grad = grads
         g = cotangents[0]  # the objective's; the metrics' are ignored
         return ((h_grad * g).astype(h_grad.dtype), head_grad * g,
                 np.zeros((b, t), jax.dtypes.float0), jnp.zeros((b, t), jnp.float32))
 
-    loss.defvjp(loss_fwd, loss_bwd)
+    loss.defvjp(forward, loss_bwd)  # forward returns (value, what the backward pass needs)
     return loss(hidden, head, targets, weight)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-position cross-entropy and squared log-partition (z-loss), float32 [b, t]."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    log_z, target_logit = _log_z_and_target(logits.astype(jnp.float32), targets)
     return log_z - target_logit, jnp.square(log_z)
+
+
+def _log_z_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logsumexp over the vocabulary, and the target's logit, per position."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return log_z, jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def _objective(ce_sum: jax.Array, z_sum: jax.Array, count: jax.Array, z_loss: float) -> tuple[jax.Array, dict]:
