@@ -2,6 +2,8 @@
 computes, forward and backward, for every mask a model trains with; what a kernel cannot
 express falls back to the dense path; no fused kernel holds a T x T matrix."""
 
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -120,6 +122,61 @@ def test_blocked_never_holds_t_by_t(monkeypatch):
     assert not [s for s in shapes if sum(n == 512 for n in s) >= 2]
     dense = lambda q, k, v: jnp.sum(reference(q, k, v, True, None, 1.0) ** 2)  # the check can fail
     assert [s for s in shapes_in(jax.make_jaxpr(jax.grad(dense))(q, k, v)) if sum(n == 512 for n in s) >= 2]
+
+
+def where_reference(q, k, v, mask, scale):
+    """Dense attention with the masked scores replaced by -1e10 (`where`, as Hugging Face's
+    GPT-Neo does it) instead of the bias `attend` adds."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    probs = jax.nn.softmax(jnp.where(mask, logits, A.NEG_INF), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+@pytest.mark.parametrize("causal, window", MASKS)
+def test_dense_mask_bias_equals_setting_masked_scores(causal, window):
+    """The dense path adds the mask as a bias; outputs and gradients equal replacing the masked
+    scores, with left-padded keys too. A query that sees no key at all (a padding slot of a
+    left-padded row) gets the mean of the values either way; no loss reads it, and there the
+    gradients differ (`where` stops them), so the loss here gives such queries weight 0."""
+    q, k, v = qkv(t=12)
+    slots = jnp.arange(12)
+    mask = A.visible(slots, slots, causal=causal, window=window)[None, None] & (slots >= jnp.array([[0], [5]]))[:, None, None, :]
+    sees = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [b, tq, 1, 1]
+    w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+
+    def value_and_grads(fn):
+        loss = lambda q, k, v: jnp.sum(jnp.where(sees, fn(q, k, v) * w, 0.0))
+        return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    out, grads = value_and_grads(lambda q, k, v: A.attend(q, k, v, mask, 0.3))
+    ref, ref_grads = value_and_grads(lambda q, k, v: where_reference(q, k, v, mask, 0.3))
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_backward_writes_no_full_size_mask(tiny_config, monkeypatch):
+    """The model's compiled gradient (scanned layers, `save_dots` remat) writes no [batch,
+    heads, T, T] mask: with `where`, XLA wrote one out in every layer (the quickstart step: 4.1
+    of 48.9 ms on CPU; docs/benchmarks.md, 2026-11-30 morning)."""
+    cfg = parse_model_config(tiny_config(attention_types=[[["global"], 2]], remat_policy="save_dots",
+                                         attention_impl="xla")).model
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(RNG.randint(0, 128, (8, 32)))
+
+    def mask_kernels():
+        loss = lambda p: jnp.sum(GPT(cfg).apply({"params": p}, tokens) ** 2)
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return re.findall(r"= pred\[8,8,32,32\]\S* fusion\(", hlo)  # a kernel whose result is the mask
+
+    assert not mask_kernels()
+
+    def attend_with_where(q, k, v, mask, scale, *args):
+        probs = jax.nn.softmax(jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, A.NEG_INF), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    monkeypatch.setattr(A, "attend", attend_with_where)
+    assert mask_kernels()  # the check can fail
 
 
 def test_bfloat16_scores_multiply_bfloat16_q_and_k():
