@@ -140,7 +140,8 @@ def test_dense_mask_bias_equals_setting_masked_scores(causal, window):
     gradients differ (`where` stops them), so the loss here gives such queries weight 0."""
     q, k, v = qkv(t=12)
     slots = jnp.arange(12)
-    mask = A.visible(slots, slots, causal=causal, window=window)[None, None] & (slots >= jnp.array([[0], [5]]))[:, None, None, :]
+    key_valid = slots >= jnp.array([[0], [5]])  # row 1 left-padded by 5 slots
+    mask = A.visible(slots, slots, causal=causal, window=window)[None, None] & key_valid[:, None, None, :]
     sees = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [b, tq, 1, 1]
     w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
 

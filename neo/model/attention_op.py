@@ -30,9 +30,9 @@ each kv head for its group of query heads (repeat_interleave, as GPT-NeoX and Hu
 
 As GPT-Neo (mesh-tf) does it: scores and softmax in float32 (from q and k in the compute dtype,
 multiplied with float32 accumulation), probabilities cast back to the value dtype, -1e10 (not
--inf) added to masked scores in the dense path, attention dropout on the probabilities. A local layer
-at slot i sees keys i-R < j <= i (R = the window, the current token included); when the model is
-not causal (masked-LM training) it sees both sides, |i - j| < R.
+-inf) added to masked scores in the dense path, attention dropout on the probabilities. A local
+layer at slot i sees keys i-R < j <= i (R = the window, the current token included); when the
+model is not causal (masked-LM training) it sees both sides, |i - j| < R.
 
 Masks are built from "slots": while training, slot = position in the sequence; when decoding
 with a KV cache, a query's slot is where its key was written in the cache, and `key_valid` marks
