@@ -3,12 +3,14 @@ is run here with both made unimportable; the CPU peak it divides by follows the 
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from neo import flops
 from neo.flops import cpu_peak_flops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,10 +137,31 @@ def test_cpu_peak_follows_the_flags(tmp_path):
         return str(path)
 
     xeon = info("Intel(R) Xeon(R) Platinum 8480C @ 2.00GHz", "GenuineIntel", "fma avx2 avx512f avx512_bf16 amx_bf16")
-    assert cpu_peak_flops("float32", xeon)[0] == cores * 64 * 2.0e9  # the nominal clock, not cpu MHz
-    assert cpu_peak_flops("bfloat16", xeon)[0] == cores * 1024 * 2.0e9
+    # the nominal clock, not cpu MHz (this machine's own measured clock left out)
+    assert cpu_peak_flops("float32", xeon, measure_clock=False)[0] == cores * 64 * 2.0e9
+    assert cpu_peak_flops("bfloat16", xeon, measure_clock=False)[0] == cores * 1024 * 2.0e9
     epyc = info("AMD EPYC 7B13", "AuthenticAMD", "fma avx2", siblings=2, per_socket=1)  # 2 threads per core
-    peak, formula = cpu_peak_flops("bfloat16", epyc)
+    peak, formula = cpu_peak_flops("bfloat16", epyc, measure_clock=False)
     assert peak == max(1, cores // 2) * 32 * 2.6e9 and "AVX2" in formula and "2.60 GHz" in formula
     zen4 = info("AMD EPYC 9B14", "AuthenticAMD", "fma avx2 avx512f avx512_bf16")
-    assert cpu_peak_flops("bfloat16", zen4)[0] == cores * 64 * 2.6e9  # 256-bit data paths, bf16 pairs
+    # 256-bit data paths, bf16 pairs
+    assert cpu_peak_flops("bfloat16", zen4, measure_clock=False)[0] == cores * 64 * 2.6e9
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="the clock loop is x86-64 code")
+def test_measured_clock_raises_a_peak_whose_clock_cpuinfo_understates(tmp_path, monkeypatch):
+    """A virtual machine's cpuinfo gives its host's base clock; cores running above it made a
+    matmul beat the "peak". The measured clock is a real core clock and replaces a lower one."""
+    hz = flops.measured_clock_hz()
+    assert 0.5e9 < hz < 7e9  # a real core clock, whatever this machine is
+    path = tmp_path / "cpuinfo"
+    path.write_text("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2600.000\n"
+                    "flags\t\t: fma avx2 avx512f avx512_bf16\n\n")
+    cores = len(os.sched_getaffinity(0))
+    for measured, clock in ((3.66e9, 3.66e9), (2.1e9, 2.6e9)):  # above cpuinfo's clock, then below it
+        monkeypatch.setattr(flops, "measured_clock_hz", lambda: measured)
+        flops.cpu_peak_flops.cache_clear()
+        peak, formula = flops.cpu_peak_flops("float32", str(path))
+        assert peak == cores * 32 * clock
+        assert ("3.66 GHz (measured; cpuinfo says 2.60)" in formula) == (measured > 2.6e9), formula
+    flops.cpu_peak_flops.cache_clear()
