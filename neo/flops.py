@@ -11,8 +11,8 @@ one-hot dispatch/combine einsums. Rematerialisation is not counted (MFU, not HFU
 
 The peak: an accelerator's dense data-sheet number for the compute dtype; a CPU's theoretical
 peak from /proc/cpuinfo (`cpu_peak_flops`: cores x FLOPs per cycle per core x clock, the clock
-measured where cpuinfo understates it), with a
-measured JAX matmul rate (`measured_matmul_flops`) as the practical yardstick beside it.
+measured where cpuinfo understates it), with a measured JAX matmul rate
+(`measured_matmul_flops`) as the practical yardstick beside it.
 """
 
 from __future__ import annotations
