@@ -120,7 +120,7 @@ def cpu_peak_flops(dtype: str = "float32", cpuinfo: str = "/proc/cpuinfo", measu
     core was measured to run at (`measured_clock_hz`) where that is higher. Without the
     measurement, a core running above its nominal clock beat its own peak: on a 2-vCPU AMD EPYC
     (Zen 4) whose cpuinfo says 2.6 GHz, a 2048^2 float32 matmul ran at 198 GFLOP/s against a
-    166 GFLOP/s "peak", and the 125M step's MFU read 89.6%; the cores ran at about 3.4 GHz."""
+    166 GFLOP/s "peak", and the 125M step's MFU read 89.6%; those cores run at 3.66 GHz."""
     try:
         text = open(cpuinfo).read()
     except OSError:
