@@ -25,6 +25,19 @@ def device_memory(device: jax.Device) -> Optional[int]:
     return (stats or {}).get("bytes_limit")
 
 
+def host_available_memory() -> Optional[int]:
+    """The host memory the kernel says can be allocated without swapping (MemAvailable), or
+    None where /proc/meminfo does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def gib(n: float) -> str:
     """Bytes in the largest binary unit that keeps the number readable."""
     for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,8 +27,10 @@ import numpy as np
 
 from neo.config import Config
 from neo.errors import NeoError, read_user_text
+from neo.memory import host_available_memory
 from neo.mesh import Layout, constrain
-from neo.model import GPT, init_cache, per_layer
+from neo.kernels import cpu as cpu_kernels
+from neo.model import GPT, compute_dtype, init_cache, per_layer
 
 PROMPT_SEPARATOR = "<|endofprompt|>"
 MIN_BUCKET = 8
@@ -179,24 +182,56 @@ def constrain_cache(cache: list) -> list:
     return jax.tree_util.tree_map_with_path(one, cache)
 
 
+def decode_arch(cfg: Config) -> Any:
+    """The model config a sampler runs. Decoding runs the layers unrolled whatever
+    `scan_layers` says: a scanned decode step slices every group's weights and cache out of
+    their stacks and writes the cache back at each token (125M, batch 1: 23.8 tok/s scanned vs
+    33.9 unrolled on a 2-core CPU). Compile time is paid once per bucket, so scanning buys
+    nothing here. Nothing is differentiated, so no layer is rematerialised either."""
+    return dataclasses.replace(cfg.model, scan_layers=False, remat_policy="none")
+
+
+def make_pack(cfg: Config, layout: Layout) -> Optional[Callable]:
+    """The jit-compiled packing of `params` for neo's CPU decode kernel (neo/kernels/cpu.py):
+    pack(params) -> the model's "decode" collection, every dense kernel and the head in the
+    compute dtype, in the panels the kernel streams. A decode step then reads them 2-3x faster
+    than XLA:CPU's products read the weights (docs/benchmarks.md). None where the kernel does
+    not apply: off CPU, on more than one device, a compute dtype other than float32 and
+    bfloat16, or no compiler to build it."""
+    arch = decode_arch(cfg)
+    layout = predict_layout(layout)
+    if not (layout.mesh.size == 1 and cpu_kernels.supports(compute_dtype(arch)) and cpu_kernels.enabled()):
+        return None
+    model = GPT(arch)
+
+    def pack(params):
+        with layout.active():
+            # One token through the model with the collection mutable: each dense layer packs
+            # its own kernel (Dense); the token's logits are dropped, so XLA computes nothing else.
+            one = jnp.zeros((1, 1), jnp.int32)
+            _, packed = model.apply({"params": per_layer(params)}, one, one, cache=init_cache(arch, 1, 1),
+                                    cache_index=jnp.int32(0), key_valid=jnp.ones((1, 1), bool), mutable=["decode"])
+            return packed["decode"]
+
+    return jax.jit(pack)
+
+
 def make_generate(cfg: Config, layout: Layout, on_trace: Optional[Callable[[], None]] = None) -> Callable:
     """The jit-compiled sampler for `cfg`:
 
-        generate(params, tokens [B, P], pad [B], limit [B], key, temperature, top_k, top_p, eos,
-                 room=N, use_top_k=..., use_top_p=...) -> new tokens [B, N], lengths [B]
+        generate(params, packed, tokens [B, P], pad [B], limit [B], key, temperature, top_k,
+                 top_p, eos, room=N, use_top_k=..., use_top_p=...) -> new tokens [B, N], lengths [B]
 
+    `packed`: `make_pack`'s weights for the CPU decode kernel, or {} (XLA's products).
     Row r's prompt sits right-aligned in `tokens` after `pad[r]` padding slots; it gets at most
     `limit[r]` (<= N) new tokens and stops after `eos` (-1: never). `on_trace` runs each time
     the function is traced (tests count compilations with it)."""
-    # Decoding runs the layers unrolled whatever `scan_layers` says: a scanned decode step
-    # slices every group's weights and cache out of their stacks and writes the cache back at
-    # each token (125M, batch 1: 23.8 tok/s scanned vs 33.9 unrolled on a 2-core CPU).
-    # Compile time is paid once per bucket, so scanning buys nothing here.
-    arch = dataclasses.replace(cfg.model, scan_layers=False)
+    arch = decode_arch(cfg)
     model = GPT(arch)
     layout = predict_layout(layout)
 
-    def generate(params, tokens, pad, limit, key, temperature, top_k, top_p, eos, *, room, use_top_k, use_top_p):
+    def generate(params, packed, tokens, pad, limit, key, temperature, top_k, top_p, eos, *, room, use_top_k,
+                 use_top_p):
         if on_trace is not None:
             on_trace()
         with layout.active():
@@ -206,8 +241,9 @@ def make_generate(cfg: Config, layout: Layout, on_trace: Optional[Callable[[], N
             params = per_layer(params)  # a no-op on per-layer trees
             cache = constrain_cache(init_cache(arch, b, p + room))
             positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
-            logits, cache = model.apply({"params": params}, tokens, positions, cache=cache,
-                                        cache_index=jnp.int32(0), key_valid=key_valid, last_only=True)
+            variables = {"params": params} | ({"decode": packed} if packed else {})
+            logits, cache = model.apply(variables, tokens, positions, cache=cache, cache_index=jnp.int32(0),
+                                        key_valid=key_valid, last_only=True)
             out = jnp.zeros((b, room), jnp.int32)
             done = limit <= 0
             length = jnp.zeros((b,), jnp.int32)
@@ -228,7 +264,7 @@ def make_generate(cfg: Config, layout: Layout, on_trace: Optional[Callable[[], N
                 # Finished rows keep stepping (with token 0) while others run; clamp their
                 # positions so they stay inside the position table.
                 position = jnp.minimum(slot - pad, cfg.model.n_ctx - 1)
-                logits, cache = model.apply({"params": params}, tok[:, None], position[:, None],
+                logits, cache = model.apply(variables, tok[:, None], position[:, None],
                                             cache=cache, cache_index=slot, key_valid=key_valid)
                 return step + 1, cache, logits, out, done, length
 
@@ -248,6 +284,28 @@ class Sampler:
                  on_trace: Optional[Callable[[], None]] = None):
         self.cfg, self.params, self.layout = cfg, params, layout
         self._generate = make_generate(cfg, layout, on_trace)
+        self._pack = make_pack(cfg, layout)
+        self._packed: Optional[dict] = None
+
+    def packed(self, rows: int) -> dict:
+        """The weights packed for the CPU decode kernel (`make_pack`), made at the first call
+        that uses them and kept: {} where the kernel does not apply, for more than MAX_ROWS rows,
+        or where the packed copy (the parameters' size in float32, half of it in bfloat16)
+        would take more than half the memory the machine has free."""
+        if self._pack is None or rows > cpu_kernels.MAX_ROWS:
+            return {}
+        if self._packed is None:
+            shapes = jax.eval_shape(self._pack, self.params)
+            need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+            free = host_available_memory()
+            if free is not None and need > free / 2:
+                logging.getLogger(__name__).warning(
+                    "the weights packed for neo's CPU decode kernel need %.1f GB, more than half of the %.1f GB "
+                    "free: decoding uses XLA's products, which are slower.", need / 1e9, free / 1e9)
+                self._pack = None
+                return {}
+            self._packed = self._pack(self.params)
+        return self._packed
 
     def generate(self, prompts: Sequence[Sequence[int]], opts: SamplingOptions,
                  eos_id: Optional[int] = None) -> list[list[int]]:
@@ -275,7 +333,7 @@ class Sampler:
             pad[i], limit[i] = p - len(r), limits[i]
         put = lambda x: jax.device_put(x, self.layout.rows)
         out, length = self._generate(
-            self.params, put(tokens), put(pad), put(limit), jax.random.PRNGKey(opts.seed),
+            self.params, self.packed(b), put(tokens), put(pad), put(limit), jax.random.PRNGKey(opts.seed),
             jnp.float32(opts.temperature), jnp.int32(opts.top_k), jnp.float32(opts.top_p),
             jnp.int32(-1 if eos_id is None else eos_id),
             room=room, use_top_k=opts.top_k > 0, use_top_p=opts.top_p < 1.0)

@@ -5,7 +5,8 @@
 Greedy decoding of exactly `--new` tokens (no EOS stop) after a random `--prompt`-token
 prompt, random weights; bfloat16: neo's compute dtype (its KV cache in bfloat16, parameters
 kept in float32) and transformers' model in bfloat16. Reports new tokens per second (batch x new / median wall time of a
-whole generate call, prompt pass included) and, for neo, the one-off compile time apart.
+whole generate call, prompt pass included) and, for neo, the one-off compile time apart (with,
+on CPU, the one-off packing of the weights for neo's decode kernel, neo/kernels/cpu.py).
 Each backend and batch runs in its own process, one after the other (thread pools of JAX
 and PyTorch disturb each other).
 
@@ -66,11 +67,15 @@ def bench_neo(args, batch: int) -> dict:
         times.append(time.perf_counter() - t)
     assert all(len(r) == args.new for r in out)
     s = statistics.median(times)
-    # neo keeps float32 parameters and casts them to the compute dtype where they are used
-    read = sum(x.nbytes for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-               if "wpe" not in jax.tree_util.keystr(path))
-    return {"backend": "neo (jax, KV cache)", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s,
-            "compile_s": first - s, "weight_bytes": read}
+    packed = sampler.packed(len(rows))
+    if packed:  # neo's CPU decode kernel reads its packed copies of the matrices (compute dtype)
+        read = sum(x.nbytes for x in jax.tree.leaves(packed)) + sum(x.nbytes for x in jax.tree.leaves(params)
+                                                                     if x.ndim <= 1)
+    else:  # neo keeps float32 parameters and casts them to the compute dtype where they are used
+        read = sum(x.nbytes for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                   if "wpe" not in jax.tree_util.keystr(path))
+    return {"backend": "neo (jax, KV cache" + (", CPU kernel)" if packed else ")"), "batch": batch, "s": s,
+            "tokens_per_s": batch * args.new / s, "compile_s": first - s, "weight_bytes": read}
 
 
 def bench_torch(args, batch: int) -> dict:
@@ -155,7 +160,7 @@ def main() -> None:
     print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, {args.precision}, "
           f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)"
           + (f"; memory read bandwidth {bw / 1e9:.1f} GB/s" if bw else ""))
-    print(f"{'backend':26} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12} "
+    print(f"{'backend':34} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12} "
           f"{'weights MB':>10} {'GB/s':>6} {'roofline tok/s':>15}")
     for batch in args.batch:
         results = {}
@@ -167,10 +172,10 @@ def main() -> None:
             compile_s = f"{r['compile_s']:12.1f}" if "compile_s" in r else f"{'-':>12}"
             steps_per_s = r["tokens_per_s"] / batch  # decode steps per second (the prompt pass included)
             roof = f"{batch * bw / r['weight_bytes']:15.1f}" if bw else ""
-            print(f"{r['backend']:26} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s} "
+            print(f"{r['backend']:34} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s} "
                   f"{r['weight_bytes'] / 1e6:10.2f} {steps_per_s * r['weight_bytes'] / 1e9:6.1f} {roof}")
         if len(results) == 2:
-            print(f"{'':26} batch {batch}: neo / transformers = "
+            print(f"{'':34} batch {batch}: neo / transformers = "
                   f"{results['neo']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")
 
 

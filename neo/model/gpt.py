@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from neo.config import ModelConfig
 from neo.errors import NeoError
+from neo.kernels import cpu as cpu_kernels
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.attention import Attention
@@ -341,10 +342,17 @@ class GPT(nn.Module):
         row: a tied head is multiplied in wte's stored [vocab, embd] order rather than as wte^T
         (the same products), which XLA:CPU's matrix-vector products read faster: gpt_neo_125M
         greedy decoding in float32 at batch 1 gained 5-13% in tokens/s over four alternated
-        pairs; batch 8 and bfloat16 stayed within the noise (docs/benchmarks.md)."""
+        pairs; batch 8 and bfloat16 stayed within the noise (docs/benchmarks.md). Applied with
+        the "decode" collection, the head is neo's CPU decode kernel's (see Dense)."""
+        dtype = compute_dtype(self.cfg)
+        if self.is_mutable_collection("decode") and not self.has_variable("decode", "head"):
+            self.put_variable("decode", "head", cpu_kernels.pack(self.head(), dtype))  # see Dense
+        if self.has_variable("decode", "head") and h.shape[0] * h.shape[1] <= cpu_kernels.MAX_ROWS:
+            logits = cpu_kernels.product(h, self.get_variable("decode", "head"), self.cfg.n_vocab)
+            return constrain(logits, ("batch", "sequence", "vocab"))
         if self.cfg.no_weight_tie:
             return self.head_logits(h)
-        return constrain(einsum("bte,ve->btv", h, self.wte, compute_dtype(self.cfg)), ("batch", "sequence", "vocab"))
+        return constrain(einsum("bte,ve->btv", h, self.wte, dtype), ("batch", "sequence", "vocab"))
 
 
 def project_logits(h: jax.Array, head: jax.Array, dtype: jnp.dtype, vocab_multiple: int = 1) -> jax.Array:

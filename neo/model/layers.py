@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from neo.kernels import cpu as cpu_kernels
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -245,7 +247,12 @@ def rounded_bias_gradient(dtype: jnp.dtype) -> bool:
 
 class Dense(nn.Module):
     """x @ kernel (+ bias) with named kernel dimensions; `features` may be a tuple (e.g. heads,
-    features_per_head) and `axes` how many trailing input dimensions are contracted."""
+    features_per_head) and `axes` how many trailing input dimensions are contracted.
+
+    Applied with the "decode" collection mutable, it also stores its kernel packed for neo's
+    CPU decode kernel (neo/kernels/cpu.py); applied with that collection, a product of at most
+    MAX_ROWS rows (a decode step) goes to the kernel: the same sums, read from memory 2-3x
+    faster than XLA:CPU's products read them."""
 
     features: tuple[int, ...]
     names: tuple[str, ...]  # kernel dims: contracted input dims, then output dims
@@ -261,7 +268,15 @@ class Dense(nn.Module):
         n_in, n_out, n_lead = len(in_shape), len(self.features), x.ndim - len(in_shape)
         letters = iter(string.ascii_letters)
         lead, ins, outs = ("".join(next(letters) for _ in range(n)) for n in (n_lead, n_in, n_out))
-        y = einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, self.dtype, product_dtype(self.dtype))
+        rows, k, n = math.prod(x.shape[:n_lead]), math.prod(in_shape), math.prod(self.features)
+        if self.is_mutable_collection("decode") and not self.has_variable("decode", "kernel"):
+            self.put_variable("decode", "kernel", cpu_kernels.pack(kernel.reshape(k, n), self.dtype))
+        if self.has_variable("decode", "kernel") and rows <= cpu_kernels.MAX_ROWS:
+            # A decode step on CPU (neo/predict.py packs the weights): neo's own kernel.
+            y = cpu_kernels.product(x.reshape(*x.shape[:n_lead], k), self.get_variable("decode", "kernel"), n)
+            y = y.reshape(*x.shape[:n_lead], *self.features).astype(product_dtype(self.dtype))
+        else:
+            y = einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, self.dtype, product_dtype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", named(nn.initializers.zeros, self.names[n_in:]), self.features, jnp.float32)
             y = add_bias(y, bias, self.dtype)

@@ -1,0 +1,157 @@
+"""neo's own CPU kernel for a decode step's products (decode_product.cc), built on first use.
+
+A decode step multiplies every weight matrix by a few rows (the batch, one token each), so it
+is limited by how fast the weights stream in from memory. XLA:CPU's products read them at half
+the machine's bandwidth or less (docs/benchmarks.md, 2026-11-30 "a CPU kernel for decoding");
+the kernel streams weights packed once per sampler call into contiguous column panels, on
+XLA's own intra-op threads, through the XLA FFI (`jax.ffi`): no launcher, thread pool or
+runtime of neo's own.
+
+The library is compiled once per machine with the host's C++ compiler for the host CPU
+(`-march=native`) and cached under ~/.cache/neo/kernels (or $NEO_KERNEL_CACHE), keyed by the
+source, the compiler, jaxlib and the CPU's model and flags, so a cached build never runs on a
+CPU it was not built for. Where it cannot be built (no compiler, not Linux) neo logs why once
+and decodes with XLA's products, the same numbers more slowly. NEO_CPU_KERNELS=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_product.cc")
+PANEL = 32  # columns per panel (kPanel in decode_product.cc)
+MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
+_BF16_PAIRS: list[bool] = []  # what the loaded library reads (NeoDecodeBF16Pairs)
+TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloat16): "neo_decode_product_bf16"}
+
+
+def enabled() -> bool:
+    """Whether decode steps use the kernel: on the CPU backend, unless NEO_CPU_KERNELS=0, when
+    the library builds (`load`)."""
+    if os.environ.get("NEO_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    return load() is not None
+
+
+def supports(dtype: jnp.dtype) -> bool:
+    """Whether the kernel multiplies operands of the compute dtype `dtype`."""
+    return jnp.dtype(dtype) in TARGETS
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[Path]:
+    """Build (or find in the cache) the library and register its handlers with XLA; the
+    library's path, or None where it cannot be built (logged once, with why)."""
+    if platform.system() != "Linux":
+        log.info("neo's CPU decode kernel is built on Linux only; decoding uses XLA's products.")
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not compiler:
+        log.warning("no C++ compiler (g++) found: neo's CPU decode kernel is not built and decoding uses "
+                    "XLA's products, which are slower (install g++, or set CXX).")
+        return None
+    try:
+        path = _build(compiler)
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # a damaged cached build: the next process builds it afresh
+            raise
+        for symbol, dtype in (("NeoDecodeProductF32", jnp.float32), ("NeoDecodeProductBF16", jnp.bfloat16)):
+            jax.ffi.register_ffi_target(TARGETS[jnp.dtype(dtype)], jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        _BF16_PAIRS.append(bool(lib.NeoDecodeBF16Pairs()))
+        return path
+    except (OSError, subprocess.SubprocessError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        why = next((line for line in lines if "error" in line.lower()), lines[-1])
+        log.warning("neo's CPU decode kernel did not build (%s); decoding uses XLA's products, which are slower "
+                    "(docs/benchmarks.md).", why.strip())
+        return None
+
+
+def build_key(compiler: str) -> str:
+    """What a cached build depends on: the source, the compiler's version, jaxlib's FFI
+    headers, and the CPU (-march=native code must not run on another CPU model)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), jax.ffi.include_dir().encode(), jaxlib.__version__.encode(),
+                 platform.machine().encode(), _cpu_identity().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = ("model name", "flags", "Features", "cpu family", "model\t", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(keep)}))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEO_KERNEL_CACHE") or Path.home() / ".cache" / "neo" / "kernels")
+
+
+def _build(compiler: str) -> Path:
+    target = cache_dir() / f"decode_product-{build_key(compiler)}.so"
+    if target.exists():
+        return target
+    log.info("building neo's CPU decode kernel for this CPU (once) into %s", target.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: a process that finds the file finds it whole.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+               "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise subprocess.SubprocessError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def pack(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """A weight matrix [K, N] in the compute dtype, as the kernel reads it: column panels
+    [ceil(N / 32), K, 32], the last one padded with zero columns; bfloat16 on a CPU with
+    AVX512_BF16 in pairs along k, [ceil(N / 32), ceil(K / 2), 32, 2] (decode_product.cc)."""
+    k, n = w.shape
+    pairs = jnp.dtype(dtype) == jnp.bfloat16 and load() is not None and _BF16_PAIRS[0]
+    w = jnp.pad(w.astype(dtype), ((0, k % 2 if pairs else 0), (0, -n % PANEL)))
+    if pairs:
+        return w.reshape(-1, 2, w.shape[1] // PANEL, PANEL).transpose(2, 0, 3, 1)
+    return w.reshape(k, -1, PANEL).transpose(1, 0, 2)
+
+
+def product(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+    """x [..., K] @ the packed [K, n] weight (`pack`), in the packed weight's dtype with
+    float32 accumulation; a float32 [..., n]."""
+    if load() is None:
+        raise RuntimeError("neo's CPU decode kernel is not built here (see the warning above); "
+                           "decode with XLA's products instead (an empty `decode` collection).")
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k).astype(packed.dtype)
+    call = jax.ffi.ffi_call(TARGETS[jnp.dtype(packed.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))
+    return call(rows, packed).reshape(*lead, n)

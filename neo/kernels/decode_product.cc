@@ -1,0 +1,288 @@
+// A decode step's products on CPU: y [M, N] = x [M, K] @ W [K, N] for a few rows (M = the
+// batch, one token each), with W packed once per sampler call into column panels
+// [ceil(N / 32), K, 32] (zero-padded columns), float32 or bfloat16, and y float32.
+//
+// Why (docs/benchmarks.md, 2026-11-30 "a CPU kernel for decoding"): a decode step reads every
+// weight once to multiply it by a few numbers, so it is limited by how fast the weights stream
+// in. XLA:CPU's products read them at 12-17 GB/s at batch 8 (float32) and bfloat16 ones at
+// 12-15 GB/s at batch 1, where this machine streams 30-45. A panel is contiguous, so each
+// thread streams one array front to back, and every weight it loads is multiplied into all M
+// rows at once.
+//
+// Exact: each output is the float32 sum over k of x[m, k] * W[k, n] (bfloat16 operands widened
+// to float32, whose products are exact), in k order within blocks of 128 values of k whose sums
+// are then added up (at M = 1 four interleaved partial sums per block); the panels are divided
+// between threads, not the sums, so the result does not depend on the thread count.
+//
+// Built by neo/kernels/cpu.py with the host compiler for the host CPU (-march=native); GCC's
+// vector extensions become AVX-512, AVX2 or NEON instructions, whatever the CPU has.
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 32;  // columns per panel: two 16-float vectors
+constexpr int kMaxRows = 8;  // rows multiplied per pass over a panel (accumulators: 2 x rows)
+constexpr int64_t kBlock = 128;  // values of k summed apart before they join the total
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32x16 load16(const uint16_t* p) {  // bfloat16 bits -> float32: the high half of the word
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
+inline void store(float* y, int valid, f32x16 lo, f32x16 hi) {  // the panel's first `valid` columns
+  float tmp[kPanel];
+  std::memcpy(tmp, &lo, sizeof lo);
+  std::memcpy(tmp + 16, &hi, sizeof hi);
+  std::memcpy(y, tmp, sizeof(float) * valid);
+}
+
+// One row: four interleaved partial sums along k, so four multiply-adds are in flight, added
+// into the total every kBlock values of k (blocked summation: a float32 sum over K = 3072 terms
+// then errs like XLA's own product, where one running sum errs 4x more).
+template <typename W>
+void panel_one_row(const float* x, const W* w, float* y, int64_t K, int valid) {
+  f32x16 lo = {}, hi = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    int64_t k1 = std::min(K, k0 + kBlock), k = k0;
+    f32x16 a[8] = {};
+    for (; k + 4 <= k1; k += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const W* r = w + (k + u) * kPanel;
+        a[2 * u] += x[k + u] * load16(r);
+        a[2 * u + 1] += x[k + u] * load16(r + 16);
+      }
+    }
+    for (; k < k1; ++k) {
+      a[0] += x[k] * load16(w + k * kPanel);
+      a[1] += x[k] * load16(w + k * kPanel + 16);
+    }
+    lo += (a[0] + a[2]) + (a[4] + a[6]);
+    hi += (a[1] + a[3]) + (a[5] + a[7]);
+  }
+  store(y, valid, lo, hi);
+}
+
+// M rows (2..8): each loaded weight vector is multiplied into every row; blocked as above.
+template <int M, typename W>
+void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, int64_t K, int valid) {
+  f32x16 lo[M] = {}, hi[M] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    f32x16 blo[M] = {}, bhi[M] = {};
+    for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
+      f32x16 w0 = load16(w + k * kPanel), w1 = load16(w + k * kPanel + 16);
+      for (int m = 0; m < M; ++m) {
+        float xm = x[m * ldx + k];
+        blo[m] += xm * w0;
+        bhi[m] += xm * w1;
+      }
+    }
+    for (int m = 0; m < M; ++m) lo[m] += blo[m], hi[m] += bhi[m];
+  }
+  for (int m = 0; m < M; ++m) store(y + m * ldy, valid, lo[m], hi[m]);
+}
+
+template <typename W>
+void panel(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t N, int64_t p) {
+  const W* wp = w + p * K * kPanel;
+  int valid = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const float* xr = x + m0 * K;
+    float* yr = y + m0 * N + p * kPanel;
+    switch (std::min<int64_t>(kMaxRows, M - m0)) {
+      case 1: panel_one_row(xr, wp, yr, K, valid); break;
+      case 2: panel_rows<2>(xr, K, wp, yr, N, K, valid); break;
+      case 3: panel_rows<3>(xr, K, wp, yr, N, K, valid); break;
+      case 4: panel_rows<4>(xr, K, wp, yr, N, K, valid); break;
+      case 5: panel_rows<5>(xr, K, wp, yr, N, K, valid); break;
+      case 6: panel_rows<6>(xr, K, wp, yr, N, K, valid); break;
+      case 7: panel_rows<7>(xr, K, wp, yr, N, K, valid); break;
+      default: panel_rows<8>(xr, K, wp, yr, N, K, valid); break;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 with the CPU's bfloat16 dot-product instruction (AVX512_BF16: Cooper Lake, Sapphire
+// Rapids, Zen 4 and later): the weights packed in pairs along k, [panels, K / 2, 32, 2], and x as
+// pairs (x[m, 2j], x[m, 2j + 1]) in one 32-bit word. vdpbf16ps adds w[2j, c] * x[2j] +
+// w[2j + 1, c] * x[2j + 1] to column c's float32 sum: both products exact, as in the widening
+// path, at twice its multiply-adds per instruction (a decode step at batch 8 is limited by them).
+constexpr bool kPairs = true;
+
+inline __m512bh pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+template <int M>
+void panel_pairs(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy, int64_t J, int valid) {
+  constexpr int S = M == 1 ? 4 : 1;  // one row: four interleaved partial sums
+  __m512 tlo[M], thi[M];  // totals, blocked as in panel_rows
+  for (int m = 0; m < M; ++m) tlo[m] = thi[m] = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < J; j0 += kBlock / 2) {
+    int64_t j1 = std::min(J, j0 + kBlock / 2), j = j0;
+    __m512 lo[M * S], hi[M * S];
+    for (int i = 0; i < M * S; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (; j + S <= j1; j += S) {
+      for (int u = 0; u < S; ++u) {
+        const uint16_t* r = w + (j + u) * 2 * kPanel;
+        __m512bh w0 = pairs(r), w1 = pairs(r + kPanel);
+        for (int m = 0; m < M; ++m) {
+          __m512bh xm = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * ldx + j + u]));
+          lo[m * S + u] = _mm512_dpbf16_ps(lo[m * S + u], w0, xm);
+          hi[m * S + u] = _mm512_dpbf16_ps(hi[m * S + u], w1, xm);
+        }
+      }
+    }
+    for (; j < j1; ++j) {  // only at M = 1
+      const uint16_t* r = w + j * 2 * kPanel;
+      __m512bh xm = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[j]));
+      lo[0] = _mm512_dpbf16_ps(lo[0], pairs(r), xm);
+      hi[0] = _mm512_dpbf16_ps(hi[0], pairs(r + kPanel), xm);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 a = lo[m * S], b = hi[m * S];
+      for (int u = 1; u < S; ++u) a = _mm512_add_ps(a, lo[m * S + u]), b = _mm512_add_ps(b, hi[m * S + u]);
+      tlo[m] = _mm512_add_ps(tlo[m], a);
+      thi[m] = _mm512_add_ps(thi[m], b);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    f32x16 av, bv;
+    std::memcpy(&av, &tlo[m], sizeof av);
+    std::memcpy(&bv, &thi[m], sizeof bv);
+    store(y + m * ldy, valid, av, bv);
+  }
+}
+
+void panel(const uint32_t* x, int64_t M, int64_t J, const uint16_t* w, float* y, int64_t N, int64_t p) {
+  const uint16_t* wp = w + p * J * 2 * kPanel;
+  int valid = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const uint32_t* xr = x + m0 * J;
+    float* yr = y + m0 * N + p * kPanel;
+    switch (std::min<int64_t>(kMaxRows, M - m0)) {
+      case 1: panel_pairs<1>(xr, J, wp, yr, N, J, valid); break;
+      case 2: panel_pairs<2>(xr, J, wp, yr, N, J, valid); break;
+      case 3: panel_pairs<3>(xr, J, wp, yr, N, J, valid); break;
+      case 4: panel_pairs<4>(xr, J, wp, yr, N, J, valid); break;
+      case 5: panel_pairs<5>(xr, J, wp, yr, N, J, valid); break;
+      case 6: panel_pairs<6>(xr, J, wp, yr, N, J, valid); break;
+      case 7: panel_pairs<7>(xr, J, wp, yr, N, J, valid); break;
+      default: panel_pairs<8>(xr, J, wp, yr, N, J, valid); break;
+    }
+  }
+}
+#else
+constexpr bool kPairs = false;
+#endif
+
+// The panels, in chunks claimed by the calling thread and by helpers on XLA's intra-op thread
+// pool. The state outlives the call: a helper that starts after the work is done finds nothing
+// left to claim and only drops its reference.
+struct Work {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0, chunk = 1;
+};
+
+template <typename X, typename W>
+ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const W* w,
+                   int64_t panels, float* y, int64_t N) {
+  if (panels * kPanel < N) return ffi::Error::InvalidArgument("packed weights have fewer columns than the output");
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto work = std::make_shared<Work>();
+  // Enough chunks to balance two or more threads, each at least 4 panels (K x 128 values).
+  work->chunk = std::max<int64_t>(4, panels / (4 * threads));
+  int64_t panels_needed = (N + kPanel - 1) / kPanel;
+  work->chunks = (panels_needed + work->chunk - 1) / work->chunk;
+  auto run = [=](Work& s) {
+    for (int64_t c; (c = s.next.fetch_add(1)) < s.chunks;) {
+      for (int64_t p = c * s.chunk; p < std::min(panels_needed, (c + 1) * s.chunk); ++p) panel(x, M, K, w, y, N, p);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule([work, run] { run(*work); });
+  run(*work);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+ffi::Error ProductF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, K, 32], y [M, N]");
+  return Product(pool, x.typed_data(), xd[0], xd[1], w.typed_data(), wd[0], y->typed_data(), yd[1]);
+}
+
+ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  if (kPairs) {
+    int64_t M = xd.size() == 2 ? xd[0] : 0, K = xd.size() == 2 ? xd[1] : 0, J = (K + 1) / 2;
+    if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || wd[1] != J || wd[2] != kPanel || wd[3] != 2 ||
+        yd[0] != M)
+      return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, ceil(K / 2), 32, 2], y [M, N]");
+    std::vector<uint32_t> xp(M * J);  // x in pairs along k, the last one padded with zero
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xp[m * J + k / 2] |= static_cast<uint32_t>(xb[m * K + k]) << (16 * (k % 2));
+#if defined(__AVX512BF16__)
+    return Product(pool, xp.data(), M, J, reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0],
+                   y->typed_data(), yd[1]);
+#endif
+  }
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, K, 32], y [M, N]");
+  // The few rows of x widened to float32 once (exact), so the inner loop broadcasts floats.
+  int64_t n = xd[0] * xd[1];
+  std::vector<float> xf(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
+    std::memcpy(&xf[i], &bits, sizeof bits);
+  }
+  return Product(pool, xf.data(), xd[0], xd[1], reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0],
+                 y->typed_data(), yd[1]);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeProductF32, ProductF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeProductBF16, ProductBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Which bfloat16 packing this build reads (neo/kernels/cpu.py packs accordingly): 1 for pairs
+// along k ([panels, ceil(K / 2), 32, 2]), 0 for [panels, K, 32].
+extern "C" int NeoDecodeBF16Pairs() { return kPairs ? 1 : 0; }

@@ -1,0 +1,138 @@
+"""neo's CPU decode kernel (neo/kernels): its products equal XLA's, a sampler that uses it gives
+the tokens and logits XLA's products give, and where it cannot be built or used (no compiler, too
+little memory, too many rows) decoding falls back to XLA's products with a message."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neo.config import parse_model_config
+from neo.kernels import cpu
+from neo.mesh import make_layout
+from neo.model import GPT, init_cache, init_params
+from neo.predict import Sampler, SamplingOptions, decode_arch, make_pack
+
+pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="no C++ compiler here: the kernel is not built")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 768, 2304), (8, 3072, 768), (3, 37, 100), (9, 64, 33), (17, 130, 64)])
+def test_product_equals_the_exact_sum(dtype, m, k, n):
+    """Every row count (one row, 8 at once, 9 as 8 + 1, 17), an odd K (bfloat16 pairs along k
+    padded), N not a multiple of the 32-column panel: float32 sums as close to the exact sum as
+    XLA's own product, and the same bits at every call."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    run = jax.jit(lambda x, w: cpu.product(x, cpu.pack(w, dtype), n))
+    y = np.asarray(run(x, w))
+    exact = np.asarray(x, np.float64) @ np.asarray(w.astype(dtype), np.float64)
+    xla = np.asarray(jnp.einsum("mk,kn->mn", x, w.astype(dtype), preferred_element_type=jnp.float32))
+    scale = np.abs(exact).max()
+    assert y.shape == (m, n) and y.dtype == np.float32
+    assert np.abs(y - exact).max() <= max(4 * np.abs(xla - exact).max(), 1e-6 * scale)
+    np.testing.assert_array_equal(np.asarray(run(x, w)), y)
+
+
+def test_leading_dimensions_and_bad_shapes():
+    x = jnp.ones((2, 1, 48), jnp.float32)
+    packed = cpu.pack(jnp.ones((48, 40), jnp.float32), jnp.float32)
+    assert packed.shape == (2, 48, 32)
+    np.testing.assert_array_equal(np.asarray(cpu.product(x, packed, 40)), np.full((2, 1, 40), 48.0))
+    with pytest.raises(Exception, match="packed weights have fewer columns"):
+        jax.block_until_ready(cpu.product(x, packed, 65))
+
+
+def model_and_params(tiny_config, precision):
+    cfg = parse_model_config(tiny_config(precision=precision, n_vocab=203, no_weight_tie=precision == "bfloat16"))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), init_params(cfg.model, jax.random.PRNGKey(3)),
+                          is_leaf=lambda x: hasattr(x, "value"))
+    return cfg, params
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_decode_step_logits_equal_xla_products(tiny_config, precision):
+    """One decode step after a prompt (global and local layers, tied and untied heads), with the
+    weights packed and without: the same logits to float32 rounding (bfloat16: each layer's
+    outputs are rounded to bfloat16, so a last-bit difference in a sum can move one by an ulp)."""
+    cfg, params = model_and_params(tiny_config, precision)
+    layout = make_layout("", "", jax.devices()[:1])
+    packed = make_pack(cfg, layout)(params)
+    assert set(packed) >= {"h_0", "h_1", "head"}
+    arch = decode_arch(cfg)
+    model = GPT(arch)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 203, (3, 12)), jnp.int32)
+
+    @jax.jit
+    def logits(variables):
+        cache = init_cache(arch, 3, 16)
+        pos = jnp.broadcast_to(jnp.arange(12), (3, 12))
+        _, cache = model.apply(variables, tokens, pos, cache=cache, cache_index=jnp.int32(0), last_only=True)
+        out, _ = model.apply(variables, tokens[:, -1:], pos[:, -1:] + 1, cache=cache, cache_index=jnp.int32(12))
+        return out
+
+    with_kernel = {"params": params, "decode": packed}
+    hlo = logits.lower(with_kernel).as_text()
+    assert hlo.count(cpu.TARGETS[jnp.dtype(arch.precision)]) == 2 * (4 + 2) + 1  # the decode step's products
+    ours, xla = np.asarray(logits(with_kernel)), np.asarray(logits({"params": params}))
+    tol = 1e-5 if precision == "float32" else 3e-2
+    np.testing.assert_allclose(ours, xla, atol=tol * np.abs(xla).max(), rtol=0)
+
+
+def test_sampler_tokens_equal_xla_products(tiny_config, monkeypatch):
+    cfg, params = model_and_params(tiny_config, "float32")
+    layout = make_layout("", "", jax.devices()[:1])
+    prompts = [[5, 17, 33, 2, 9], [100, 3], [7, 8, 9, 10, 11, 12, 13]]
+    opts = SamplingOptions(temperature=0, max_new_tokens=20)
+    with_kernel = Sampler(cfg, params, layout)
+    assert with_kernel.packed(3)
+    ours = with_kernel.generate(prompts, opts)
+    monkeypatch.setenv("NEO_CPU_KERNELS", "0")
+    without = Sampler(cfg, params, layout)
+    assert without.packed(3) == {}
+    assert ours == without.generate(prompts, opts)
+
+
+def test_more_rows_than_the_kernel_takes_use_xla(tiny_config):
+    cfg, params = model_and_params(tiny_config, "float32")
+    sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
+    assert sampler.packed(cpu.MAX_ROWS) and sampler.packed(cpu.MAX_ROWS + 1) == {}
+    rows = sampler.generate([[1, 2, 3]] * (cpu.MAX_ROWS + 1), SamplingOptions(temperature=0, max_new_tokens=4))
+    assert len(set(map(tuple, rows))) == 1 and len(rows[0]) == 4
+
+
+def test_too_little_memory_falls_back(tiny_config, monkeypatch, caplog):
+    import neo.predict
+
+    cfg, params = model_and_params(tiny_config, "float32")
+    monkeypatch.setattr(neo.predict, "host_available_memory", lambda: 1000)
+    sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
+    with caplog.at_level(logging.WARNING):
+        assert sampler.packed(1) == {}
+    assert "more than half of the" in caplog.text and "XLA's products" in caplog.text
+    assert len(sampler.generate([[1, 2]], SamplingOptions(temperature=0, max_new_tokens=3))[0]) == 3
+
+
+def test_no_compiler_falls_back_with_a_message(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("NEO_KERNEL_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        assert cpu.load.__wrapped__() is None
+    assert "did not build" in caplog.text and "XLA's products" in caplog.text
+
+
+def test_builds_are_cached_per_cpu(tmp_path, monkeypatch):
+    """A second process finds the library built (nothing is compiled again); a CPU with other
+    flags gets its own build, since -march=native code may not run on it."""
+    import shutil
+
+    monkeypatch.setenv("NEO_KERNEL_CACHE", str(tmp_path))
+    compiler = shutil.which("g++") or shutil.which("c++")
+    built = cpu._build(compiler)
+    stamp = built.stat().st_mtime_ns
+    assert cpu._build(compiler) == built and built.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(cpu, "_cpu_identity", lambda: "model name: another CPU\nflags: sse2")
+    assert cpu.build_key(compiler) not in built.name
