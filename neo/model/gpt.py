@@ -42,7 +42,8 @@ from neo.kernels import cpu as cpu_kernels
 from neo.mesh import constrain
 from neo.model.activations import Activation
 from neo.model.attention import Attention
-from neo.model.layers import Dense, L2ScaleNorm, LayerNorm, RMSNorm, ScaleNorm, einsum, named, normal
+from neo.model.layers import (Dense, L2ScaleNorm, LayerNorm, RMSNorm, ScaleNorm, einsum, named, normal,
+                              packs_for_decoding)
 from neo.model.linear_attention import LinearAttention, init_state
 from neo.model.moe import MoE
 
@@ -345,7 +346,7 @@ class GPT(nn.Module):
         pairs; batch 8 and bfloat16 stayed within the noise (docs/benchmarks.md). Applied with
         the "decode" collection, the head is neo's CPU decode kernel's (see Dense)."""
         dtype = compute_dtype(self.cfg)
-        if self.is_mutable_collection("decode") and not self.has_variable("decode", "head"):
+        if packs_for_decoding(self) and not self.has_variable("decode", "head"):
             self.put_variable("decode", "head", cpu_kernels.pack(self.head(), dtype))  # see Dense
         if self.has_variable("decode", "head") and h.shape[0] * h.shape[1] <= cpu_kernels.MAX_ROWS:
             logits = cpu_kernels.product(h, self.get_variable("decode", "head"), self.cfg.n_vocab)

@@ -245,6 +245,12 @@ def rounded_bias_gradient(dtype: jnp.dtype) -> bool:
     return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() != "cpu"
 
 
+def packs_for_decoding(module: nn.Module) -> bool:
+    """Is `module` applied to fill the "decode" collection (neo/predict.py make_pack)? Not at
+    init, where flax makes every collection mutable."""
+    return module.is_mutable_collection("decode") and not module.is_initializing()
+
+
 class Dense(nn.Module):
     """x @ kernel (+ bias) with named kernel dimensions; `features` may be a tuple (e.g. heads,
     features_per_head) and `axes` how many trailing input dimensions are contracted.
@@ -269,7 +275,7 @@ class Dense(nn.Module):
         letters = iter(string.ascii_letters)
         lead, ins, outs = ("".join(next(letters) for _ in range(n)) for n in (n_lead, n_in, n_out))
         rows, k, n = math.prod(x.shape[:n_lead]), math.prod(in_shape), math.prod(self.features)
-        if self.is_mutable_collection("decode") and not self.has_variable("decode", "kernel"):
+        if packs_for_decoding(self) and not self.has_variable("decode", "kernel"):
             self.put_variable("decode", "kernel", cpu_kernels.pack(kernel.reshape(k, n), self.dtype))
         if self.has_variable("decode", "kernel") and rows <= cpu_kernels.MAX_ROWS:
             # A decode step on CPU (neo/predict.py packs the weights): neo's own kernel.
