@@ -282,10 +282,20 @@ class Sampler:
 
     def __init__(self, cfg: Config, params: Any, layout: Layout,
                  on_trace: Optional[Callable[[], None]] = None):
-        self.cfg, self.params, self.layout = cfg, params, layout
+        self.cfg, self.layout = cfg, layout
         self._generate = make_generate(cfg, layout, on_trace)
         self._pack = make_pack(cfg, layout)
-        self._packed: Optional[dict] = None
+        self.params = params
+
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @params.setter
+    def params(self, params: Any) -> None:
+        """New parameters (the training loop samples each checkpoint's with one Sampler): the
+        weights packed from the old ones are dropped, and packed afresh at the next call."""
+        self._params, self._packed = params, None
 
     def packed(self, rows: int) -> dict:
         """The weights packed for the CPU decode kernel (`make_pack`), made at the first call

@@ -96,6 +96,19 @@ def test_sampler_tokens_equal_xla_products(tiny_config, monkeypatch):
     assert ours == without.generate(prompts, opts)
 
 
+def test_new_parameters_are_packed_afresh(tiny_config):
+    """The training loop keeps one Sampler and hands it each checkpoint's parameters: samples
+    must come from the new ones, not from weights packed from the old."""
+    cfg, params = model_and_params(tiny_config, "float32")
+    other = jax.tree.map(lambda x: x * 1.5, params)
+    layout = make_layout("", "", jax.devices()[:1])
+    prompts, opts = [[5, 17, 33], [100, 3]], SamplingOptions(temperature=0, max_new_tokens=12)
+    sampler = Sampler(cfg, params, layout)
+    first = sampler.generate(prompts, opts)
+    sampler.params = other
+    assert sampler.generate(prompts, opts) == Sampler(cfg, other, layout).generate(prompts, opts) != first
+
+
 def test_more_rows_than_the_kernel_takes_use_xla(tiny_config):
     cfg, params = model_and_params(tiny_config, "float32")
     sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
