@@ -37,6 +37,46 @@ def test_product_equals_the_exact_sum(dtype, m, k, n):
     np.testing.assert_array_equal(np.asarray(run(x, w)), y)
 
 
+WIDENING_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from neo.kernels import cpu
+assert cpu.load() is not None and cpu._BF16_PAIRS == [False], cpu._BF16_PAIRS
+rng = np.random.default_rng(1)
+for m, k, n in [(1, 768, 2304), (8, 3072, 768), (3, 37, 100), (9, 64, 33)]:
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    packed = cpu.pack(w, jnp.bfloat16)
+    assert packed.shape == (-(-n // 32), k, 32), packed.shape
+    y = np.asarray(cpu.product(x, packed, n))
+    exact = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)
+    xla = np.asarray(jnp.einsum("mk,kn->mn", x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32))
+    assert np.abs(y - exact).max() <= max(4 * np.abs(xla - exact).max(), 1e-6 * np.abs(exact).max())
+print("widening path ok")
+"""
+
+
+def test_bfloat16_without_the_dot_product_instruction(tmp_path):
+    """A CPU without AVX512_BF16 widens bfloat16 weights to float32 in the kernel instead of
+    reading them in pairs: built here without that instruction set, the same products."""
+    import os
+    import platform
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() != "x86_64" or "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no AVX512_BF16: the tests above already run the widening path")
+    wrapper = tmp_path / "g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("g++") or shutil.which("c++")} "$@" -mno-avx512bf16\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, CXX=str(wrapper), NEO_KERNEL_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", WIDENING_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "widening path ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_leading_dimensions_and_bad_shapes():
     x = jnp.ones((2, 1, 48), jnp.float32)
     packed = cpu.pack(jnp.ones((48, 40), jnp.float32), jnp.float32)

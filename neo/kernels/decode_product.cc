@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -87,9 +88,10 @@ void panel_one_row(const float* x, const W* w, float* y, int64_t K, int valid) {
   store(y, valid, lo, hi);
 }
 
-// M rows (2..8): each loaded weight vector is multiplied into every row; blocked as above.
+// M rows: each loaded weight vector is multiplied into every row; blocked as above.
 template <int M, typename W>
 void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, int64_t K, int valid) {
+  if constexpr (M == 1) return panel_one_row(x, w, y, K, valid);
   f32x16 lo[M] = {}, hi[M] = {};
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     f32x16 blo[M] = {}, bhi[M] = {};
@@ -106,26 +108,6 @@ void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, 
   for (int m = 0; m < M; ++m) store(y + m * ldy, valid, lo[m], hi[m]);
 }
 
-template <typename W>
-void panel(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t N, int64_t p) {
-  const W* wp = w + p * K * kPanel;
-  int valid = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const float* xr = x + m0 * K;
-    float* yr = y + m0 * N + p * kPanel;
-    switch (std::min<int64_t>(kMaxRows, M - m0)) {
-      case 1: panel_one_row(xr, wp, yr, K, valid); break;
-      case 2: panel_rows<2>(xr, K, wp, yr, N, K, valid); break;
-      case 3: panel_rows<3>(xr, K, wp, yr, N, K, valid); break;
-      case 4: panel_rows<4>(xr, K, wp, yr, N, K, valid); break;
-      case 5: panel_rows<5>(xr, K, wp, yr, N, K, valid); break;
-      case 6: panel_rows<6>(xr, K, wp, yr, N, K, valid); break;
-      case 7: panel_rows<7>(xr, K, wp, yr, N, K, valid); break;
-      default: panel_rows<8>(xr, K, wp, yr, N, K, valid); break;
-    }
-  }
-}
-
 #if defined(__AVX512BF16__)
 // bfloat16 with the CPU's bfloat16 dot-product instruction (AVX512_BF16: Cooper Lake, Sapphire
 // Rapids, Zen 4 and later): the weights packed in pairs along k, [panels, K / 2, 32, 2], and x as
@@ -137,7 +119,7 @@ constexpr bool kPairs = true;
 inline __m512bh pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 template <int M>
-void panel_pairs(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy, int64_t J, int valid) {
+void panel_rows(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy, int64_t J, int valid) {
   constexpr int S = M == 1 ? 4 : 1;  // one row: four interleaved partial sums
   __m512 tlo[M], thi[M];  // totals, blocked as in panel_rows
   for (int m = 0; m < M; ++m) tlo[m] = thi[m] = _mm512_setzero_ps();
@@ -177,27 +159,38 @@ void panel_pairs(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, in
   }
 }
 
-void panel(const uint32_t* x, int64_t M, int64_t J, const uint16_t* w, float* y, int64_t N, int64_t p) {
-  const uint16_t* wp = w + p * J * 2 * kPanel;
-  int valid = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const uint32_t* xr = x + m0 * J;
-    float* yr = y + m0 * N + p * kPanel;
-    switch (std::min<int64_t>(kMaxRows, M - m0)) {
-      case 1: panel_pairs<1>(xr, J, wp, yr, N, J, valid); break;
-      case 2: panel_pairs<2>(xr, J, wp, yr, N, J, valid); break;
-      case 3: panel_pairs<3>(xr, J, wp, yr, N, J, valid); break;
-      case 4: panel_pairs<4>(xr, J, wp, yr, N, J, valid); break;
-      case 5: panel_pairs<5>(xr, J, wp, yr, N, J, valid); break;
-      case 6: panel_pairs<6>(xr, J, wp, yr, N, J, valid); break;
-      case 7: panel_pairs<7>(xr, J, wp, yr, N, J, valid); break;
-      default: panel_pairs<8>(xr, J, wp, yr, N, J, valid); break;
-    }
-  }
-}
 #else
 constexpr bool kPairs = false;
 #endif
+
+// Calls f(std::integral_constant<int, rows>()): the row count as a compile-time constant, so
+// that each count gets its own registers of accumulators.
+template <typename F>
+void with_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    default: return f(std::integral_constant<int, kMaxRows>());
+  }
+}
+
+// Panel p of y for every row of x, kMaxRows rows per pass over the panel. K: the values in a
+// row of x (32-bit pairs of bfloat16 in the pairs path); panel_size: the weights in a panel.
+template <typename X, typename W>
+void panel(const X* x, int64_t M, int64_t K, const W* w, int64_t panel_size, float* y, int64_t N, int64_t p) {
+  const W* wp = w + p * panel_size;
+  int valid = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
+      panel_rows<decltype(rows)::value>(x + m0 * K, K, wp, y + m0 * N + p * kPanel, N, K, valid);
+    });
+  }
+}
 
 // The panels, in chunks claimed by the calling thread and by helpers on XLA's intra-op thread
 // pool. The state outlives the call: a helper that starts after the work is done finds nothing
@@ -208,8 +201,8 @@ struct Work {
 };
 
 template <typename X, typename W>
-ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const W* w,
-                   int64_t panels, float* y, int64_t N) {
+ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const W* w, int64_t panels,
+                   int64_t panel_size, float* y, int64_t N) {
   if (panels * kPanel < N) return ffi::Error::InvalidArgument("packed weights have fewer columns than the output");
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto work = std::make_shared<Work>();
@@ -219,7 +212,7 @@ ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const
   work->chunks = (panels_needed + work->chunk - 1) / work->chunk;
   auto run = [=](Work& s) {
     for (int64_t c; (c = s.next.fetch_add(1)) < s.chunks;) {
-      for (int64_t p = c * s.chunk; p < std::min(panels_needed, (c + 1) * s.chunk); ++p) panel(x, M, K, w, y, N, p);
+      for (int64_t p = c * s.chunk; p < std::min(panels_needed, (c + 1) * s.chunk); ++p) panel(x, M, K, w, panel_size, y, N, p);
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -234,7 +227,8 @@ ffi::Error ProductF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
     return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, K, 32], y [M, N]");
-  return Product(pool, x.typed_data(), xd[0], xd[1], w.typed_data(), wd[0], y->typed_data(), yd[1]);
+  return Product(pool, x.typed_data(), xd[0], xd[1], w.typed_data(), wd[0], wd[1] * kPanel, y->typed_data(),
+                 yd[1]);
 }
 
 ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
@@ -251,7 +245,7 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
       for (int64_t k = 0; k < K; ++k) xp[m * J + k / 2] |= static_cast<uint32_t>(xb[m * K + k]) << (16 * (k % 2));
 #if defined(__AVX512BF16__)
     return Product(pool, xp.data(), M, J, reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0],
-                   y->typed_data(), yd[1]);
+                   J * 2 * kPanel, y->typed_data(), yd[1]);
 #endif
   }
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
@@ -264,7 +258,7 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     std::memcpy(&xf[i], &bits, sizeof bits);
   }
   return Product(pool, xf.data(), xd[0], xd[1], reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0],
-                 y->typed_data(), yd[1]);
+                 wd[1] * kPanel, y->typed_data(), yd[1]);
 }
 
 }  // namespace
