@@ -1,16 +1,17 @@
 // A decode step's products on CPU: y [M, N] = x [M, K] @ W [K, N] for a few rows (M = the
-// batch, one token each), with W packed once per sampler call into column panels
-// [ceil(N / 32), K, 32] (zero-padded columns), float32 or bfloat16, and y float32.
+// batch, one token each), with W packed once per sampler and parameters into column panels
+// [ceil(N / 32), K, 32] (zero-padded columns), float32 or bfloat16 (bfloat16 on a CPU with
+// AVX512_BF16: [ceil(N / 32), ceil(K / 2), 32, 2], see below), and y float32.
 //
 // Why (docs/benchmarks.md, 2026-11-30 "a CPU kernel for decoding"): a decode step reads every
 // weight once to multiply it by a few numbers, so it is limited by how fast the weights stream
 // in. XLA:CPU's products read them at 12-17 GB/s at batch 8 (float32) and bfloat16 ones at
 // 12-15 GB/s at batch 1, where this machine streams 30-45. A panel is contiguous, so each
-// thread streams one array front to back, and every weight it loads is multiplied into all M
-// rows at once.
+// thread streams one array front to back, and every weight it loads is multiplied into up to
+// 8 rows at once.
 //
-// Exact: each output is the float32 sum over k of x[m, k] * W[k, n] (bfloat16 operands widened
-// to float32, whose products are exact), in k order within blocks of 128 values of k whose sums
+// Exact: each output is the float32 sum over k of x[m, k] * W[k, n] (bfloat16 products are
+// exact in float32), in k order within blocks of 128 values of k whose sums
 // are then added up (at M = 1 four interleaved partial sums per block); the panels are divided
 // between threads, not the sums, so the result does not depend on the thread count.
 //

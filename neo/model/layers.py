@@ -257,8 +257,8 @@ class Dense(nn.Module):
 
     Applied with the "decode" collection mutable, it also stores its kernel packed for neo's
     CPU decode kernel (neo/kernels/cpu.py); applied with that collection, a product of at most
-    MAX_ROWS rows (a decode step) goes to the kernel: the same sums, read from memory 2-3x
-    faster than XLA:CPU's products read them."""
+    MAX_ROWS rows (a decode step) goes to the kernel: the same sums, 1.2-3.6x faster than
+    XLA:CPU's products (docs/benchmarks.md)."""
 
     features: tuple[int, ...]
     names: tuple[str, ...]  # kernel dims: contracted input dims, then output dims
