@@ -236,7 +236,8 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  if (kPairs) {
+#if defined(__AVX512BF16__)
+  {
     int64_t M = xd.size() == 2 ? xd[0] : 0, K = xd.size() == 2 ? xd[1] : 0, J = (K + 1) / 2;
     if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || wd[1] != J || wd[2] != kPanel || wd[3] != 2 ||
         yd[0] != M)
@@ -244,11 +245,10 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     std::vector<uint32_t> xp(M * J);  // x in pairs along k, the last one padded with zero
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xp[m * J + k / 2] |= static_cast<uint32_t>(xb[m * K + k]) << (16 * (k % 2));
-#if defined(__AVX512BF16__)
     return Product(pool, xp.data(), M, J, reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0],
                    J * 2 * kPanel, y->typed_data(), yd[1]);
-#endif
   }
+#endif
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
     return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, K, 32], y [M, N]");
   // The few rows of x widened to float32 once (exact), so the inner loop broadcasts floats.
