@@ -192,12 +192,13 @@ def decode_arch(cfg: Config) -> Any:
 
 
 def make_pack(cfg: Config, layout: Layout) -> Optional[Callable]:
-    """The jit-compiled packing of `params` for neo's CPU decode kernel (neo/kernels/cpu.py):
+    """The jit-compiled packing of `params` for neo's CPU decode kernels (neo/kernels/cpu.py):
     pack(params) -> the model's "decode" collection, every dense kernel and the head in the
-    compute dtype, in the panels the kernel streams. A decode step's products then run 1.2-3.6x
-    faster than XLA:CPU's (docs/benchmarks.md). None where the kernel does
-    not apply: off CPU, on more than one device, a compute dtype other than float32 and
-    bfloat16, or no compiler to build it."""
+    compute dtype, in the panels the product kernel streams, and a mark on each attention layer
+    that its decode steps attend with the attention kernel. A decode step's products then run
+    1.2-3.6x faster than XLA:CPU's, and its attention 2.5-8x (docs/benchmarks.md). None where
+    the kernels do not apply: off CPU, on more than one device, a compute dtype other than
+    float32 and bfloat16, or no compiler to build them."""
     arch = decode_arch(cfg)
     layout = predict_layout(layout)
     if not (layout.mesh.size == 1 and cpu_kernels.supports(compute_dtype(arch)) and cpu_kernels.enabled()):
@@ -207,7 +208,8 @@ def make_pack(cfg: Config, layout: Layout) -> Optional[Callable]:
     def pack(params):
         with layout.active():
             # One token through the model with the collection mutable: each dense layer packs
-            # its own kernel (Dense); the token's logits are dropped, so XLA computes nothing else.
+            # its own kernel (Dense), each attention layer marks itself (Attention.
+            # decodes_with_kernel); the token's logits are dropped, so XLA computes nothing else.
             one = jnp.zeros((1, 1), jnp.int32)
             _, packed = model.apply({"params": per_layer(params)}, one, one, cache=init_cache(arch, 1, 1),
                                     cache_index=jnp.int32(0), key_valid=jnp.ones((1, 1), bool), mutable=["decode"])

@@ -1,6 +1,7 @@
-"""neo's CPU decode kernel (neo/kernels): its products equal XLA's, a sampler that uses it gives
-the tokens and logits XLA's products give, and where it cannot be built or used (no compiler, too
-little memory, too many rows) decoding falls back to XLA's products with a message."""
+"""neo's CPU decode kernels (neo/kernels): their products and attention equal XLA's, a sampler
+that uses them gives the tokens and logits XLA gives (every attention kind and cache: global,
+local rings, grouped-query, ALiBi, rotary, padding), and where they cannot be built or used (no
+compiler, too little memory, too many rows) decoding falls back to XLA with a message."""
 
 import logging
 
@@ -13,6 +14,7 @@ from neo.config import parse_model_config
 from neo.kernels import cpu
 from neo.mesh import make_layout
 from neo.model import GPT, init_cache, init_params
+from neo.model.attention_op import NEG_INF, attend
 from neo.predict import Sampler, SamplingOptions, decode_arch, make_pack
 
 pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="no C++ compiler here: the kernel is not built")
@@ -86,6 +88,56 @@ def test_leading_dimensions_and_bad_shapes():
         jax.block_until_ready(cpu.product(x, packed, 65))
 
 
+def reference_attention(q, k, v, cache, slot, bias, scale):
+    """attention_op.attend (XLA's dense path) on the cache after XLA's dynamic-update-slice."""
+    write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x[:, :, None], slot, 2)
+    kc, vc = write(cache["k"], k), write(cache["v"], v)
+    r = q.shape[1] // k.shape[1]
+    keys, values = (jnp.repeat(c.swapaxes(1, 2), r, axis=2) for c in (kc, vc))
+    out = attend(q[:, None], keys, values, jnp.ones((1, 1, 1, 1), bool), scale, bias=bias[:, :, None, :])
+    return out[:, 0], {"k": kc, "v": vc}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,h,g,s,d,per_head", [
+    (3, 4, 4, 37, 32, False),  # a head of 2 vectors, slots not a multiple of 16
+    (2, 8, 2, 21, 80, True),  # grouped-query (4 query heads per kv head), ALiBi-like bias per head
+    (1, 4, 1, 19, 7, False),  # multi-query, a head size of no whole vector
+    (2, 2, 2, 96, 128, True),  # the largest head held in registers
+])
+def test_attention_equals_xla(dtype, b, h, g, s, d, per_head):
+    """The decode step's attention: the cache written in place exactly as XLA's update writes
+    it, and the output as close to XLA's dense attention as its own rounding (float32 to 1e-6;
+    bfloat16 to one rounding of the output), with masked slots, a row that sees no key (the mean
+    of the values, as XLA gives) and scaled scores; the same bits at every call."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((b, g, d)), dtype) for _ in range(2))
+    cache = {n: jnp.asarray(rng.standard_normal((b, g, s, d)), dtype) for n in ("k", "v")}
+    visible = rng.random((b, s)) > 0.3
+    visible[0] = False  # a row that sees nothing
+    bias = np.where(visible, 0.0, NEG_INF)[:, None] + (rng.standard_normal((1, h, s)) if per_head else 0.0)
+    bias = jnp.asarray(bias, jnp.float32)
+    run = jax.jit(lambda q, k, v, c, slot: cpu.attention(q, k, v, c, slot, bias, 0.3))
+    for slot in (s // 2, s + 5):  # past the end: clamped to the last slot, as XLA's update does
+        out, written = run(q, k, v, cache, jnp.int32(slot))
+        ref, ref_written = jax.jit(lambda q, k, v, c: reference_attention(q, k, v, c, slot, bias, 0.3))(q, k, v, cache)
+        for n in ("k", "v"):
+            np.testing.assert_array_equal(np.asarray(written[n]), np.asarray(ref_written[n]))
+        assert out.shape == (b, h, d) and out.dtype == dtype
+        ours, xla = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+        tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
+        np.testing.assert_allclose(ours, xla, atol=tol * np.abs(xla).max(), rtol=0)
+        np.testing.assert_array_equal(np.asarray(run(q, k, v, cache, jnp.int32(slot))[0], np.float32), ours)
+
+
+def test_attention_bad_shapes():
+    q, kv = jnp.ones((2, 4, 16)), jnp.ones((2, 3, 16))
+    cache = {"k": jnp.ones((2, 3, 8, 16)), "v": jnp.ones((2, 3, 8, 16))}
+    with pytest.raises(Exception, match="shapes do not agree"):  # 3 kv heads do not divide 4
+        jax.block_until_ready(cpu.attention(q, kv, kv, cache, 0, jnp.zeros((2, 1, 8)), 1.0))
+
+
 def model_and_params(tiny_config, precision):
     cfg = parse_model_config(tiny_config(precision=precision, n_vocab=203, no_weight_tie=precision == "bfloat16"))
     params = jax.tree.map(lambda x: getattr(x, "value", x), init_params(cfg.model, jax.random.PRNGKey(3)),
@@ -117,7 +169,49 @@ def test_decode_step_logits_equal_xla_products(tiny_config, precision):
     with_kernel = {"params": params, "decode": packed}
     hlo = logits.lower(with_kernel).as_text()
     assert hlo.count(cpu.TARGETS[jnp.dtype(arch.precision)]) == 2 * (4 + 2) + 1  # the decode step's products
+    assert hlo.count(cpu.ATTENTION_TARGETS[jnp.dtype(arch.precision)]) == 2  # and its attention
     ours, xla = np.asarray(logits(with_kernel)), np.asarray(logits({"params": params}))
+    tol = 1e-5 if precision == "float32" else 3e-2
+    np.testing.assert_allclose(ours, xla, atol=tol * np.abs(xla).max(), rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["gpt_neo", "neox_gqa_rotary", "alibi_scaled"])
+def test_decode_steps_equal_xla_attention(tiny_config, precision, family):
+    """Twelve decode steps after a left-padded prompt, past the local layers' window (their
+    ring of 4 slots wraps around three times), kernels against XLA's products and attention:
+    the same logits at every step (float32 to rounding; bfloat16 to a few of its ulps, each
+    layer's output being rounded), for GPT-Neo's layers, grouped-query attention with rotary
+    embeddings, and ALiBi with scaled scores."""
+    extra = {"gpt_neo": {}, "neox_gqa_rotary": dict(num_kv_heads=2, rotary_emb=True, scale_attention=True),
+             "alibi_scaled": dict(pos_emb="alibi", scale_attention=True)}[family]
+    cfg = parse_model_config(tiny_config(precision=precision, n_vocab=203, local_attention_radius=4, **extra))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), init_params(cfg.model, jax.random.PRNGKey(5)),
+                          is_leaf=lambda x: hasattr(x, "value"))
+    packed = make_pack(cfg, make_layout("", "", jax.devices()[:1]))(params)
+    arch = decode_arch(cfg)
+    model = GPT(arch)
+    b, p, steps = 2, 6, 12
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 203, (b, p)), jnp.int32)
+    key_valid = jnp.ones((b, p + steps), bool).at[1, :2].set(False)  # row 1: two slots of padding
+
+    @jax.jit
+    def run(variables):
+        cache = init_cache(arch, b, p + steps)
+        pos = jnp.maximum(jnp.arange(p)[None] - jnp.array([[0], [2]]), 0)
+        logits, cache = model.apply(variables, tokens, pos, cache=cache, cache_index=jnp.int32(0),
+                                    key_valid=key_valid, last_only=True)
+        out, token = [logits[:, -1]], jnp.argmax(logits[:, -1], -1)
+        for i in range(steps - 1):
+            logits, cache = model.apply(variables, token[:, None], pos[:, -1:] + 1 + i, cache=cache,
+                                        cache_index=jnp.int32(p + i), key_valid=key_valid)
+            out.append(logits[:, -1])
+            token = jnp.argmax(logits[:, -1], -1)
+        return jnp.stack(out, 1)
+
+    kernels = {"params": params, "decode": packed}
+    assert run.lower(kernels).as_text().count(cpu.ATTENTION_TARGETS[jnp.dtype(arch.precision)]) == 2 * (steps - 1)
+    ours, xla = np.asarray(run(kernels), np.float32), np.asarray(run({"params": params}), np.float32)
     tol = 1e-5 if precision == "float32" else 3e-2
     np.testing.assert_allclose(ours, xla, atol=tol * np.abs(xla).max(), rtol=0)
 

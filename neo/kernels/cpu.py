@@ -1,4 +1,5 @@
-"""neo's own CPU kernel for a decode step's products (decode_product.cc), built on first use.
+"""neo's own CPU kernels for a decode step, built on first use: its products
+(decode_product.cc) and its attention over the KV cache (decode_attention.cc).
 
 A decode step multiplies every weight matrix by a few rows (the batch, one token each), so it
 is limited by how fast the weights stream in from memory. XLA:CPU's products read them at half
@@ -12,6 +13,11 @@ The library is compiled once per machine with the host's C++ compiler for the ho
 source, the compiler, jaxlib and the CPU's model and flags, so a cached build never runs on a
 CPU it was not built for. Where it cannot be built (no compiler, not Linux) neo logs why once
 and decodes with XLA's products, the same numbers more slowly. NEO_CPU_KERNELS=0 turns it off.
+
+The attention kernel (decode_attention.cc, `attention`) reads the KV cache where XLA:CPU
+rewrote a bfloat16 cache whole at every step and attended over a float32 copy of it
+(docs/benchmarks.md, "decode attention on CPU"): it writes the new key and value in place and
+reads each cached value once.
 """
 
 from __future__ import annotations
@@ -31,14 +37,19 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_product.cc")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc")  # built into one library
+HEADERS = (HERE / "parallel.h",)
 PANEL = 32  # columns per panel (kPanel in decode_product.cc)
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
 _BF16_PAIRS: list[bool] = []  # what the loaded library reads (NeoDecodeBF16Pairs)
 TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloat16): "neo_decode_product_bf16"}
+ATTENTION_TARGETS = {jnp.dtype(jnp.float32): "neo_decode_attention_f32",
+                     jnp.dtype(jnp.bfloat16): "neo_decode_attention_bf16"}
 
 
 def enabled() -> bool:
@@ -73,9 +84,10 @@ def load() -> Optional[Path]:
         except OSError:
             path.unlink(missing_ok=True)  # a damaged cached build: the next process builds it afresh
             raise
-        for symbol, dtype in (("NeoDecodeProductF32", jnp.float32), ("NeoDecodeProductBF16", jnp.bfloat16)):
-            jax.ffi.register_ffi_target(TARGETS[jnp.dtype(dtype)], jax.ffi.pycapsule(getattr(lib, symbol)),
-                                        platform="cpu")
+        for dtype, suffix in ((jnp.float32, "F32"), (jnp.bfloat16, "BF16")):
+            for targets, symbol in ((TARGETS, "NeoDecodeProduct"), (ATTENTION_TARGETS, "NeoDecodeAttention")):
+                jax.ffi.register_ffi_target(targets[jnp.dtype(dtype)], jax.ffi.pycapsule(getattr(lib, symbol + suffix)),
+                                            platform="cpu")
         _BF16_PAIRS.append(bool(lib.NeoDecodeBF16Pairs()))
         return path
     except (OSError, subprocess.SubprocessError) as e:
@@ -91,7 +103,7 @@ def build_key(compiler: str) -> str:
     headers, and the CPU (-march=native code must not run on another CPU model)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), jax.ffi.include_dir().encode(), jaxlib.__version__.encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), jax.ffi.include_dir().encode(), jaxlib.__version__.encode(),
                  platform.machine().encode(), _cpu_identity().encode()):
         h.update(part)
         h.update(b"\0")
@@ -112,7 +124,7 @@ def cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    target = cache_dir() / f"decode_product-{build_key(compiler)}.so"
+    target = cache_dir() / f"decode-{build_key(compiler)}.so"
     if target.exists():
         return target
     log.info("building neo's CPU decode kernel for this CPU (once) into %s", target.parent)
@@ -122,7 +134,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+               "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise subprocess.SubprocessError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
@@ -155,3 +167,23 @@ def product(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     rows = x.reshape(-1, k).astype(packed.dtype)
     call = jax.ffi.ffi_call(TARGETS[jnp.dtype(packed.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))
     return call(rows, packed).reshape(*lead, n)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, slot: jax.Array, bias: jax.Array,
+              scale: float) -> tuple[jax.Array, dict]:
+    """One decode step's attention (decode_attention.cc): the new keys and values k, v [B, G, D]
+    written into the cache {"k", "v"} [B, G, S, D] at `slot` in place, then q [B, H, D] attends
+    to all S slots with the float32 `bias` [B, 1 or H, S] (0 where visible, NEG_INF where not,
+    ALiBi's bias) added to its scores times `scale`. The same sums as attention_op.attend, in
+    the cache's dtype (float32 or bfloat16) with float32 scores and softmax; returns (out
+    [B, H, D] in that dtype, the updated cache)."""
+    if load() is None:
+        raise RuntimeError("neo's CPU decode kernels are not built here (see the warning above); "
+                           "decode with XLA's attention instead (an empty `decode` collection).")
+    dtype = cache["k"].dtype
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, dtype)
+    call = jax.ffi.ffi_call(ATTENTION_TARGETS[jnp.dtype(dtype)], (like(q), like(cache["k"]), like(cache["v"])),
+                            input_output_aliases={3: 1, 4: 2})
+    out, k_cache, v_cache = call(q.astype(dtype), k.astype(dtype), v.astype(dtype), cache["k"], cache["v"],
+                                 jnp.asarray(slot, jnp.int32), bias.astype(jnp.float32), scale=np.float32(scale))
+    return out, {"k": k_cache, "v": v_cache}

@@ -18,14 +18,12 @@
 // Built by neo/kernels/cpu.py with the host compiler for the host CPU (-march=native); GCC's
 // vector extensions become AVX-512, AVX2 or NEON instructions, whatever the CPU has.
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512BF16__)
@@ -193,33 +191,17 @@ void panel(const X* x, int64_t M, int64_t K, const W* w, int64_t panel_size, flo
   }
 }
 
-// The panels, in chunks claimed by the calling thread and by helpers on XLA's intra-op thread
-// pool. The state outlives the call: a helper that starts after the work is done finds nothing
-// left to claim and only drops its reference.
-struct Work {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t chunks = 0, chunk = 1;
-};
-
+// The panels, in chunks of at least 4 (K x 128 values), enough of them to balance the threads.
 template <typename X, typename W>
 ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const W* w, int64_t panels,
                    int64_t panel_size, float* y, int64_t N) {
   if (panels * kPanel < N) return ffi::Error::InvalidArgument("packed weights have fewer columns than the output");
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto work = std::make_shared<Work>();
-  // Enough chunks to balance two or more threads, each at least 4 panels (K x 128 values).
-  work->chunk = std::max<int64_t>(4, panels / (4 * threads));
   int64_t panels_needed = (N + kPanel - 1) / kPanel;
-  work->chunks = (panels_needed + work->chunk - 1) / work->chunk;
-  auto run = [=](Work& s) {
-    for (int64_t c; (c = s.next.fetch_add(1)) < s.chunks;) {
-      for (int64_t p = c * s.chunk; p < std::min(panels_needed, (c + 1) * s.chunk); ++p) panel(x, M, K, w, panel_size, y, N, p);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule([work, run] { run(*work); });
-  run(*work);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  neo::parallel_chunks(pool, panels_needed, std::max<int64_t>(4, panels / (4 * threads)), threads,
+                       [=](int64_t first, int64_t last) {
+                         for (int64_t p = first; p < last; ++p) panel(x, M, K, w, panel_size, y, N, p);
+                       });
   return ffi::Error::Success();
 }
 

@@ -31,8 +31,9 @@ import numpy as np
 
 from neo.config import ModelConfig
 from neo.mesh import constrain
-from neo.model.attention_op import dot_product_attention
-from neo.model.layers import Dense, named, normal
+from neo.kernels import cpu as cpu_kernels
+from neo.model.attention_op import NEG_INF, alibi_bias, dot_product_attention, visible
+from neo.model.layers import Dense, named, normal, packs_for_decoding
 
 HEADS = ("batch", "sequence", "heads", "features_per_head")
 KV_HEADS = ("batch", "memory_length", "heads", "features_per_head")
@@ -118,6 +119,11 @@ class Attention(Projections, nn.Module):
         left-padded prompt's padding)."""
         cfg = self.cfg
         q, k, v = self.project_qkv(x, positions)
+        # GPT-Neo drops attention probabilities in global layers only (reference 1.9).
+        dropout_rate = cfg.attn_dropout if self.kind == "global" else 0.0
+        if cache is not None and x.shape[1] == 1 and self.decodes_with_kernel(cache, deterministic or not dropout_rate):
+            out, cache = self.attend_cache_kernel(q, k, v, cache, cache_index, key_valid)
+            return self.project_out(out), cache
         q_slots = k_slots = None  # the keys are the queries' own sequence
         if cache is not None:
             q_slots = cache_index + jnp.arange(x.shape[1])
@@ -128,8 +134,6 @@ class Attention(Projections, nn.Module):
                 cache = self.write_cache(cache, k, v, cache_index)
                 k, v = as_keys(cache["k"], self.dtype), as_keys(cache["v"], self.dtype)
                 k_slots = jnp.arange(k.shape[1])
-        # GPT-Neo drops attention probabilities in global layers only (reference 1.9).
-        dropout_rate = cfg.attn_dropout if self.kind == "global" else 0.0
         out = dot_product_attention(
             q, k, v, causal=cfg.causal, window=cfg.local_attention_radius if self.kind == "local" else None,
             q_slots=q_slots, k_slots=k_slots, key_valid=key_valid,
@@ -139,6 +143,43 @@ class Attention(Projections, nn.Module):
             dropout_rng=None if deterministic or not dropout_rate else self.make_rng("dropout"),
             impl=cfg.attention_impl)
         return self.project_out(out), cache
+
+    def decodes_with_kernel(self, cache: dict, no_dropout: bool) -> bool:
+        """Does a decode step of this layer attend with neo's CPU kernel (neo/kernels/
+        decode_attention.cc)? Where neo/predict.py make_pack prepared the model for it (it marks
+        each layer in the "decode" collection), for a cache in the compute dtype, without memory
+        slots or attention dropout. Why: XLA:CPU rewrote a bfloat16 cache whole at every step and
+        copied it into float32 to multiply it (docs/benchmarks.md, "decode attention on CPU")."""
+        if packs_for_decoding(self) and not self.has_variable("decode", "attention"):
+            self.put_variable("decode", "attention", jnp.ones((), bool))
+        return (self.has_variable("decode", "attention") and no_dropout and not self.cfg.num_mem_kv
+                and cpu_kernels.supports(self.dtype) and cache["k"].dtype == jnp.dtype(self.dtype))
+
+    def attend_cache_kernel(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, index: jax.Array,
+                            key_valid: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+        """A decode step, one token per row, through the kernel: the token's key and value
+        written at slot `index` (local layers: ring position index % window, as
+        `ring_attend_write`), then the masks and ALiBi's bias of `attention_op.dense` as one
+        float32 bias over the cache's slots. q [b, 1, heads, d] -> ([b, 1, heads, d], cache)."""
+        cfg = self.cfg
+        b, slots = q.shape[0], cache["k"].shape[2]
+        ring = jnp.arange(slots)
+        if self.kind == "local":
+            at, k_slots = index % slots, index - (index - ring) % slots
+            key_valid = ring_key_valid(key_valid, k_slots, b)
+        else:
+            at, k_slots = index, ring
+        q_slots = jnp.reshape(index, (1,))
+        mask = visible(q_slots, k_slots, causal=cfg.causal,
+                       window=cfg.local_attention_radius if self.kind == "local" else None)  # [1, slots]
+        if key_valid is not None:
+            mask = mask & key_valid
+        bias = jnp.broadcast_to(jnp.where(mask, 0.0, NEG_INF), (b, slots))[:, None]  # [b, 1, slots]
+        if cfg.position_embedding == "alibi":
+            bias = bias + alibi_bias(alibi_slopes(cfg.n_head), q_slots, k_slots)[None, :, 0]  # [b, heads, slots]
+        scale = cfg.features_per_head ** -0.5 if cfg.scale_attention else 1.0
+        out, cache = cpu_kernels.attention(q[:, 0], k[:, 0], v[:, 0], cache, at, bias, scale)
+        return out[:, None], cache
 
     @staticmethod
     def write_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:

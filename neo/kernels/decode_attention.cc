@@ -1,0 +1,303 @@
+// A decode step's attention on CPU: each row's one new key and value are written into the KV
+// cache in place, then its query attends to every slot of the cache.
+//
+//   q [B, H, D], k_new and v_new [B, G, D], the caches [B, G, S, D] (heads before slots, as
+//   neo/model/attention.py keeps them; G kv heads, each serving H / G query heads), all in one
+//   dtype (float32 or bfloat16); slot: where the new key goes (clamped into the cache, as XLA's
+//   dynamic-update-slice does); bias [B, 1 or H, S] float32: 0 where the key is visible,
+//   -1e10 where not, plus ALiBi's bias where the model has it; scale: the scores' factor.
+//   -> out [B, H, D] in the cache's dtype, and the two caches (aliased to the inputs: XLA hands
+//   the same buffers back, so the write is in place).
+//
+// Why (docs/benchmarks.md, 2026-11-30 "decode attention on CPU"): XLA:CPU rewrites a bfloat16
+// cache whole at every step (it widens the dynamic-update-slice to float32 and rounds the whole
+// result back), then copies the keys and values into float32 to multiply them: about 14 bytes
+// of memory traffic per cached value per step where reading it once is 2, a quarter of a
+// bfloat16 decode step at batch 8 and more as the context grows.
+//
+// The same sums as neo/model/attention_op.py's dense path: float32 scores from q and k in
+// their dtype (exact products), times scale, plus bias; softmax in float32 (exp(x - max) /
+// sum); the probabilities rounded to the cache's dtype; their products with the values summed
+// in float32 and rounded once. Only the order of the additions differs. Threads divide the
+// (row, kv head) pairs between them, never a sum, so results do not depend on the thread count.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bits) {  // bfloat16 -> float32: the high half of the word
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const uint16_t* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
+// float32 -> the cache's dtype, rounded to nearest even (as XLA's convert), NaN kept a NaN.
+template <typename T>
+T narrow(float x);
+template <>
+float narrow<float>(float x) { return x; }
+template <>
+uint16_t narrow<uint16_t>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float sum16(f32x16 v) {  // the 16 lanes added pairwise (halves, then quarters, ...)
+  float t[16];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = 8; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+template <typename T>
+float dot(const float* q, const T* k, int64_t D) {
+  f32x16 acc = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc += load16(q + d) * load16(k + d);
+  float s = sum16(acc);
+  for (; d < D; ++d) s += q[d] * widen(k[d]);
+  return s;
+}
+
+// exp(x) for 16 floats: 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its
+// degree-6 Taylor polynomial (Cephes' expf: within 2 ulp of the exact value, as XLA:CPU's own
+// polynomial); below -87.3 it is 0, as a softmax over masked scores (-1e10) needs.
+inline f32x16 exp16(f32x16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  const f32x16 hi = f32x16{} + 88.0f, lo = f32x16{} - 87.3365447505531f;
+  f32x16 under = (f32x16)(x < lo);  // all-ones lanes where e^x is below the smallest normal float
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  f32x16 n = x * 1.44269504088896341f + 0.5f;
+  i32x16 ni = __builtin_convertvector(n, i32x16);
+  ni -= (i32x16)(__builtin_convertvector(ni, f32x16) > n) & 1;  // floor
+  f32x16 fn = __builtin_convertvector(ni, f32x16);
+  f32x16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  f32x16 p = 1.9875691500e-4f + r * 0.0f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  f32x16 scale = (f32x16)((ni + 127) << 23);
+  return (f32x16)((i32x16)(p * scale) & ~(i32x16)under);
+}
+
+inline f32x16 load16f(const float* p) { return load16(p); }
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+// A probability rounded to the cache's dtype and widened back (float32: as it is).
+inline f32x16 as_dtype(f32x16 x, float*) { return x; }
+inline f32x16 as_dtype(f32x16 x, uint16_t*) {  // round to nearest even, keep the high half
+  u32x16 u = (u32x16)x;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (f32x16)(u & 0xffff0000u);
+}
+
+struct Shape {
+  int64_t B, H, G, S, D, bias_heads;
+  float scale;
+};
+
+// x [S] <- softmax(x * scale + bias), each probability rounded to T (as attend's probs.astype).
+template <typename T>
+void softmax(float* x, const float* bias, float scale, int64_t S) {
+  const int64_t S16 = S / 16 * 16;
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    x[s] = (scale == 1.0f ? x[s] : x[s] * scale) + bias[s];
+    top = std::max(top, x[s]);
+  }
+  f32x16 total = {};
+  for (int64_t s = 0; s < S16; s += 16) {
+    f32x16 e = exp16(load16f(x + s) - top);
+    store16(x + s, e);
+    total += e;
+  }
+  float sum = sum16(total);
+  if (S16 < S) {  // the tail, through the padded scratch: lanes past S do not count
+    float tail[16] = {};
+    for (int64_t s = S16; s < S; ++s) tail[s - S16] = x[s] - top;
+    f32x16 e = exp16(load16f(tail));
+    for (int64_t s = S16; s < S; ++s) sum += (x[s] = e[s - S16]);
+  }
+  for (int64_t s = 0; s < S16; s += 16) store16(x + s, as_dtype(load16f(x + s) / sum, (T*)nullptr));
+  for (int64_t s = S16; s < S; ++s) x[s] = widen(narrow<T>(x[s] / sum));
+}
+
+// One query head over the S slots of its kv head: scores into x [S], softmax, then the
+// probabilities' sum of the values into y [D]. C > 0: D = 16 C, the query and the sums held in
+// C vectors; C = 0: any D, through memory.
+template <typename T, int C>
+void attend_head(const float* q, const T* K, const T* V, const float* bias, float scale, int64_t S, int64_t D,
+                 float* x, float* y) {
+  if constexpr (C > 0) {
+    f32x16 qv[C], acc[C] = {};
+    for (int c = 0; c < C; ++c) qv[c] = load16f(q + 16 * c);
+    for (int64_t s = 0; s < S; ++s) {
+      f32x16 a = qv[0] * load16(K + s * D);
+      for (int c = 1; c < C; ++c) a += qv[c] * load16(K + s * D + 16 * c);
+      x[s] = sum16(a);
+    }
+    softmax<T>(x, bias, scale, S);
+    for (int64_t s = 0; s < S; ++s)
+      for (int c = 0; c < C; ++c) acc[c] += x[s] * load16(V + s * D + 16 * c);
+    for (int c = 0; c < C; ++c) store16(y + 16 * c, acc[c]);
+  } else {
+    for (int64_t s = 0; s < S; ++s) x[s] = dot(q, K + s * D, D);
+    softmax<T>(x, bias, scale, S);
+    std::fill(y, y + D, 0.0f);
+    const int64_t D16 = D / 16 * 16;
+    for (int64_t s = 0; s < S; ++s) {
+      const T* v = V + s * D;
+      for (int64_t d = 0; d < D16; d += 16) store16(y + d, load16f(y + d) + x[s] * load16(v + d));
+      for (int64_t d = D16; d < D; ++d) y[d] += x[s] * widen(v[d]);
+    }
+  }
+}
+
+// Row b, kv head g: its R = H / G query heads h0 .. h0 + R - 1, one after the other (the kv
+// head's keys and values stay in cache between them). scratch: S scores, D query and D sums.
+template <typename T>
+void attend(const Shape& n, const T* q, const T* keys, const T* values, const float* bias, T* out, int64_t b,
+            int64_t g, std::vector<float>& scratch) {
+  const int64_t R = n.H / n.G, h0 = g * R, S = n.S, D = n.D;
+  scratch.resize(S + 2 * D);
+  float *x = scratch.data(), *qf = x + S, *y = qf + D;
+  const T* K = keys + (b * n.G + g) * S * D;
+  const T* V = values + (b * n.G + g) * S * D;
+  for (int64_t h = h0; h < h0 + R; ++h) {
+    for (int64_t d = 0; d < D; ++d) qf[d] = widen(q[(b * n.H + h) * D + d]);
+    const float* c = bias + (b * n.bias_heads + (n.bias_heads == 1 ? 0 : h)) * S;
+    switch (D % 16 == 0 && D <= 128 ? D / 16 : 0) {
+      case 1: attend_head<T, 1>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 2: attend_head<T, 2>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 3: attend_head<T, 3>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 4: attend_head<T, 4>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 5: attend_head<T, 5>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 6: attend_head<T, 6>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 7: attend_head<T, 7>(qf, K, V, c, n.scale, S, D, x, y); break;
+      case 8: attend_head<T, 8>(qf, K, V, c, n.scale, S, D, x, y); break;
+      default: attend_head<T, 0>(qf, K, V, c, n.scale, S, D, x, y);
+    }
+    for (int64_t d = 0; d < D; ++d) out[(b * n.H + h) * D + d] = narrow<T>(y[d]);
+  }
+}
+
+template <typename A, typename B>
+bool same(const A& a, const B& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+template <typename T, ffi::DataType DT>
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<DT> q, ffi::Buffer<DT> k_new, ffi::Buffer<DT> v_new,
+                     ffi::Buffer<DT> k_cache, ffi::Buffer<DT> v_cache, ffi::Buffer<ffi::S32> slot,
+                     ffi::Buffer<ffi::F32> bias, float scale, ffi::ResultBuffer<DT> out,
+                     ffi::ResultBuffer<DT> k_out, ffi::ResultBuffer<DT> v_out) {
+  auto qd = q.dimensions(), nd = k_new.dimensions(), cd = k_cache.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 3 || nd.size() != 3 || cd.size() != 4 || bd.size() != 3 || slot.element_count() != 1)
+    return ffi::Error::InvalidArgument("expected q [B, H, D], k_new [B, G, D], caches [B, G, S, D], bias [B, 1|H, S]");
+  Shape n{qd[0], qd[1], nd[1], cd[2], qd[2], bd[1], scale};
+  if (nd[0] != n.B || nd[2] != n.D || cd[0] != n.B || cd[1] != n.G || cd[3] != n.D || n.G == 0 || n.H % n.G ||
+      !same(v_new.dimensions(), nd) || !same(v_cache.dimensions(), cd) || bd[0] != n.B || bd[2] != n.S ||
+      (n.bias_heads != 1 && n.bias_heads != n.H) || n.S == 0)
+    return ffi::Error::InvalidArgument("decode attention: shapes do not agree (q [B, H, D], k_new/v_new [B, G, D], "
+                                       "caches [B, G, S, D] with G dividing H, bias [B, 1|H, S])");
+  const int64_t row = n.S * n.D, cache = n.B * n.G * row;
+  T* kc = reinterpret_cast<T*>(k_out->untyped_data());
+  T* vc = reinterpret_cast<T*>(v_out->untyped_data());
+  // XLA aliases the outputs to the inputs (the same buffers); copy only where it did not.
+  if (kc != k_cache.untyped_data()) std::memcpy(kc, k_cache.untyped_data(), cache * sizeof(T));
+  if (vc != v_cache.untyped_data()) std::memcpy(vc, v_cache.untyped_data(), cache * sizeof(T));
+  const int64_t at = std::min<int64_t>(std::max<int64_t>(slot.typed_data()[0], 0), n.S - 1);
+  const T* kn = reinterpret_cast<const T*>(k_new.untyped_data());
+  const T* vn = reinterpret_cast<const T*>(v_new.untyped_data());
+  for (int64_t i = 0; i < n.B * n.G; ++i) {
+    std::memcpy(kc + i * row + at * n.D, kn + i * n.D, n.D * sizeof(T));
+    std::memcpy(vc + i * row + at * n.D, vn + i * n.D, n.D * sizeof(T));
+  }
+  const T* qp = reinterpret_cast<const T*>(q.untyped_data());
+  const float* bp = bias.typed_data();
+  T* o = reinterpret_cast<T*>(out->untyped_data());
+  // Threads only where there is enough to read: about 256 KiB of cache per thread.
+  const int64_t units = n.B * n.G, bytes = 2 * cache * static_cast<int64_t>(sizeof(T));
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), 1 + bytes / (256 << 10));
+  neo::parallel_chunks(pool, units, std::max<int64_t>(1, units / (4 * threads)), threads,
+                       [=, &n](int64_t first, int64_t last) {
+                         thread_local std::vector<float> scratch;
+                         for (int64_t i = first; i < last; ++i) attend(n, qp, kc, vc, bp, o, i / n.G, i % n.G, scratch);
+                       });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                        ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
+                        ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::F32> bias, float scale,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
+                        ffi::ResultBuffer<ffi::F32> v_out) {
+  return Attention<float>(pool, q, k_new, v_new, k_cache, v_cache, slot, bias, scale, out, k_out, v_out);
+}
+
+ffi::Error AttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k_new,
+                         ffi::Buffer<ffi::BF16> v_new, ffi::Buffer<ffi::BF16> k_cache, ffi::Buffer<ffi::BF16> v_cache,
+                         ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::F32> bias, float scale,
+                         ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::BF16> k_out,
+                         ffi::ResultBuffer<ffi::BF16> v_out) {
+  return Attention<uint16_t>(pool, q, k_new, v_new, k_cache, v_cache, slot, bias, scale, out, k_out, v_out);
+}
+
+// q, k_new, v_new, k_cache, v_cache, slot, bias, scale -> out, k_cache, v_cache (updated in place).
+#define NEO_ATTENTION_BINDING(DT)                                                                    \
+  ffi::Ffi::Bind()                                                                                 \
+      .Ctx<ffi::ThreadPool>()                                                                      \
+      .Arg<ffi::Buffer<DT>>()                                                                      \
+      .Arg<ffi::Buffer<DT>>()                                                                      \
+      .Arg<ffi::Buffer<DT>>()                                                                      \
+      .Arg<ffi::Buffer<DT>>()                                                                      \
+      .Arg<ffi::Buffer<DT>>()                                                                      \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                                \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                \
+      .Attr<float>("scale")                                                                        \
+      .Ret<ffi::Buffer<DT>>()                                                                      \
+      .Ret<ffi::Buffer<DT>>()                                                                      \
+      .Ret<ffi::Buffer<DT>>()
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeAttentionF32, AttentionF32, NEO_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeAttentionBF16, AttentionBF16, NEO_ATTENTION_BINDING(ffi::BF16));
