@@ -16,6 +16,12 @@ script measures the memory read bandwidth (a compiled sum over 512 MiB, best of 
 per backend, the bytes of weights read per step (parameters in the dtype the step reads them,
 less the position table, of which a step reads one row), the bandwidth a step reached and the
 tok/s that reading the weights at the measured bandwidth would allow (the roofline).
+
+--steps_only times the decode steps alone: each backend also generates 2 x `--new` tokens, and
+the rate is batch x new / (the longer call's best time - the shorter's), so the prompt pass and
+a call's fixed costs drop out (a long prompt's pass can be most of a call). Best times, not
+medians: a difference magnifies the noise, and noise on a shared machine only adds time. The steps then attend
+to prompt + new .. prompt + 2 x new cached tokens.
 """
 
 from __future__ import annotations
@@ -56,17 +62,16 @@ def bench_neo(args, batch: int) -> dict:
     params = jax.tree.map(lambda x: getattr(x, "value", x), init(), is_leaf=lambda x: hasattr(x, "value"))
     sampler = Sampler(cfg, params, make_layout("", "", jax.devices()[:1]))
     rows = prompts(cfg, batch, args.prompt)
-    opts = SamplingOptions(temperature=0, max_new_tokens=args.new)
+
+    def run(new: int) -> list:
+        out = sampler.generate(rows, SamplingOptions(temperature=0, max_new_tokens=new))
+        assert all(len(r) == new for r in out)
+        return out
+
     t = time.perf_counter()
-    sampler.generate(rows, opts)
+    run(args.new)
     first = time.perf_counter() - t
-    times = []
-    for _ in range(args.reps):
-        t = time.perf_counter()
-        out = sampler.generate(rows, opts)
-        times.append(time.perf_counter() - t)
-    assert all(len(r) == args.new for r in out)
-    s = statistics.median(times)
+    s = timed(args, run)
     packed = sampler.packed(len(rows))
     if packed:  # neo's CPU decode kernel reads its packed copies of the matrices (compute dtype)
         read = sum(x.nbytes for x in jax.tree.leaves(packed)) + sum(x.nbytes for x in jax.tree.leaves(params)
@@ -92,22 +97,41 @@ def bench_torch(args, batch: int) -> dict:
         model = model.to(torch.bfloat16)
     ids = torch.tensor(prompts(cfg, batch, args.prompt))
 
-    def run():
+    def run(new: int):
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        assert out.shape[1] == args.prompt + new
+        return out
 
-    run()
-    times = []
-    for _ in range(args.reps):
-        t = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t)
-    assert out.shape[1] == args.prompt + args.new
-    s = statistics.median(times)
+    run(args.new)
+    s = timed(args, run)
     read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n)
     return {"backend": "transformers generate()", "batch": batch, "s": s, "tokens_per_s": batch * args.new / s,
             "weight_bytes": read}
+
+
+def timed(args, run) -> float:
+    """Median seconds of `run(args.new)` over --reps calls; with --steps_only, the best time of
+    `run(2 * args.new)` less the best of `run(args.new)`: the time of `args.new` decode steps
+    alone."""
+    def seconds(new: int) -> float:
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            run(new)
+            times.append(time.perf_counter() - t)
+        return min(times) if args.steps_only else statistics.median(times)
+
+    s = seconds(args.new)
+    if args.steps_only:
+        run(2 * args.new)  # neo compiles the longer call's bucket here
+        longer = seconds(2 * args.new)
+        if longer <= s:
+            raise SystemExit(f"--steps_only: {2 * args.new} new tokens took no longer than {args.new} ({longer:.4f} "
+                             f"vs {s:.4f} s): too few steps to time apart from the noise; raise --new or --reps.")
+        s = longer - s
+    return s
 
 
 def read_bandwidth() -> dict:
@@ -136,6 +160,8 @@ def main() -> None:
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--cores", type=int, default=0,
                    help="pin each backend to this many cores (0 = all); 1 is steadier on a busy machine")
+    p.add_argument("--steps_only", action="store_true",
+                   help="time the decode steps alone, without the prompt pass (see above)")
     p.add_argument("--backend", choices=["both", "neo", "torch", "bandwidth"], default="both")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -157,7 +183,9 @@ def main() -> None:
         return
     bandwidth = child("bandwidth", 1)
     bw = bandwidth["read_bytes_per_s"] if bandwidth else None
-    print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens, greedy, {args.precision}, "
+    print(f"{args.model}: prompt {args.prompt} tokens, {args.new} new tokens"
+          + (f" (decode steps alone: {2 * args.new} new less {args.new})" if args.steps_only else "")
+          + f", greedy, {args.precision}, "
           f"{args.reps} reps (median), {args.cores or os.cpu_count()} core(s)"
           + (f"; memory read bandwidth {bw / 1e9:.1f} GB/s" if bw else ""))
     print(f"{'backend':34} {'batch':>5} {'time (s)':>9} {'new tok/s':>10} {'compile (s)':>12} "
@@ -170,7 +198,7 @@ def main() -> None:
                 continue
             results[backend] = r
             compile_s = f"{r['compile_s']:12.1f}" if "compile_s" in r else f"{'-':>12}"
-            steps_per_s = r["tokens_per_s"] / batch  # decode steps per second (the prompt pass included)
+            steps_per_s = r["tokens_per_s"] / batch  # decode steps per second (with the prompt pass, unless --steps_only)
             roof = f"{batch * bw / r['weight_bytes']:15.1f}" if bw else ""
             print(f"{r['backend']:34} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s} "
                   f"{r['weight_bytes'] / 1e6:10.2f} {steps_per_s * r['weight_bytes'] / 1e9:6.1f} {roof}")

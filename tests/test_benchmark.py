@@ -165,3 +165,25 @@ def test_measured_clock_raises_a_peak_whose_clock_cpuinfo_understates(tmp_path, 
         assert peak == cores * 32 * clock
         assert ("3.66 GHz (measured; cpuinfo says 2.60)" in formula) == (measured > 2.6e9), formula
     flops.cpu_peak_flops.cache_clear()
+
+
+def test_generation_steps_only_leaves_out_the_prompt_pass(monkeypatch):
+    """--steps_only: the time of `new` decode steps is the 2 x new call's median less the
+    new call's, so a fixed cost per call (the prompt pass) drops out; a longer call that was
+    not slower is an error that says what to raise, not a negative rate."""
+    import argparse
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("benchmark_generate", ROOT / "scripts" / "benchmark_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec.loader.exec_module(bench)
+    calls = []
+    run = lambda new: calls.append(new) or time.sleep(0.05 + 0.002 * new)  # 50 ms of prompt pass per call
+    args = argparse.Namespace(new=20, reps=3, steps_only=True)
+    assert bench.timed(args, run) == pytest.approx(0.002 * 20, abs=0.015)
+    assert calls == [20] * 3 + [40] * 4
+    assert bench.timed(argparse.Namespace(new=20, reps=3, steps_only=False), run) == pytest.approx(0.09, abs=0.015)
+    with pytest.raises(SystemExit, match="raise --new or --reps"):
+        bench.timed(args, lambda new: time.sleep(0.01 if new == 40 else 0.03))
