@@ -265,22 +265,6 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<DT> q, ffi::Buffer<DT> k_
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                        ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
-                        ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::F32> bias, float scale,
-                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
-                        ffi::ResultBuffer<ffi::F32> v_out) {
-  return Attention<float>(pool, q, k_new, v_new, k_cache, v_cache, slot, bias, scale, out, k_out, v_out);
-}
-
-ffi::Error AttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k_new,
-                         ffi::Buffer<ffi::BF16> v_new, ffi::Buffer<ffi::BF16> k_cache, ffi::Buffer<ffi::BF16> v_cache,
-                         ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::F32> bias, float scale,
-                         ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::BF16> k_out,
-                         ffi::ResultBuffer<ffi::BF16> v_out) {
-  return Attention<uint16_t>(pool, q, k_new, v_new, k_cache, v_cache, slot, bias, scale, out, k_out, v_out);
-}
-
 // q, k_new, v_new, k_cache, v_cache, slot, bias, scale -> out, k_cache, v_cache (updated in place).
 #define NEO_ATTENTION_BINDING(DT)                                                                    \
   ffi::Ffi::Bind()                                                                                 \
@@ -299,5 +283,6 @@ ffi::Error AttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeAttentionF32, AttentionF32, NEO_ATTENTION_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeAttentionBF16, AttentionBF16, NEO_ATTENTION_BINDING(ffi::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeAttentionF32, (Attention<float, ffi::F32>), NEO_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeAttentionBF16, (Attention<uint16_t, ffi::BF16>),
+                              NEO_ATTENTION_BINDING(ffi::BF16));
