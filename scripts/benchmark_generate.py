@@ -198,7 +198,7 @@ def main() -> None:
                 continue
             results[backend] = r
             compile_s = f"{r['compile_s']:12.1f}" if "compile_s" in r else f"{'-':>12}"
-            steps_per_s = r["tokens_per_s"] / batch  # decode steps per second (with the prompt pass, unless --steps_only)
+            steps_per_s = r["tokens_per_s"] / batch  # decode steps/s (the prompt pass in, unless --steps_only)
             roof = f"{batch * bw / r['weight_bytes']:15.1f}" if bw else ""
             print(f"{r['backend']:34} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s} "
                   f"{r['weight_bytes'] / 1e6:10.2f} {steps_per_s * r['weight_bytes'] / 1e9:6.1f} {roof}")

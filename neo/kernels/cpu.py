@@ -103,8 +103,8 @@ def build_key(compiler: str) -> str:
     headers, and the CPU (-march=native code must not run on another CPU model)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), jax.ffi.include_dir().encode(), jaxlib.__version__.encode(),
-                 platform.machine().encode(), _cpu_identity().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), jax.ffi.include_dir().encode(),
+                 jaxlib.__version__.encode(), platform.machine().encode(), _cpu_identity().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:20]
