@@ -163,12 +163,11 @@ class Attention(Projections, nn.Module):
         float32 bias over the cache's slots. q [b, 1, heads, d] -> ([b, 1, heads, d], cache)."""
         cfg = self.cfg
         b, slots = q.shape[0], cache["k"].shape[2]
-        ring = jnp.arange(slots)
         if self.kind == "local":
-            at, k_slots = index % slots, index - (index - ring) % slots
+            at, k_slots = ring_one_token(index, slots)
             key_valid = ring_key_valid(key_valid, k_slots, b)
         else:
-            at, k_slots = index, ring
+            at, k_slots = index, jnp.arange(slots)
         q_slots = jnp.reshape(index, (1,))
         mask = visible(q_slots, k_slots, causal=cfg.causal,
                        window=cfg.local_attention_radius if self.kind == "local" else None)  # [1, slots]
@@ -232,10 +231,9 @@ def ring_attend_write(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array
     w, t = cache["k"].shape[2], k.shape[1]
     ring = jnp.arange(w)
     if t == 1:
-        at = index % w
+        at, slots = ring_one_token(index, w)
         write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, as_cached(x, c.dtype), at, 2)
         cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
-        slots = index - (index - ring) % w  # the newest slot <= index at each ring position
         return as_keys(cache["k"], k.dtype), as_keys(cache["v"], v.dtype), slots, cache
     before = index - 1 - (index - 1 - ring) % w  # the newest slot < index at each position
     slots = jnp.concatenate([before, index + jnp.arange(t)])
@@ -245,6 +243,12 @@ def ring_attend_write(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array
     at = (index + t - n + jnp.arange(n)) % w  # distinct positions: no write is lost to another
     write = lambda c, x: c.at[:, :, at].set(as_cached(x[:, t - n:], c.dtype))
     return keys, values, slots, {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
+def ring_one_token(index: jax.Array, w: int) -> tuple[jax.Array, jax.Array]:
+    """A decode step's token at slot `index` in a ring of `w` positions: (its position, index %
+    w; the slot each position then holds, the newest <= index, below 0 where none yet)."""
+    return index % w, index - (index - jnp.arange(w)) % w
 
 
 def ring_key_valid(key_valid: Optional[jax.Array], slots: jax.Array, batch: int) -> jax.Array:
