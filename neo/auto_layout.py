@@ -64,9 +64,11 @@ ACT_SCANNED = dict(residual=8.0, heads=4.0, probs=2.0, linear=1.6, mlp=2.0)
 FLOAT32_SHARE = dict(residual=0.75, heads=0.0, probs=0.5, linear=0.0, mlp=0.0)
 ACT_LOGITS = 2.2      # x vocab: float32 logits and their gradient
 # Bytes, per byte of the weights as one device sees them in the backward pass (gathered over
-# the batch axis when FSDP splits them there): gradients and their reduction buffers, and the
-# gradient accumulator when there are microbatches.
+# the batch axis when FSDP splits them there): gradients and their reduction buffers.
 GRADS_LIVE = 1.5
+# Bytes, per byte of the device's own share of the weights: the gradient accumulator when there
+# are microbatches (neo/train.py sums them into a tree sharded as the parameters are, so under
+# FSDP it holds the device's shard, not the gathered weights).
 ACCUMULATOR = 1.0
 ADAFACTOR_TEMP = 0.65  # x parameters: Adafactor's extra update temporaries
 
@@ -281,7 +283,7 @@ def estimate(cfg: Config, mesh_shape: str, layout: str, num_devices: int,
             block, extra = "/".join(path.split("/")[:2]), extra / shape[0]
         per_block[block] = per_block.get(block, 0.0) + extra
     seen = p_bytes + (max(per_block.values()) if cfg.model.remat != "none" else gathered)
-    grads = (GRADS_LIVE + (ACCUMULATOR if n_micro > 1 else 0.0)) * seen + update_temp
+    grads = GRADS_LIVE * seen + (ACCUMULATOR * p_bytes if n_micro > 1 else 0.0) + update_temp
 
     act = ("batch", "sequence", "embd")
     rows = cfg.run.train_batch_size / n_micro / batch_shards
