@@ -55,7 +55,8 @@ from neo.host_memory import restart_with_huge_pages  # noqa: E402
 KINDS = ("matmul", "attention", "layout", "scan", "other")
 PHASES = ("forward", "backward", "optimizer+rest")
 # The attention core's einsums in neo/model/attention.py (heads 'h', queries 'q', keys 'k').
-ATTENTION_OP = re.compile(r"b\w*[qk]\w*,b\w*[qk]\w*->|/attn/\w*(softmax|blocked|dot_product_attention|logits|scores)")
+ATTENTION_OP = re.compile(
+    r"b\w*[qk]\w*,b\w*[qk]\w*->|/attn/\w*(softmax|blocked|dot_product_attention|logits|scores|ffi_call)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def hlo_index(text: str) -> dict:
         if head:
             current = head.group(1)
             continue
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+?) ([\w\-]+)\((.*)", line)
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+?) ([\w\-]+)\((.*)", line)  # tuples: FFI calls
         if m:
             name, shape, op, rest = m.groups()
             rows[name] = (shape, op, rest)
