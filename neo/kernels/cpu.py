@@ -1,5 +1,6 @@
-"""neo's own CPU kernels for a decode step, built on first use: its products
-(decode_product.cc) and its attention over the KV cache (decode_attention.cc).
+"""neo's own CPU kernels, built on first use: a decode step's products (decode_product.cc) and
+its attention over the KV cache (decode_attention.cc), and training's self-attention, forward
+and backward (attention.cc).
 
 A decode step multiplies every weight matrix by a few rows (the batch, one token each), so it
 is limited by how fast the weights stream in from memory. XLA:CPU's products read them at half
@@ -18,6 +19,11 @@ The attention kernel (decode_attention.cc, `attention`) reads the KV cache where
 rewrote a bfloat16 cache whole at every step and attended over a float32 copy of it
 (docs/benchmarks.md, "decode attention on CPU"): it writes the new key and value in place and
 reads each cached value once.
+
+The training attention kernel (attention.cc, `train_attention`) computes softmax attention over
+a sequence a block of query rows at a time, where XLA:CPU wrote [B, H, T, T] scores,
+probabilities and gradients out between a dozen kernels (docs/benchmarks.md, "training
+attention on CPU").
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc")  # built into one library
-HEADERS = (HERE / "parallel.h",)
+SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "attention.cc")  # one library
+HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 PANEL = 32  # columns per panel (kPanel in decode_product.cc)
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
 _BF16_PAIRS: list[bool] = []  # what the loaded library reads (NeoDecodeBF16Pairs)
@@ -51,10 +57,14 @@ TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloa
 ATTENTION_TARGETS = {jnp.dtype(jnp.float32): "neo_decode_attention_f32",
                      jnp.dtype(jnp.bfloat16): "neo_decode_attention_bf16"}
 
+TRAIN_ATTENTION_TARGETS = {"neo_attention_forward_f32": "NeoAttentionForwardF32",
+                           "neo_attention_backward_f32": "NeoAttentionBackwardF32"}
+TRAIN_ATTENTION_MAX_HEAD = 128  # head sizes the training attention kernel takes (attention.cc)
+
 
 def enabled() -> bool:
-    """Whether decode steps use the kernel: on the CPU backend, unless NEO_CPU_KERNELS=0, when
-    the library builds (`load`)."""
+    """Whether neo's CPU kernels run (decode steps, training attention): on the CPU backend,
+    unless NEO_CPU_KERNELS=0, when the library builds (`load`)."""
     if os.environ.get("NEO_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
         return False
     return load() is not None
@@ -70,12 +80,13 @@ def load() -> Optional[Path]:
     """Build (or find in the cache) the library and register its handlers with XLA; the
     library's path, or None where it cannot be built (logged once, with why)."""
     if platform.system() != "Linux":
-        log.info("neo's CPU decode kernel is built on Linux only; decoding uses XLA's products.")
+        log.info("neo's CPU kernels are built on Linux only; decoding uses XLA's products and training XLA's "
+                 "attention.")
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not compiler:
-        log.warning("no C++ compiler (g++) found: neo's CPU decode kernel is not built and decoding uses "
-                    "XLA's products, which are slower (install g++, or set CXX).")
+        log.warning("no C++ compiler (g++) found: neo's CPU kernels are not built; decoding uses XLA's products "
+                    "and training XLA's attention, which are slower (install g++, or set CXX).")
         return None
     try:
         path = _build(compiler)
@@ -88,13 +99,15 @@ def load() -> Optional[Path]:
             for targets, symbol in ((TARGETS, "NeoDecodeProduct"), (ATTENTION_TARGETS, "NeoDecodeAttention")):
                 jax.ffi.register_ffi_target(targets[jnp.dtype(dtype)], jax.ffi.pycapsule(getattr(lib, symbol + suffix)),
                                             platform="cpu")
+        for target, symbol in TRAIN_ATTENTION_TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _BF16_PAIRS.append(bool(lib.NeoDecodeBF16Pairs()))
         return path
     except (OSError, subprocess.SubprocessError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         why = next((line for line in lines if "error" in line.lower()), lines[-1])
-        log.warning("neo's CPU decode kernel did not build (%s); decoding uses XLA's products, which are slower "
-                    "(docs/benchmarks.md).", why.strip())
+        log.warning("neo's CPU kernels did not build (%s); decoding uses XLA's products and training XLA's "
+                    "attention, which are slower (docs/benchmarks.md).", why.strip())
         return None
 
 
@@ -127,7 +140,7 @@ def _build(compiler: str) -> Path:
     target = cache_dir() / f"decode-{build_key(compiler)}.so"
     if target.exists():
         return target
-    log.info("building neo's CPU decode kernel for this CPU (once) into %s", target.parent)
+    log.info("building neo's CPU kernels for this CPU (once) into %s", target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place: a process that finds the file finds it whole.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -187,3 +200,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, slot: jax.A
     out, k_cache, v_cache = call(q.astype(dtype), k.astype(dtype), v.astype(dtype), cache["k"], cache["v"],
                                  jnp.asarray(slot, jnp.int32), bias.astype(jnp.float32), scale=np.float32(scale))
     return out, {"k": k_cache, "v": v_cache}
+
+
+def train_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, *, scale: float, causal: bool,
+                    window: Optional[int]) -> jax.Array:
+    """Self-attention of one sequence per row (attention.cc): q, k, v [B, T, H, D] float32, the
+    ALiBi slopes [H] (zeros: no bias) -> out [B, T, H, D], the sums of attention_op.attend."""
+    call = jax.ffi.ffi_call("neo_attention_forward_f32", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k, v, slopes, **_attention_attrs(scale, causal, window))
+
+
+def train_attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, d_out: jax.Array, *,
+                         scale: float, causal: bool, window: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients (dq, dk, dv) of `train_attention` for the output's cotangent d_out; the
+    probabilities are recomputed exactly as the forward made them."""
+    like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call("neo_attention_backward_f32", (like, like, like))
+    return call(q, k, v, slopes, d_out, **_attention_attrs(scale, causal, window))
+
+
+def _attention_attrs(scale: float, causal: bool, window: Optional[int]) -> dict:
+    if load() is None:
+        raise RuntimeError("neo's CPU kernels are not built here (see the warning above); set attention_impl to "
+                           "'xla' or 'auto'.")
+    return {"scale": np.float32(scale), "causal": np.int32(causal), "window": np.int64(window or 0)}

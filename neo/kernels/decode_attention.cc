@@ -29,15 +29,19 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+using neo::exp16;
+using neo::f32x16;
+using neo::load16;
+using neo::store16;
+using neo::sum16;
+using neo::u32x16;
 
 inline float widen(float x) { return x; }
 inline float widen(uint16_t bits) {  // bfloat16 -> float32: the high half of the word
@@ -45,17 +49,6 @@ inline float widen(uint16_t bits) {  // bfloat16 -> float32: the high half of th
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
-}
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline f32x16 load16(const uint16_t* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
 
 // float32 -> the cache's dtype, rounded to nearest even (as XLA's convert), NaN kept a NaN.
@@ -72,14 +65,6 @@ uint16_t narrow<uint16_t>(float x) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float sum16(f32x16 v) {  // the 16 lanes added pairwise (halves, then quarters, ...)
-  float t[16];
-  std::memcpy(t, &v, sizeof t);
-  for (int w = 8; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
-}
-
 template <typename T>
 float dot(const float* q, const T* k, int64_t D) {
   f32x16 acc = {};
@@ -89,34 +74,6 @@ float dot(const float* q, const T* k, int64_t D) {
   for (; d < D; ++d) s += q[d] * widen(k[d]);
   return s;
 }
-
-// exp(x) for 16 floats: 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its
-// degree-6 Taylor polynomial (Cephes' expf: within 2 ulp of the exact value, as XLA:CPU's own
-// polynomial); below -87.3 it is 0, as a softmax over masked scores (-1e10) needs.
-inline f32x16 exp16(f32x16 x) {
-  typedef int32_t i32x16 __attribute__((vector_size(64)));
-  const f32x16 hi = f32x16{} + 88.0f, lo = f32x16{} - 87.3365447505531f;
-  f32x16 under = (f32x16)(x < lo);  // all-ones lanes where e^x is below the smallest normal float
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  f32x16 n = x * 1.44269504088896341f + 0.5f;
-  i32x16 ni = __builtin_convertvector(n, i32x16);
-  ni -= (i32x16)(__builtin_convertvector(ni, f32x16) > n) & 1;  // floor
-  f32x16 fn = __builtin_convertvector(ni, f32x16);
-  f32x16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  f32x16 p = 1.9875691500e-4f + r * 0.0f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  f32x16 scale = (f32x16)((ni + 127) << 23);
-  return (f32x16)((i32x16)(p * scale) & ~(i32x16)under);
-}
-
-inline f32x16 load16f(const float* p) { return load16(p); }
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
 // A probability rounded to the cache's dtype and widened back (float32: as it is).
 inline f32x16 as_dtype(f32x16 x, float*) { return x; }
@@ -142,7 +99,7 @@ void softmax(float* x, const float* bias, float scale, int64_t S) {
   }
   f32x16 total = {};
   for (int64_t s = 0; s < S16; s += 16) {
-    f32x16 e = exp16(load16f(x + s) - top);
+    f32x16 e = exp16(load16(x + s) - top);
     store16(x + s, e);
     total += e;
   }
@@ -150,10 +107,10 @@ void softmax(float* x, const float* bias, float scale, int64_t S) {
   if (S16 < S) {  // the tail, through the padded scratch: lanes past S do not count
     float tail[16] = {};
     for (int64_t s = S16; s < S; ++s) tail[s - S16] = x[s] - top;
-    f32x16 e = exp16(load16f(tail));
+    f32x16 e = exp16(load16(tail));
     for (int64_t s = S16; s < S; ++s) sum += (x[s] = e[s - S16]);
   }
-  for (int64_t s = 0; s < S16; s += 16) store16(x + s, as_dtype(load16f(x + s) / sum, (T*)nullptr));
+  for (int64_t s = 0; s < S16; s += 16) store16(x + s, as_dtype(load16(x + s) / sum, (T*)nullptr));
   for (int64_t s = S16; s < S; ++s) x[s] = widen(narrow<T>(x[s] / sum));
 }
 
@@ -165,7 +122,7 @@ void attend_head(const float* q, const T* K, const T* V, const float* bias, floa
                  float* x, float* y) {
   if constexpr (C > 0) {
     f32x16 qv[C], acc[C] = {};
-    for (int c = 0; c < C; ++c) qv[c] = load16f(q + 16 * c);
+    for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c);
     for (int64_t s = 0; s < S; ++s) {
       f32x16 a = qv[0] * load16(K + s * D);
       for (int c = 1; c < C; ++c) a += qv[c] * load16(K + s * D + 16 * c);
@@ -182,7 +139,7 @@ void attend_head(const float* q, const T* K, const T* V, const float* bias, floa
     const int64_t D16 = D / 16 * 16;
     for (int64_t s = 0; s < S; ++s) {
       const T* v = V + s * D;
-      for (int64_t d = 0; d < D16; d += 16) store16(y + d, load16f(y + d) + x[s] * load16(v + d));
+      for (int64_t d = 0; d < D16; d += 16) store16(y + d, load16(y + d) + x[s] * load16(v + d));
       for (int64_t d = D16; d < D; ++d) y[d] += x[s] * widen(v[d]);
     }
   }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512BF16__)
@@ -38,21 +39,8 @@ constexpr int kPanel = 32;  // columns per panel: two 16-float vectors
 constexpr int kMaxRows = 8;  // rows multiplied per pass over a panel (accumulators: 2 x rows)
 constexpr int64_t kBlock = 128;  // values of k summed apart before they join the total
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline f32x16 load16(const uint16_t* p) {  // bfloat16 bits -> float32: the high half of the word
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
-}
+using neo::f32x16;
+using neo::load16;
 
 inline void store(float* y, int valid, f32x16 lo, f32x16 hi) {  // the panel's first `valid` columns
   float tmp[kPanel];
