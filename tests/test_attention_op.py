@@ -12,6 +12,7 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.errors import NeoError
+from neo.kernels import cpu as cpu_kernels
 from neo.mesh import make_layout
 from neo.model import GPT, init_params
 from neo.model import attention_op as A
@@ -97,8 +98,84 @@ def test_kernels_this_backend_lacks_are_refused_before_compiling():
         A.dot_product_attention(q, k, v, causal=True, impl="cudnn")
     with pytest.raises(NeoError, match="'splash' needs a TPU"):
         A.dot_product_attention(q, k, v, causal=True, impl="splash")
-    auto = lambda t: A.choose("auto", t=t, head_dim=8, dtype=jnp.float32, causal=True, window=None)
-    assert auto(A.BLOCK + 1) == "blocked" and auto(A.BLOCK) == "xla"  # on CPU: blocked beyond one block
+    with pytest.raises(NeoError, match="'cpu' cannot run here: it computes in float32, but the model computes in "
+                                       "bfloat16"):
+        A.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=True, impl="cpu")
+    with pytest.raises(NeoError, match="'cpu' cannot run here: it takes heads of up to 128 features, not 130"):
+        A.dot_product_attention(*qkv(t=4, d=130), causal=True, impl="cpu")
+    with make_layout("x:8", "sequence:x").active(), pytest.raises(NeoError, match="splits the sequence"):
+        A.dot_product_attention(*qkv(t=16), causal=True, impl="cpu")
+
+
+def test_auto_takes_the_cpu_kernel_where_it_applies(monkeypatch):
+    auto = lambda t, dtype=jnp.float32: A.choose("auto", t=t, head_dim=8, dtype=dtype, causal=True, window=None)
+    if cpu_kernels.enabled():
+        assert auto(A.BLOCK) == auto(4 * A.BLOCK) == "cpu"
+    assert auto(A.BLOCK + 1, jnp.bfloat16) == "blocked" and auto(A.BLOCK, jnp.bfloat16) == "xla"
+    monkeypatch.setenv("NEO_CPU_KERNELS", "0")  # off: blocked beyond one block, else dense
+    assert auto(A.BLOCK + 1) == "blocked" and auto(A.BLOCK) == "xla"
+    with pytest.raises(NeoError, match="'cpu' cannot run here: neo's CPU kernels are off"):
+        A.dot_product_attention(*qkv(), causal=True, impl="cpu")
+    monkeypatch.delenv("NEO_CPU_KERNELS")
+    with make_layout("x:8", "sequence:x").active():
+        assert auto(A.BLOCK) == "xla"
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.enabled(), reason="no C++ compiler here: the kernels are not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal, window", MASKS)
+@pytest.mark.parametrize("t, d", [(37, 8), (64, 32), (50, 128), (33, 40), (1, 16)])
+def test_cpu_kernel_equals_the_dense_reference(causal, window, t, d):
+    """Every mask, sequences that fill no whole vector, heads of 8 to 128 features (the
+    generic padding and every register block), one token: the output and all three
+    gradients of the dense path."""
+    fn = lambda q, k, v: A.cpu_attention(q, k, v, causal=causal, window=window, scale=0.3)
+    assert_same(fn, *qkv(t=t, d=d), causal, window)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal, window", MASKS)
+def test_cpu_kernel_with_alibi(causal, window):
+    q, k, v = qkv(h=4, t=45, d=16)
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)
+    fn = lambda q, k, v: A.cpu_attention(q, k, v, causal=causal, window=window, scale=1.0, alibi=slopes)
+    dense = lambda q, k, v: A.dense(q, k, v, causal=causal, window=window, q_slots=None, k_slots=None,
+                                    key_valid=None, memory=None, scale=1.0, dropout_rate=0.0, dropout_rng=None,
+                                    alibi=slopes)
+    (out, grads), (ref, ref_grads) = value_and_grads(fn, q, k, v), value_and_grads(dense, q, k, v)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    plain = value_and_grads(lambda q, k, v: A.cpu_attention(q, k, v, causal=causal, window=window, scale=1.0), q, k, v)
+    assert np.abs(np.asarray(plain[0]) - np.asarray(out)).max() > 1e-2  # the bias is applied
+
+
+@needs_kernels
+def test_cpu_kernel_per_device_gives_the_same_bits():
+    """Under a layout that splits batch and heads, the kernel runs per device (shard_map) and
+    each (sequence, head) is computed as on one device: the same bits, forward and backward."""
+    q, k, v = qkv(b=8, t=40, h=4, d=16)
+    fn = lambda q, k, v: A.cpu_attention(q, k, v, causal=True, window=7, scale=0.3,
+                                         alibi=np.array([0.5, 0.25, 0.125, 0.0625], np.float32))
+    run = jax.jit(lambda q, k, v: value_and_grads(fn, q, k, v))
+    one = run(q, k, v)
+    with make_layout("x:4,y:2", "batch:x,heads:y").active():
+        eight = jax.jit(lambda q, k, v: value_and_grads(fn, q, k, v))(q, k, v)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_kernels
+def test_cpu_kernel_refuses_bad_shapes():
+    q, k, v = qkv(t=12)
+    slopes = jnp.zeros(3)
+    with pytest.raises(Exception, match="q, k, v must all be"):
+        jax.block_until_ready(cpu_kernels.train_attention(q, k[:, :6], v, slopes, scale=1.0, causal=True,
+                                                          window=None))
+    with pytest.raises(Exception, match="slopes"):
+        jax.block_until_ready(cpu_kernels.train_attention(q, k, v, jnp.zeros(2), scale=1.0, causal=True,
+                                                          window=None))
 
 
 def shapes_in(jaxpr) -> set:
@@ -203,6 +280,6 @@ def test_every_implementation_gives_the_models_logits(tiny_config, kind):
     params = init_params(cfg.model, jax.random.PRNGKey(0))
     tokens = jnp.asarray(RNG.randint(0, 128, (2, 32)))
     logits = {impl: GPT(cfg.replace(attention_impl=impl).model).apply({"params": params}, tokens)
-              for impl in ("xla", "blocked", "dot_product", "auto")}
+              for impl in ("xla", "blocked", "dot_product", "auto", *(("cpu",) if cpu_kernels.enabled() else ()))}
     for impl, out in logits.items():
         np.testing.assert_allclose(out, logits["xla"], atol=1e-5, err_msg=impl)

@@ -59,8 +59,11 @@ def test_eight_devices_equal_one(name, reference, base_cfg, tokens):
     params = jax.device_get(state.params)
     diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, ref_params)
     # Adam divides by sqrt(v) + eps: summation-order noise in near-zero gradients is amplified
-    # (see base_cfg); 1e-6 is 1% of one lr = 1e-4 step.
-    assert max(jax.tree.leaves(diffs)) < 1e-6, diffs
+    # (see base_cfg); 2e-6 is 2% of one lr = 1e-4 step, where a wrongly split or reduced
+    # parameter is off by a whole step. Measured on a Zen 4 EPYC after two steps: up to 7.9e-7
+    # with the dense attention (`attention_impl: xla`), 1.5e-6 with neo's CPU attention kernel
+    # (`auto`, data and fsdp layouts), both in the embedding tables (wpe, wte).
+    assert max(jax.tree.leaves(diffs)) < 2e-6, diffs
 
 
 def test_chunked_loss_and_padded_head_on_eight_devices_equal_one_device_without(tiny_config, monkeypatch):

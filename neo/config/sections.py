@@ -56,7 +56,7 @@ NORMS = ("layernorm", "rmsnorm", "scalenorm")
 MOE_POLICIES = ("random", "threshold", "all", "none")
 # Kernels of the attention operation (neo/model/attention_op.py) and rematerialisation policies
 # (neo/model/gpt.py); docs/configs.md describes each.
-ATTENTION_IMPLS = ("auto", "xla", "dot_product", "blocked", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "blocked", "cudnn", "splash", "cpu")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 CURRICULUM_SCHEDULES = ("fixed_linear", "fixed_root")
 

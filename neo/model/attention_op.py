@@ -12,10 +12,12 @@ computes it is decided here (`attention_impl`, docs/configs.md):
     dot_product  jax.nn.dot_product_attention (XLA): the call `cudnn` makes, on any device
     cudnn        jax.nn.dot_product_attention's cuDNN flash attention (GPU, bfloat16)
     splash       the Pallas splash-attention kernel (TPU), under shard_map when sharded
-    auto         cudnn on GPU and splash on TPU where they apply; on CPU blocked when the
-                 sequence spans more than one block, else xla; elsewhere blocked for local
-                 layers longer than two windows and global layers of at least BLOCKED_FROM
-                 tokens, else xla
+    cpu          neo's CPU kernel (neo/kernels/attention.cc), float32, forward and backward,
+                 under shard_map when sharded
+    auto         cudnn on GPU and splash on TPU where they apply; on CPU the cpu kernel where
+                 it applies, else blocked when the sequence spans more than one block, else
+                 xla; elsewhere blocked for local layers longer than two windows and global
+                 layers of at least BLOCKED_FROM tokens, else xla
 
 Only `xla` expresses every mask: a KV cache (query and key slots), key validity (left-padded
 prompts), learned memory slots and attention dropout always take it, whatever was asked. The
@@ -50,6 +52,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from neo.errors import NeoError
+from neo.kernels import cpu as cpu_kernels
 from neo.mesh import active_layout, constrain
 from neo.model.layers import einsum
 
@@ -88,6 +91,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
         out = blocked(q, k, v, causal=causal, window=window, scale=scale, alibi=alibi)
     elif kernel == "splash":
         out = splash(q, k, v, causal=causal, window=window, scale=scale)
+    elif kernel == "cpu":
+        out = cpu_attention(q, k, v, causal=causal, window=window, scale=scale, alibi=alibi)
     else:
         out = dense(q, k, v, causal=causal, window=window, q_slots=q_slots, k_slots=k_slots, key_valid=key_valid,
                     memory=memory, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng, alibi=alibi)
@@ -131,11 +136,13 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     """The kernel for `impl` on this backend, for self-attention of t tokens without cache,
     padding, memory or dropout. An explicit kernel the backend lacks is an error (raised while
     tracing, before anything compiles); `auto` takes the fastest that applies. On CPU that is
-    `blocked` once the sequence spans two blocks (5x the dense softmax's speed at 2048 tokens,
-    forward and backward, and no T x T). Within one block it saves no memory and little time
-    (float32: 1.2x at 64-256 tokens; bfloat16: none), while its recomputed backward adds
-    rounding noise that differs with the layout (8 devices vs 1, tests/test_train_sharding.py),
-    so there the dense reference runs."""
+    neo's kernel (`cpu`: float32, 2x the dense softmax at 64-256 tokens, 1.7-3.9x `blocked` at
+    1024-2048, forward and backward). Where it does not apply (bfloat16, the kernels off or not
+    built), `blocked` once the sequence spans two blocks (5x the dense softmax's speed at 2048
+    tokens, and no T x T). Within one block that saves no memory and little time (float32: 1.2x
+    at 64-256 tokens; bfloat16: none), while its recomputed backward adds rounding noise that
+    differs with the layout (8 devices vs 1, tests/test_train_sharding.py), so there the dense
+    reference runs."""
     backend = jax.default_backend()
     if impl == "cudnn" and backend != "gpu":
         raise NeoError(f"attention_impl 'cudnn' needs a GPU, but jax runs on {backend}; use 'auto'.")
@@ -148,6 +155,10 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
         if not splash_applies(t):
             raise NeoError(f"attention_impl 'splash' needs a sequence that is a multiple of {SPLASH_BLOCK} "
                            f"tokens and not split over devices (got {t}); use 'auto' or 'blocked'.")
+    if impl == "cpu":
+        why = cpu_blocker(dtype, head_dim)
+        if why:
+            raise NeoError(f"attention_impl 'cpu' cannot run here: {why}; use 'auto'.")
     if impl != "auto":
         return impl
     if backend == "gpu" and cudnn_applies(dtype, head_dim, causal, window):
@@ -155,6 +166,8 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     if backend == "tpu" and splash_applies(t) and not bias:
         return "splash"
     if backend == "cpu":
+        if cpu_blocker(dtype, head_dim) is None:
+            return "cpu"
         return "blocked" if t > BLOCK else "xla"
     if window is not None:
         return "blocked" if t > 2 * window else "xla"
@@ -372,9 +385,26 @@ def splash_applies(t: int) -> bool:
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel  # noqa: F401
     except ImportError:
         return False
+    return t % SPLASH_BLOCK == 0 and not sequence_split()
+
+
+def sequence_split() -> bool:
+    """Whether the active layout splits the sequence over devices (a per-device kernel then
+    lacks keys)."""
     layout = active_layout()
-    split = layout is not None and layout.axis_size("sequence") * layout.axis_size("memory_length") > 1
-    return t % SPLASH_BLOCK == 0 and not split
+    return layout is not None and layout.axis_size("sequence") * layout.axis_size("memory_length") > 1
+
+
+def per_device(run, *arrays: jax.Array, extra: tuple[tuple[str, ...], ...] = ()) -> jax.Array:
+    """run(q, k, v, *rest) on each device's share of batch and heads, under shard_map when the
+    active layout has more than one device (`extra`: the dimension names of the arrays after
+    q, k and v)."""
+    layout = active_layout()
+    if layout is None or layout.mesh.size == 1:
+        return run(*arrays)
+    spec = layout.spec(("batch", "sequence", "heads", "features_per_head"))
+    specs = (spec, spec, spec, *(layout.spec(names) for names in extra))
+    return jax.shard_map(run, mesh=layout.mesh, in_specs=specs, out_specs=spec, check_vma=False)(*arrays)
 
 
 def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Optional[int], scale: float,
@@ -386,10 +416,8 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Op
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     layout = active_layout()
-    names = ("batch", "sequence", "heads", "features_per_head")
-    spec = layout.spec(names) if layout is not None and layout.mesh.size > 1 else None
     b, t, h, d = q.shape
-    local_heads = h // (layout.axis_size("heads") if spec is not None else 1)
+    local_heads = h // (layout.axis_size("heads") if layout is not None and layout.mesh.size > 1 else 1)
     if window is not None:
         one = sm.LocalMask((t, t), window_size=(window - 1, 0 if causal else window - 1), offset=0)
     else:
@@ -405,6 +433,57 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Op
         out = jax.vmap(kernel)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v))
         return out.transpose(0, 2, 1, 3).astype(v.dtype)
 
-    if spec is None:
-        return run(q, k, v)
-    return jax.shard_map(run, mesh=layout.mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    return per_device(run, q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# cpu: neo's CPU kernel, forward and backward (neo/kernels/attention.cc)
+
+
+def cpu_blocker(dtype: jnp.dtype, head_dim: int) -> Optional[str]:
+    """Why neo's CPU attention kernel cannot run this attention, or None if it can: float32 on
+    jax's CPU backend, heads up to 128 features, the sequence whole on each device, the kernels
+    built (and not turned off with NEO_CPU_KERNELS=0)."""
+    if jax.default_backend() != "cpu":
+        return f"it needs jax on CPU, but jax runs on {jax.default_backend()}"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it computes in float32, but the model computes in {jnp.dtype(dtype).name} (precision)"
+    if head_dim > cpu_kernels.TRAIN_ATTENTION_MAX_HEAD:
+        return f"it takes heads of up to {cpu_kernels.TRAIN_ATTENTION_MAX_HEAD} features, not {head_dim}"
+    if sequence_split():
+        return "the layout splits the sequence over devices, and the kernel needs every key on one device"
+    layout = active_layout()
+    if layout is not None and layout.axis_size("features_per_head") > 1:
+        return "the layout splits features_per_head over devices, and the kernel needs whole heads"
+    if not cpu_kernels.enabled():
+        return "neo's CPU kernels are off (NEO_CPU_KERNELS=0) or could not be built (see the log)"
+    return None
+
+
+def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Optional[int], scale: float,
+                  alibi: Optional[np.ndarray] = None) -> jax.Array:
+    """Self-attention q, k, v [b, t, h, d] float32 -> [b, t, h, d] with neo's CPU kernel: the
+    sums of `attend` (to rounding), never more of the scores than 16 query rows at a time, each
+    (sequence, head) whole on one thread, so the result does not depend on threads or layout.
+    alibi [h]: ALiBi's slopes."""
+    slopes = jnp.asarray(np.zeros(q.shape[2], np.float32) if alibi is None else alibi, jnp.float32)
+    run = functools.partial(_cpu_kernel, scale=float(scale), causal=bool(causal), window=window)
+    return per_device(run, q, k, v, slopes, extra=(("heads",),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _cpu_kernel(q, k, v, slopes, scale: float, causal: bool, window: Optional[int]):
+    return cpu_kernels.train_attention(q, k, v, slopes, scale=scale, causal=causal, window=window)
+
+
+def _cpu_kernel_fwd(q, k, v, slopes, scale, causal, window):
+    return _cpu_kernel(q, k, v, slopes, scale, causal, window), (q, k, v, slopes)
+
+
+def _cpu_kernel_bwd(scale, causal, window, residuals, d_out):
+    q, k, v, slopes = residuals
+    dq, dk, dv = cpu_kernels.train_attention_grad(q, k, v, slopes, d_out, scale=scale, causal=causal, window=window)
+    return dq, dk, dv, jnp.zeros_like(slopes)
+
+
+_cpu_kernel.defvjp(_cpu_kernel_fwd, _cpu_kernel_bwd)
