@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -192,7 +193,7 @@ void softmax_row(float* S, int64_t i, int64_t lo, int64_t hi, float slope, const
 // One (sequence, head)'s q, k, v (and d_out) copied out of [B, T, H, D] into [T, Dp] rows,
 // zero-padded; keys and values also transposed into [Dp, Tp].
 struct Scratch {
-  std::vector<float> q, k, v, kt, vt, g, s, dp, dq, dk, dv;
+  std::vector<float> q, k, v, kt, vt, g, s, dp, o, dq, dk, dv;
 };
 
 void gather(const float* x, float* rows, int64_t b, int64_t h, const Shape& n) {
@@ -214,8 +215,10 @@ void scatter(const float* rows, float* x, int64_t b, int64_t h, const Shape& n) 
     std::memcpy(x + ((b * n.T + t) * n.H + h) * n.D, rows + t * n.Dp, n.D * sizeof(float));
 }
 
-// The query rows [i0, i0 + R): their key ranges, scores and probabilities into w.s [R, Tp].
-void probabilities(Scratch& w, int64_t i0, int64_t R, int64_t* lo, int64_t* hi, float slope, const Shape& n) {
+// The query rows [i0, i0 + R): their key ranges [lo, hi), scores and probabilities into w.s
+// [R, Tp]; returns the keys any of them sees, [j0, j1).
+std::pair<int64_t, int64_t> probabilities(Scratch& w, int64_t i0, int64_t R, int64_t* lo, int64_t* hi, float slope,
+                                          const Shape& n) {
   int64_t j0 = n.T, j1 = 0;
   for (int64_t r = 0; r < R; ++r) {
     lo[r] = n.first(i0 + r);
@@ -225,13 +228,14 @@ void probabilities(Scratch& w, int64_t i0, int64_t R, int64_t* lo, int64_t* hi, 
   }
   a_bt(w.q.data() + i0 * n.Dp, w.kt.data(), w.s.data(), R, j0, j1, n);
   for (int64_t r = 0; r < R; ++r) softmax_row(w.s.data() + r * n.Tp, i0 + r, lo[r], hi[r], slope, n);
+  return {j0, j1};
 }
 
 template <int C>
 void forward_pair(const float* q, const float* k, const float* v, const float* slopes, float* out, int64_t b,
                   int64_t h, const Shape& n, Scratch& w) {
   w.q.resize(n.T * n.Dp), w.v.resize(n.T * n.Dp), w.k.resize(n.T * n.Dp), w.kt.resize(n.Dp * n.Tp);
-  w.s.resize(kRows * n.Tp), w.dq.resize(n.T * n.Dp);
+  w.s.resize(kRows * n.Tp), w.o.resize(n.T * n.Dp);
   gather(q, w.q.data(), b, h, n);
   gather(k, w.k.data(), b, h, n);
   gather(v, w.v.data(), b, h, n);
@@ -240,9 +244,9 @@ void forward_pair(const float* q, const float* k, const float* v, const float* s
   for (int64_t i0 = 0; i0 < n.T; i0 += kRows) {
     const int64_t R = std::min(kRows, n.T - i0);
     probabilities(w, i0, R, lo, hi, slopes[h], n);
-    p_x<C>(w.s.data(), w.v.data(), w.dq.data() + i0 * n.Dp, R, lo, hi, n.Tp);
+    p_x<C>(w.s.data(), w.v.data(), w.o.data() + i0 * n.Dp, R, lo, hi, n.Tp);
   }
-  scatter(w.dq.data(), out, b, h, n);
+  scatter(w.o.data(), out, b, h, n);
 }
 
 template <int C>
@@ -263,9 +267,7 @@ void backward_pair(const float* q, const float* k, const float* v, const float* 
   int64_t lo[kRows], hi[kRows];
   for (int64_t i0 = 0; i0 < n.T; i0 += kRows) {
     const int64_t R = std::min(kRows, n.T - i0);
-    probabilities(w, i0, R, lo, hi, slopes[h], n);
-    int64_t j0 = n.T, j1 = 0;
-    for (int64_t r = 0; r < R; ++r) j0 = std::min(j0, lo[r]), j1 = std::max(j1, hi[r]);
+    const auto [j0, j1] = probabilities(w, i0, R, lo, hi, slopes[h], n);
     a_bt(w.g.data() + i0 * n.Dp, w.vt.data(), w.dp.data(), R, j0, j1, n);  // dp = d_out . v
     for (int64_t r = 0; r < R; ++r) {  // ds = p (dp - sum_j p dp) * scale, into dp
       float* p = w.s.data() + r * n.Tp;
@@ -295,7 +297,7 @@ void for_each_pair(ffi::ThreadPool& pool, const Shape& n, F fn) {
 }
 
 // The pair's work, instantiated for Dp = 16 C (C = 1 .. 8: head sizes up to 128; larger ones
-// are rejected before the call, neo/kernels/cpu.py).
+// are refused by `check`, and before tracing by neo/model/attention_op.py cpu_blocker).
 #define NEO_DISPATCH(C_EXPR, CALL)        \
   switch (C_EXPR) {                       \
     case 1: { constexpr int C = 1; CALL; } break; \
