@@ -14,6 +14,12 @@
 // heads-first order and back, and zero-fills per-layer stacks for them; PyTorch's fused kernel
 // does the same sums in a fifth of the time.
 //
+// A block's scores are held transposed, one vector per key holding its 16 query rows
+// (docs/benchmarks.md, 2026-11-30 "evening"): the softmax's max and sums over keys are then
+// sums of whole vectors, masks are lane compares, and only the block's 16 queries need a
+// transposed copy (the row-major first version transposed all of k and v and reduced across
+// lanes for every row; this one is 1.6-1.8x faster at 64-2048 tokens).
+//
 // The same sums as neo/model/attention_op.py's dense path (`attend`): float32 scores q . k,
 // times scale, plus the ALiBi bias; softmax in float32 (exp(x - max) / sum) over the visible
 // keys (the dense path adds -1e10 to the others, whose exp is exactly 0); out = sum p v. The
@@ -40,11 +46,11 @@ namespace {
 
 using neo::exp16;
 using neo::f32x16;
+using neo::i32x16;
 using neo::load16;
 using neo::store16;
-using neo::sum16;
 
-constexpr int64_t kRows = 16;  // query rows per block: scores held [kRows, T]
+constexpr int64_t kRows = 16;  // query rows per block: one vector lane each
 
 struct Shape {
   int64_t B, T, H, D;
@@ -61,55 +67,38 @@ struct Shape {
   }
 };
 
-// C[r, j] = sum_d A[r, d] Bt[d, j] for rows r < R and columns j in [j0, j1) (whole vectors:
-// j0 and the width rounded to 16, the padding of Bt makes that safe). A [R, Dp], Bt [Dp, Tp],
-// C [R, Tp]. Blocks of 4 rows x 2 vectors in registers.
-void a_bt(const float* A, const float* Bt, float* C, int64_t R, int64_t j0, int64_t j1, const Shape& n) {
-  j0 = j0 / 16 * 16;
-  j1 = (j1 + 15) / 16 * 16;
-  const int64_t Dp = n.Dp, Tp = n.Tp;
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {
-    int64_t j = j0;
-    for (; j + 32 <= j1; j += 32) {
-      f32x16 c[4][2] = {};
-      for (int64_t d = 0; d < Dp; ++d) {
-        f32x16 b0 = load16(Bt + d * Tp + j), b1 = load16(Bt + d * Tp + j + 16);
-        for (int u = 0; u < 4; ++u) {
-          float a = A[(r + u) * Dp + d];
-          c[u][0] += a * b0;
-          c[u][1] += a * b1;
-        }
-      }
-      for (int u = 0; u < 4; ++u) {
-        store16(C + (r + u) * Tp + j, c[u][0]);
-        store16(C + (r + u) * Tp + j + 16, c[u][1]);
-      }
+// A block's scores, probabilities and their gradients are held transposed, St[j, r] for key j
+// and query row i0 + r: one vector holds one key's 16 rows, so the softmax's max and sums over
+// keys are sums of whole vectors (no reduction across lanes) and each mask is a lane compare.
+
+// St[j, r] = sum_d X[j, d] Yt[d, r] for keys j in [j0, j1). X [T, Dp] (keys or values, one row
+// each), Yt [D, 16] (the block's queries or output gradients, transposed), St [Tp, 16]. The sum
+// over d runs in order, one product at a time, as the dense path's einsum would on one thread.
+void x_yt(const float* X, const float* Yt, float* St, int64_t j0, int64_t j1, const Shape& n) {
+  const int64_t D = n.D, Dp = n.Dp;
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    f32x16 c[8] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const f32x16 y = load16(Yt + d * 16);
+      for (int u = 0; u < 8; ++u) c[u] += X[(j + u) * Dp + d] * y;
     }
-    for (; j < j1; j += 16) {
-      f32x16 c[4] = {};
-      for (int64_t d = 0; d < Dp; ++d) {
-        f32x16 b0 = load16(Bt + d * Tp + j);
-        for (int u = 0; u < 4; ++u) c[u] += A[(r + u) * Dp + d] * b0;
-      }
-      for (int u = 0; u < 4; ++u) store16(C + (r + u) * Tp + j, c[u]);
-    }
+    for (int u = 0; u < 8; ++u) store16(St + (j + u) * 16, c[u]);
   }
-  for (; r < R; ++r)
-    for (int64_t j = j0; j < j1; j += 16) {
-      f32x16 c = {};
-      for (int64_t d = 0; d < Dp; ++d) c += A[r * Dp + d] * load16(Bt + d * Tp + j);
-      store16(C + r * Tp + j, c);
-    }
+  for (; j < j1; ++j) {
+    f32x16 c = {};
+    for (int64_t d = 0; d < D; ++d) c += X[j * Dp + d] * load16(Yt + d * 16);
+    store16(St + j * 16, c);
+  }
 }
 
-// Y[r, :] = sum_j P[r, j] X[j, :] for rows r < R, over the keys rows r .. r + 3 see together
-// (P is zero where a row does not see a key; the ranges only skip work). P [R, Tp], X [T, Dp],
-// Y [R, Dp]. Blocks of 4 rows x C = Dp / 16 vectors in registers.
+// Y[r, :] = sum_j Pt[j, r] X[j, :] for rows r < R, over the keys rows r .. r + U - 1 see
+// together (Pt is zero where a row does not see a key; the ranges only skip work). Pt [Tp, 16],
+// X [T, Dp], Y [R, Dp]. Blocks of U rows x C = Dp / 16 vectors in registers.
 template <int C>
-void p_x(const float* P, const float* X, float* Y, int64_t R, const int64_t* lo, const int64_t* hi, int64_t Tp) {
+void pt_x(const float* Pt, const float* X, float* Y, int64_t R, const int64_t* lo, const int64_t* hi) {
   constexpr int64_t Dp = 16 * C;
-  constexpr int U = C <= 4 ? 4 : 2;  // rows at a time: U * C accumulators
+  constexpr int U = C <= 2 ? 8 : C <= 4 ? 6 : C <= 6 ? 4 : 3;  // rows at a time: U * C accumulators
   int64_t r = 0;
   for (; r + U <= R; r += U) {
     f32x16 y[U][C] = {};
@@ -119,7 +108,7 @@ void p_x(const float* P, const float* X, float* Y, int64_t R, const int64_t* lo,
       f32x16 x[C];
       for (int c = 0; c < C; ++c) x[c] = load16(X + j * Dp + 16 * c);
       for (int u = 0; u < U; ++u) {
-        const float w = P[(r + u) * Tp + j];
+        const float w = Pt[j * 16 + r + u];
         for (int c = 0; c < C; ++c) y[u][c] += w * x[c];
       }
     }
@@ -129,71 +118,84 @@ void p_x(const float* P, const float* X, float* Y, int64_t R, const int64_t* lo,
   for (; r < R; ++r) {
     f32x16 y[C] = {};
     for (int64_t j = lo[r]; j < hi[r]; ++j) {
-      const float w = P[r * Tp + j];
+      const float w = Pt[j * 16 + r];
       for (int c = 0; c < C; ++c) y[c] += w * load16(X + j * Dp + 16 * c);
     }
     for (int c = 0; c < C; ++c) store16(Y + r * Dp + 16 * c, y[c]);
   }
 }
 
-// Y[j, :] += sum_r A[r, j] X[r, :] for keys j in [j0, j1), rows r < R. A [R, Tp], X [R, Dp],
-// Y [T, Dp]. Blocks of 4 keys; A is zero where row r does not see key j.
+// Y[j, :] += sum_r At[j, r] X[r, :] for keys j in [j0, j1), rows r < R. At [Tp, 16],
+// X [R, Dp], Y [T, Dp]. Blocks of U keys x C vectors; At is zero where row r does not see key j.
 template <int C>
-void at_x(const float* A, const float* X, float* Y, int64_t R, int64_t j0, int64_t j1, int64_t Tp) {
+void at_x(const float* At, const float* X, float* Y, int64_t R, int64_t j0, int64_t j1) {
   constexpr int64_t Dp = 16 * C;
+  constexpr int U = C <= 2 ? 8 : C <= 4 ? 6 : C <= 6 ? 4 : 3;  // keys at a time: U * C accumulators
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    f32x16 y[4][C] = {};
+  for (; j + U <= j1; j += U) {
+    f32x16 y[U][C] = {};
     for (int64_t r = 0; r < R; ++r) {
       f32x16 x[C];
       for (int c = 0; c < C; ++c) x[c] = load16(X + r * Dp + 16 * c);
-      for (int u = 0; u < 4; ++u) {
-        const float a = A[r * Tp + j + u];
+      for (int u = 0; u < U; ++u) {
+        const float a = At[(j + u) * 16 + r];
         for (int c = 0; c < C; ++c) y[u][c] += a * x[c];
       }
     }
-    for (int u = 0; u < 4; ++u)
+    for (int u = 0; u < U; ++u)
       for (int c = 0; c < C; ++c) store16(Y + (j + u) * Dp + 16 * c, load16(Y + (j + u) * Dp + 16 * c) + y[u][c]);
   }
   for (; j < j1; ++j) {
     f32x16 y[C] = {};
     for (int64_t r = 0; r < R; ++r) {
-      const float a = A[r * Tp + j];
+      const float a = At[j * 16 + r];
       for (int c = 0; c < C; ++c) y[c] += a * load16(X + r * Dp + 16 * c);
     }
     for (int c = 0; c < C; ++c) store16(Y + j * Dp + 16 * c, load16(Y + j * Dp + 16 * c) + y[c]);
   }
 }
 
-// Row i's scores S[j] (j in [lo, hi), the rest of [0, Tp) set to 0) -> its probabilities:
-// (S * scale - slope |i - j|), softmax over [lo, hi).
-void softmax_row(float* S, int64_t i, int64_t lo, int64_t hi, float slope, const Shape& n) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = lo; j < hi; ++j) {
-    float x = n.scale == 1.0f ? S[j] : S[j] * n.scale;
-    if (slope != 0.0f) x += -slope * static_cast<float>(i > j ? i - j : j - i);
-    S[j] = x;
-    top = std::max(top, x);
+// The scores St[j, r] (keys j in [j0, j1), rows i0 + r) -> probabilities, in place: S * scale -
+// slope |i - j|, softmax over the keys row i sees (the others -inf before the exp, so exactly
+// 0 after it). Lanes r >= R are no row; they see every key, so they stay finite, and are never
+// read.
+void softmax_block(float* St, int64_t i0, int64_t R, int64_t j0, int64_t j1, float slope, const Shape& n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 row = lane + static_cast<int32_t>(i0);
+  const i32x16 pad = lane >= static_cast<int32_t>(R);
+  const int32_t window = static_cast<int32_t>(n.window);
+  const f32x16 none = f32x16{} - inf;
+  f32x16 top = none;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int32_t key = static_cast<int32_t>(j);
+    f32x16 x = load16(St + j * 16);
+    if (n.scale != 1.0f) x = x * n.scale;
+    if (slope != 0.0f) {
+      const f32x16 dist = __builtin_convertvector(row - key, f32x16);  // exact below 2^24
+      x += -slope * (dist < 0 ? -dist : dist);
+    }
+    i32x16 hide = i32x16{};
+    if (n.causal) hide |= row < key;                     // key after the query
+    if (window) hide |= row >= key + window;             // key `window` or more slots before it
+    if (window && !n.causal) hide |= row <= key - window;  // ... or after it
+    x = (hide & ~pad) != 0 ? none : x;
+    store16(St + j * 16, x);
+    top = x > top ? x : top;
   }
-  const int64_t v0 = lo / 16 * 16, v1 = (hi + 15) / 16 * 16;
-  for (int64_t j = v0; j < lo; ++j) S[j] = -std::numeric_limits<float>::infinity();
-  for (int64_t j = hi; j < v1; ++j) S[j] = -std::numeric_limits<float>::infinity();
   f32x16 total = {};
-  for (int64_t j = v0; j < v1; j += 16) {
-    f32x16 e = exp16(load16(S + j) - top);  // -inf - top -> below the cut-off -> exactly 0
-    store16(S + j, e);
+  for (int64_t j = j0; j < j1; ++j) {
+    const f32x16 e = exp16(load16(St + j * 16) - top);  // -inf - top -> below the cut-off -> exactly 0
+    store16(St + j * 16, e);
     total += e;
   }
-  const float sum = sum16(total);
-  for (int64_t j = v0; j < v1; j += 16) store16(S + j, load16(S + j) / sum);
-  std::fill(S, S + v0, 0.0f);
-  std::fill(S + v1, S + n.Tp, 0.0f);
+  for (int64_t j = j0; j < j1; ++j) store16(St + j * 16, load16(St + j * 16) / total);
 }
 
 // One (sequence, head)'s q, k, v (and d_out) copied out of [B, T, H, D] into [T, Dp] rows,
-// zero-padded; keys and values also transposed into [Dp, Tp].
+// zero-padded; a block's queries (and output gradients) also transposed into [D, 16].
 struct Scratch {
-  std::vector<float> q, k, v, kt, vt, g, s, dp, o, dq, dk, dv;
+  std::vector<float> q, k, v, g, qt, gt, s, dp, o, dq, dk, dv;
 };
 
 void gather(const float* x, float* rows, int64_t b, int64_t h, const Shape& n) {
@@ -204,10 +206,11 @@ void gather(const float* x, float* rows, int64_t b, int64_t h, const Shape& n) {
   }
 }
 
-void transpose(const float* rows, float* cols, const Shape& n) {
-  std::fill(cols, cols + n.Dp * n.Tp, 0.0f);
-  for (int64_t t = 0; t < n.T; ++t)
-    for (int64_t d = 0; d < n.D; ++d) cols[d * n.Tp + t] = rows[t * n.Dp + d];
+// cols[d, r] = rows[r, d] for r < R (the lanes r >= R zero).
+void transpose_block(const float* rows, float* cols, int64_t R, const Shape& n) {
+  std::fill(cols, cols + n.D * 16, 0.0f);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < n.D; ++d) cols[d * 16 + r] = rows[r * n.Dp + d];
 }
 
 void scatter(const float* rows, float* x, int64_t b, int64_t h, const Shape& n) {
@@ -215,10 +218,8 @@ void scatter(const float* rows, float* x, int64_t b, int64_t h, const Shape& n) 
     std::memcpy(x + ((b * n.T + t) * n.H + h) * n.D, rows + t * n.Dp, n.D * sizeof(float));
 }
 
-// The query rows [i0, i0 + R): their key ranges [lo, hi), scores and probabilities into w.s
-// [R, Tp]; returns the keys any of them sees, [j0, j1).
-std::pair<int64_t, int64_t> probabilities(Scratch& w, int64_t i0, int64_t R, int64_t* lo, int64_t* hi, float slope,
-                                          const Shape& n) {
+// The query rows [i0, i0 + R): their key ranges [lo, hi) and the keys any of them sees, [j0, j1).
+std::pair<int64_t, int64_t> key_ranges(int64_t i0, int64_t R, int64_t* lo, int64_t* hi, const Shape& n) {
   int64_t j0 = n.T, j1 = 0;
   for (int64_t r = 0; r < R; ++r) {
     lo[r] = n.first(i0 + r);
@@ -226,25 +227,30 @@ std::pair<int64_t, int64_t> probabilities(Scratch& w, int64_t i0, int64_t R, int
     j0 = std::min(j0, lo[r]);
     j1 = std::max(j1, hi[r]);
   }
-  a_bt(w.q.data() + i0 * n.Dp, w.kt.data(), w.s.data(), R, j0, j1, n);
-  for (int64_t r = 0; r < R; ++r) softmax_row(w.s.data() + r * n.Tp, i0 + r, lo[r], hi[r], slope, n);
   return {j0, j1};
+}
+
+// The block's probabilities, transposed, into w.s [Tp, 16] over the keys [j0, j1).
+void probabilities(Scratch& w, int64_t i0, int64_t R, int64_t j0, int64_t j1, float slope, const Shape& n) {
+  transpose_block(w.q.data() + i0 * n.Dp, w.qt.data(), R, n);
+  x_yt(w.k.data(), w.qt.data(), w.s.data(), j0, j1, n);
+  softmax_block(w.s.data(), i0, R, j0, j1, slope, n);
 }
 
 template <int C>
 void forward_pair(const float* q, const float* k, const float* v, const float* slopes, float* out, int64_t b,
                   int64_t h, const Shape& n, Scratch& w) {
-  w.q.resize(n.T * n.Dp), w.v.resize(n.T * n.Dp), w.k.resize(n.T * n.Dp), w.kt.resize(n.Dp * n.Tp);
-  w.s.resize(kRows * n.Tp), w.o.resize(n.T * n.Dp);
+  w.q.resize(n.T * n.Dp), w.v.resize(n.T * n.Dp), w.k.resize(n.T * n.Dp), w.qt.resize(n.Dp * 16);
+  w.s.resize(n.Tp * 16), w.o.resize(n.T * n.Dp);
   gather(q, w.q.data(), b, h, n);
   gather(k, w.k.data(), b, h, n);
   gather(v, w.v.data(), b, h, n);
-  transpose(w.k.data(), w.kt.data(), n);
   int64_t lo[kRows], hi[kRows];
   for (int64_t i0 = 0; i0 < n.T; i0 += kRows) {
     const int64_t R = std::min(kRows, n.T - i0);
-    probabilities(w, i0, R, lo, hi, slopes[h], n);
-    p_x<C>(w.s.data(), w.v.data(), w.o.data() + i0 * n.Dp, R, lo, hi, n.Tp);
+    const auto [j0, j1] = key_ranges(i0, R, lo, hi, n);
+    probabilities(w, i0, R, j0, j1, slopes[h], n);
+    pt_x<C>(w.s.data(), w.v.data(), w.o.data() + i0 * n.Dp, R, lo, hi);
   }
   scatter(w.o.data(), out, b, h, n);
 }
@@ -253,33 +259,31 @@ template <int C>
 void backward_pair(const float* q, const float* k, const float* v, const float* slopes, const float* g, float* dq,
                    float* dk, float* dv, int64_t b, int64_t h, const Shape& n, Scratch& w) {
   const int64_t rows = n.T * n.Dp;
-  w.q.resize(rows), w.k.resize(rows), w.v.resize(rows), w.g.resize(rows), w.kt.resize(n.Dp * n.Tp),
-      w.vt.resize(n.Dp * n.Tp), w.s.resize(kRows * n.Tp), w.dp.resize(kRows * n.Tp), w.dq.resize(rows),
-      w.dk.resize(rows), w.dv.resize(rows);
+  w.q.resize(rows), w.k.resize(rows), w.v.resize(rows), w.g.resize(rows), w.qt.resize(n.Dp * 16),
+      w.gt.resize(n.Dp * 16), w.s.resize(n.Tp * 16), w.dp.resize(n.Tp * 16), w.dq.resize(rows), w.dk.resize(rows),
+      w.dv.resize(rows);
   gather(q, w.q.data(), b, h, n);
   gather(k, w.k.data(), b, h, n);
   gather(v, w.v.data(), b, h, n);
   gather(g, w.g.data(), b, h, n);
-  transpose(w.k.data(), w.kt.data(), n);
-  transpose(w.v.data(), w.vt.data(), n);
   std::fill(w.dk.begin(), w.dk.end(), 0.0f);
   std::fill(w.dv.begin(), w.dv.end(), 0.0f);
   int64_t lo[kRows], hi[kRows];
+  float* s = w.s.data();
+  float* ds = w.dp.data();
   for (int64_t i0 = 0; i0 < n.T; i0 += kRows) {
     const int64_t R = std::min(kRows, n.T - i0);
-    const auto [j0, j1] = probabilities(w, i0, R, lo, hi, slopes[h], n);
-    a_bt(w.g.data() + i0 * n.Dp, w.vt.data(), w.dp.data(), R, j0, j1, n);  // dp = d_out . v
-    for (int64_t r = 0; r < R; ++r) {  // ds = p (dp - sum_j p dp) * scale, into dp
-      float* p = w.s.data() + r * n.Tp;
-      float* d = w.dp.data() + r * n.Tp;
-      float dot = 0.0f;
-      for (int64_t j = lo[r]; j < hi[r]; ++j) dot += p[j] * d[j];
-      for (int64_t j = j0 / 16 * 16; j < (j1 + 15) / 16 * 16; ++j)
-        d[j] = (j >= lo[r] && j < hi[r]) ? p[j] * (d[j] - dot) * n.scale : 0.0f;
-    }
-    p_x<C>(w.dp.data(), w.k.data(), w.dq.data() + i0 * n.Dp, R, lo, hi, n.Tp);  // dq = ds k
-    at_x<C>(w.dp.data(), w.q.data() + i0 * n.Dp, w.dk.data(), R, j0, j1, n.Tp);        // dk += ds^T q
-    at_x<C>(w.s.data(), w.g.data() + i0 * n.Dp, w.dv.data(), R, j0, j1, n.Tp);         // dv += p^T d_out
+    const auto [j0, j1] = key_ranges(i0, R, lo, hi, n);
+    probabilities(w, i0, R, j0, j1, slopes[h], n);
+    transpose_block(w.g.data() + i0 * n.Dp, w.gt.data(), R, n);
+    x_yt(w.v.data(), w.gt.data(), ds, j0, j1, n);  // dp = d_out . v
+    // ds = p (dp - sum_j p dp) * scale, in place (p is exactly 0 where a row does not see a key).
+    f32x16 dot = {};
+    for (int64_t j = j0; j < j1; ++j) dot += load16(s + j * 16) * load16(ds + j * 16);
+    for (int64_t j = j0; j < j1; ++j) store16(ds + j * 16, load16(s + j * 16) * (load16(ds + j * 16) - dot) * n.scale);
+    pt_x<C>(ds, w.k.data(), w.dq.data() + i0 * n.Dp, R, lo, hi);          // dq = ds k
+    at_x<C>(ds, w.q.data() + i0 * n.Dp, w.dk.data(), R, j0, j1);          // dk += ds^T q
+    at_x<C>(s, w.g.data() + i0 * n.Dp, w.dv.data(), R, j0, j1);           // dv += p^T d_out
   }
   scatter(w.dq.data(), dq, b, h, n);
   scatter(w.dk.data(), dk, b, h, n);
