@@ -37,6 +37,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -54,6 +55,7 @@ from neo.host_memory import restart_with_huge_pages  # noqa: E402
 
 KINDS = ("matmul", "attention", "layout", "scan", "other")
 PHASES = ("forward", "backward", "optimizer+rest")
+MATMUL_CALL = 'custom_call_target="neo_matmul_f32"'  # neo/kernels/matmul.cc, through the XLA FFI
 # The attention core's einsums in neo/model/attention.py (heads 'h', queries 'q', keys 'k').
 ATTENTION_OP = re.compile(
     r"b\w*[qk]\w*,b\w*[qk]\w*->|/attn/\w*(softmax|blocked|dot_product_attention|logits|scores|ffi_call)")
@@ -95,6 +97,10 @@ def hlo_index(text: str) -> dict:
             for d in dims(shape):
                 n *= d
             return 2.0 * n * k
+        if op == "custom-call" and MATMUL_CALL in rest:  # neo's CPU product: c [M, N], a [M, K] or [K, M]
+            lhs = re.match(r"\s*%([\w.\-]+)", rest).group(1)
+            out_dims, lhs_dims = dims(shape), dims(rows[lhs][0])
+            return 2.0 * math.prod(out_dims) * math.prod(lhs_dims) / out_dims[0]
         calls = re.search(r"calls=%([\w.\-]+)", rest)
         return sum(flops(i) for i in body[calls.group(1)]) if calls and op == "fusion" else 0.0
 
@@ -103,14 +109,15 @@ def hlo_index(text: str) -> dict:
         on = re.search(r'op_name="([^"]+)"', rest)
         calls = re.search(r"calls=%([\w.\-]+)", rest)
         fused = {rows[i][1] for i in body[calls.group(1)]} if calls and op == "fusion" else set()
-        out[name] = (op, shape, on.group(1) if on else "", fused, flops(name))
+        kind = "matmul-call" if op == "custom-call" and MATMUL_CALL in rest else op  # neo_kind's "matmul"
+        out[name] = (kind, shape, on.group(1) if on else "", fused, flops(name))
     return out
 
 
 def neo_kind(name: str, op: str, op_name: str, fused: set) -> str:
     """A kernel's kind; XLA names a fusion after its root instruction (copy_bitcast_fusion is a
     copy into a new layout of whatever was fused into it)."""
-    if op in ("dot", "convolution") or "dot" in fused or re.match(r"(ynn|xnn|onednn)_", name):
+    if op in ("dot", "convolution", "matmul-call") or "dot" in fused or re.match(r"(ynn|xnn|onednn)_", name):
         return "attention" if ATTENTION_OP.search(op_name) else "matmul"
     if op in ("copy", "transpose") or re.match(r"(copy|transpose)", name):
         return "layout"

@@ -1,6 +1,6 @@
 """neo's own CPU kernels, built on first use: a decode step's products (decode_product.cc) and
-its attention over the KV cache (decode_attention.cc), and training's self-attention, forward
-and backward (attention.cc).
+its attention over the KV cache (decode_attention.cc), training's self-attention, forward and
+backward (attention.cc), and training's small float32 products (matmul.cc).
 
 A decode step multiplies every weight matrix by a few rows (the batch, one token each), so it
 is limited by how fast the weights stream in from memory. XLA:CPU's products read them at half
@@ -24,6 +24,11 @@ The training attention kernel (attention.cc, `train_attention`) computes softmax
 a sequence a block of query rows at a time, where XLA:CPU wrote [B, H, T, T] scores,
 probabilities and gradients out between a dozen kernels (docs/benchmarks.md, "training
 attention on CPU").
+
+The training product (matmul.cc, `matmul`) takes a dense layer's product and both gradients
+when the weight is small (neo/model/layers.py decides), where XLA:CPU ran the quickstart's at
+90-190 GFLOP/s on two cores and the kernel's register tiles run at 180-220 (docs/benchmarks.md,
+"training products on CPU").
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "attention.cc")  # one library
+SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "attention.cc",
+           HERE / "matmul.cc")  # one library
 HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 PANEL = 32  # columns per panel (kPanel in decode_product.cc)
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
@@ -59,12 +65,13 @@ ATTENTION_TARGETS = {jnp.dtype(jnp.float32): "neo_decode_attention_f32",
 
 TRAIN_ATTENTION_TARGETS = {"neo_attention_forward_f32": "NeoAttentionForwardF32",
                            "neo_attention_backward_f32": "NeoAttentionBackwardF32"}
+MATMUL_TARGET = ("neo_matmul_f32", "NeoMatmulF32")
 TRAIN_ATTENTION_MAX_HEAD = 128  # head sizes the training attention kernel takes (attention.cc)
 
 
 def enabled() -> bool:
-    """Whether neo's CPU kernels run (decode steps, training attention): on the CPU backend,
-    unless NEO_CPU_KERNELS=0, when the library builds (`load`)."""
+    """Whether neo's CPU kernels run (decode steps, training attention and small products): on
+    the CPU backend, unless NEO_CPU_KERNELS=0, when the library builds (`load`)."""
     if os.environ.get("NEO_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
         return False
     return load() is not None
@@ -99,7 +106,7 @@ def load() -> Optional[Path]:
             for targets, symbol in ((TARGETS, "NeoDecodeProduct"), (ATTENTION_TARGETS, "NeoDecodeAttention")):
                 jax.ffi.register_ffi_target(targets[jnp.dtype(dtype)], jax.ffi.pycapsule(getattr(lib, symbol + suffix)),
                                             platform="cpu")
-        for target, symbol in TRAIN_ATTENTION_TARGETS.items():
+        for target, symbol in (*TRAIN_ATTENTION_TARGETS.items(), MATMUL_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _BF16_PAIRS.append(bool(lib.NeoDecodeBF16Pairs()))
         return path
@@ -217,6 +224,18 @@ def train_attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.A
     like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     call = jax.ffi.ffi_call("neo_attention_backward_f32", (like, like, like))
     return call(q, k, v, slopes, d_out, **_attention_attrs(scale, causal, window))
+
+
+def matmul(a: jax.Array, b: jax.Array, *, a_transposed: bool = False, b_transposed: bool = False) -> jax.Array:
+    """a [M, K] @ b [K, N] -> float32 [M, N] (matmul.cc), a given as [K, M] when a_transposed,
+    b as [N, K] when b_transposed; float32 operands. Each output is one thread's sum over k, in
+    k order within blocks of 128."""
+    m = a.shape[1] if a_transposed else a.shape[0]
+    n = b.shape[0] if b_transposed else b.shape[1]
+    if load() is None:
+        raise RuntimeError("neo's CPU kernels are not built here (see the warning above).")
+    call = jax.ffi.ffi_call(MATMUL_TARGET[0], jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(a, b, a_transposed=np.int32(a_transposed), b_transposed=np.int32(b_transposed))
 
 
 def _attention_attrs(scale: float, causal: bool, window: Optional[int]) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import string
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from neo.kernels import cpu as cpu_kernels
+from neo.mesh import active_layout
 
 Initializer = Callable[..., jax.Array]
 
@@ -62,12 +63,58 @@ def product_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def _product(eq: str, dtype: jnp.dtype, a: jax.Array, b: jax.Array, out: jnp.dtype = jnp.float32) -> jax.Array:
     a, b = a.astype(dtype), b.astype(dtype)
     if not _needs_row_major(dtype):
-        return jnp.einsum(eq, a, b, preferred_element_type=out)
+        small = _small_cpu_product(eq, a, b) if jnp.dtype(out) == jnp.float32 else None
+        return small if small is not None else jnp.einsum(eq, a, b, preferred_element_type=out)
     # The barrier keeps a caller's transpose of the result (the tied head's gradient is the
     # transpose of [embd, vocab]) from being folded into the product by swapping its operands.
     return jax.lax.optimization_barrier(
         jnp.einsum(eq, a, b, preferred_element_type=jnp.float32) if _row_major(eq) else _row_major_product(eq, a, b)
     ).astype(out)
+
+
+SMALL_PRODUCT = 1 << 17  # floats in a product's weight-sized side up to which neo's CPU kernel runs it
+
+
+def _small_cpu_product(eq: str, a: jax.Array, b: jax.Array) -> Optional[jax.Array]:
+    """jnp.einsum(eq, a, b) of two float32 operands by neo's CPU kernel (matmul.cc), or None
+    where it does not apply. It applies on jax's CPU backend with the kernels built, on one
+    device (under a multi-device layout XLA partitions the product), to a plain product (no
+    batch index; each operand's indices grouped as rows then contraction or the reverse, the
+    result rows then columns of either operand) whose weight holds at most SMALL_PRODUCT floats:
+    b, or the result when the product contracts a's leading indices (a weight's gradient).
+
+    Why: XLA:CPU runs such small products at 90-190 GFLOP/s on two cores (the quickstart's
+    [768, 128] x [128, 512] and its gradients), the kernel at 180-220; from a weight of
+    [768, 768] (gpt_neo_125M) XLA's run at 185-215 and the kernel is no faster, so those stay
+    with XLA (docs/benchmarks.md, 2026-11-30 "evening")."""
+    if jnp.dtype(a.dtype) != jnp.float32 or jnp.dtype(b.dtype) != jnp.float32 or not cpu_kernels.enabled():
+        return None
+    layout = active_layout()
+    if layout is not None and layout.mesh.size > 1:
+        return None
+    (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
+    batch, m, n, contract = _split(x, y, z)
+    if batch or len(set(x)) != len(x) or len(set(y)) != len(y) or set(x) != set(m + contract) \
+            or set(y) != set(n + contract):
+        return None
+    sizes = dict(zip(x, a.shape)) | dict(zip(y, b.shape))
+    if z == m + n:
+        (l, lx, lm), (r, ry, rn) = (a, x, m), (b, y, n)
+    elif z == n + m:  # c^T = b^T a^T: the same kernel with the operands swapped
+        (l, lx, lm), (r, ry, rn) = (b, y, n), (a, x, m)
+    else:
+        return None
+    lc, rc = ("".join(c for c in operand if c in contract) for operand in (lx, ry))
+    if lc != rc or lx not in (lm + lc, lc + lm) or ry not in (rc + rn, rn + rc):
+        return None
+    rows, inner, cols = (math.prod(sizes[c] for c in part) for part in (lm, lc, rn))
+    a_t, b_t = lx != lm + lc, ry != rc + rn
+    weight = rows * cols if a_t else inner * cols  # a^T g (over the tokens) is a weight's gradient
+    if weight > SMALL_PRODUCT or not rows * inner * cols:
+        return None
+    c = cpu_kernels.matmul(l.reshape((inner, rows) if a_t else (rows, inner)),
+                           r.reshape((cols, inner) if b_t else (inner, cols)), a_transposed=a_t, b_transposed=b_t)
+    return c.reshape([sizes[i] for i in z])
 
 
 def _needs_row_major(dtype: jnp.dtype) -> bool:
