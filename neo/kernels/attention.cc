@@ -57,7 +57,7 @@ struct Shape {
   float scale;
   bool causal;
   int64_t window;  // 0: none
-  int64_t Dp, Tp;  // D and T rounded up to whole vectors (the scratch buffers' padding)
+  int64_t Dp;  // D rounded up to whole vectors (the rows' padding in the scratch buffers)
 
   // The keys query row i may see: [first(i), last(i)).
   int64_t first(int64_t i) const { return window ? std::max<int64_t>(0, i - window + 1) : 0; }
@@ -72,7 +72,7 @@ struct Shape {
 // keys are sums of whole vectors (no reduction across lanes) and each mask is a lane compare.
 
 // St[j, r] = sum_d X[j, d] Yt[d, r] for keys j in [j0, j1). X [T, Dp] (keys or values, one row
-// each), Yt [D, 16] (the block's queries or output gradients, transposed), St [Tp, 16]. The sum
+// each), Yt [D, 16] (the block's queries or output gradients, transposed), St [T, 16]. The sum
 // over d runs in order, one product at a time, as the dense path's einsum would on one thread.
 void x_yt(const float* X, const float* Yt, float* St, int64_t j0, int64_t j1, const Shape& n) {
   const int64_t D = n.D, Dp = n.Dp;
@@ -93,7 +93,7 @@ void x_yt(const float* X, const float* Yt, float* St, int64_t j0, int64_t j1, co
 }
 
 // Y[r, :] = sum_j Pt[j, r] X[j, :] for rows r < R, over the keys rows r .. r + U - 1 see
-// together (Pt is zero where a row does not see a key; the ranges only skip work). Pt [Tp, 16],
+// together (Pt is zero where a row does not see a key; the ranges only skip work). Pt [T, 16],
 // X [T, Dp], Y [R, Dp]. Blocks of U rows x C = Dp / 16 vectors in registers.
 template <int C>
 void pt_x(const float* Pt, const float* X, float* Y, int64_t R, const int64_t* lo, const int64_t* hi) {
@@ -125,7 +125,7 @@ void pt_x(const float* Pt, const float* X, float* Y, int64_t R, const int64_t* l
   }
 }
 
-// Y[j, :] += sum_r At[j, r] X[r, :] for keys j in [j0, j1), rows r < R. At [Tp, 16],
+// Y[j, :] += sum_r At[j, r] X[r, :] for keys j in [j0, j1), rows r < R. At [T, 16],
 // X [R, Dp], Y [T, Dp]. Blocks of U keys x C vectors; At is zero where row r does not see key j.
 template <int C>
 void at_x(const float* At, const float* X, float* Y, int64_t R, int64_t j0, int64_t j1) {
@@ -230,7 +230,7 @@ std::pair<int64_t, int64_t> key_ranges(int64_t i0, int64_t R, int64_t* lo, int64
   return {j0, j1};
 }
 
-// The block's probabilities, transposed, into w.s [Tp, 16] over the keys [j0, j1).
+// The block's probabilities, transposed, into w.s [T, 16] over the keys [j0, j1).
 void probabilities(Scratch& w, int64_t i0, int64_t R, int64_t j0, int64_t j1, float slope, const Shape& n) {
   transpose_block(w.q.data() + i0 * n.Dp, w.qt.data(), R, n);
   x_yt(w.k.data(), w.qt.data(), w.s.data(), j0, j1, n);
@@ -241,7 +241,7 @@ template <int C>
 void forward_pair(const float* q, const float* k, const float* v, const float* slopes, float* out, int64_t b,
                   int64_t h, const Shape& n, Scratch& w) {
   w.q.resize(n.T * n.Dp), w.v.resize(n.T * n.Dp), w.k.resize(n.T * n.Dp), w.qt.resize(n.Dp * 16);
-  w.s.resize(n.Tp * 16), w.o.resize(n.T * n.Dp);
+  w.s.resize(n.T * 16), w.o.resize(n.T * n.Dp);
   gather(q, w.q.data(), b, h, n);
   gather(k, w.k.data(), b, h, n);
   gather(v, w.v.data(), b, h, n);
@@ -260,7 +260,7 @@ void backward_pair(const float* q, const float* k, const float* v, const float* 
                    float* dk, float* dv, int64_t b, int64_t h, const Shape& n, Scratch& w) {
   const int64_t rows = n.T * n.Dp;
   w.q.resize(rows), w.k.resize(rows), w.v.resize(rows), w.g.resize(rows), w.qt.resize(n.Dp * 16),
-      w.gt.resize(n.Dp * 16), w.s.resize(n.Tp * 16), w.dp.resize(n.Tp * 16), w.dq.resize(rows), w.dk.resize(rows),
+      w.gt.resize(n.Dp * 16), w.s.resize(n.T * 16), w.dp.resize(n.T * 16), w.dq.resize(rows), w.dk.resize(rows),
       w.dv.resize(rows);
   gather(q, w.q.data(), b, h, n);
   gather(k, w.k.data(), b, h, n);
@@ -318,7 +318,7 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                  const ffi::Buffer<ffi::F32>& slopes, float scale, int32_t causal, int64_t window, Shape& n) {
   auto qd = q.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("training attention: expected q, k, v [B, T, H, D]");
-  n = Shape{qd[0], qd[1], qd[2], qd[3], scale, causal != 0, window, (qd[3] + 15) / 16 * 16, (qd[1] + 15) / 16 * 16};
+  n = Shape{qd[0], qd[1], qd[2], qd[3], scale, causal != 0, window, (qd[3] + 15) / 16 * 16};
   auto same = [&](const ffi::Buffer<ffi::F32>& x) {
     auto d = x.dimensions();
     return d.size() == 4 && d[0] == n.B && d[1] == n.T && d[2] == n.H && d[3] == n.D;
