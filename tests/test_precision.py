@@ -29,7 +29,9 @@ def dots(fn, *args) -> list[tuple[list, jnp.dtype]]:
 
 
 def test_bfloat16_multiplies_bfloat16_into_float32(tiny_config):
-    cfg = parse_model_config(tiny_config(precision="bfloat16")).model  # a global and a local layer
+    # A global and a local layer; attention on the dense path, whose scores and probs x v are
+    # products too (on CPU `auto` runs neo's kernel, which takes bfloat16 and computes in float32).
+    cfg = parse_model_config(tiny_config(precision="bfloat16", attention_impl="xla")).model
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     tokens = jnp.zeros((2, cfg.n_ctx), jnp.int32)

@@ -150,9 +150,6 @@ def _check_speed(m: ModelConfig, fail: Fail) -> None:
     if m.attention_impl == "cudnn" and m.precision != "bfloat16":
         fail("attention_impl 'cudnn' needs precision bfloat16 (cuDNN's flash attention has no float32 "
              "kernel); use 'auto' or 'blocked' in float32.")
-    if m.attention_impl == "cpu" and m.precision != "float32":
-        fail(f"attention_impl 'cpu' needs precision float32 (neo's CPU attention kernel has no {m.precision} "
-             "kernel); use 'auto'.")
     if m.remat_policy is not None and m.remat_policy not in REMAT_POLICIES:
         fail(f"'remat_policy' must be one of {', '.join(REMAT_POLICIES)}, got {m.remat_policy!r}."
              f"{did_you_mean(m.remat_policy, REMAT_POLICIES)}")

@@ -1,12 +1,13 @@
 // Self-attention for training on CPU, forward and backward: softmax(q k^T * scale + bias + mask) v
 // over one sequence, never holding more of the T x T scores than a block of query rows.
 //
-//   q, k, v [B, T, H, D] float32 (neo's activation order; k and v already repeated to H heads);
+//   q, k, v [B, T, H, D] float32 or bfloat16 (neo's activation order; k and v already repeated to
+//   H heads; bfloat16 is widened to float32 as it is read, and each result rounded once);
 //   slopes [H] float32: ALiBi's slopes (the bias -slope_h * |i - j|; all zeros adds nothing);
 //   attributes scale (the scores' factor), causal (keys after the query hidden), window (0: none;
 //   else keys `window` or more slots away hidden, on both sides when not causal).
-//   forward:  -> out [B, T, H, D]
-//   backward: + d_out [B, T, H, D] -> dq, dk, dv [B, T, H, D]
+//   forward:  -> out [B, T, H, D] (q's dtype)
+//   backward: + d_out [B, T, H, D] -> dq, dk, dv [B, T, H, D] (q's dtype)
 //
 // Why (docs/benchmarks.md, 2026-11-30 "afternoon: training attention on CPU"): in the quickstart
 // step XLA:CPU spends about a quarter of the wall time on attention. It writes [B, H, T, T]
@@ -33,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -48,7 +50,9 @@ using neo::exp16;
 using neo::f32x16;
 using neo::i32x16;
 using neo::load16;
+using neo::narrow;
 using neo::store16;
+using neo::widen;
 
 constexpr int64_t kRows = 16;  // query rows per block: one vector lane each
 
@@ -198,11 +202,17 @@ struct Scratch {
   std::vector<float> q, k, v, g, qt, gt, s, dp, o, dq, dk, dv;
 };
 
-void gather(const float* x, float* rows, int64_t b, int64_t h, const Shape& n) {
+template <typename T>
+void gather(const T* x, float* rows, int64_t b, int64_t h, const Shape& n) {
   for (int64_t t = 0; t < n.T; ++t) {
-    const float* src = x + ((b * n.T + t) * n.H + h) * n.D;
-    std::memcpy(rows + t * n.Dp, src, n.D * sizeof(float));
-    std::fill(rows + t * n.Dp + n.D, rows + (t + 1) * n.Dp, 0.0f);
+    const T* src = x + ((b * n.T + t) * n.H + h) * n.D;
+    float* row = rows + t * n.Dp;
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(row, src, n.D * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < n.D; ++d) row[d] = widen(src[d]);
+    }
+    std::fill(row + n.D, row + n.Dp, 0.0f);
   }
 }
 
@@ -213,9 +223,16 @@ void transpose_block(const float* rows, float* cols, int64_t R, const Shape& n) 
     for (int64_t d = 0; d < n.D; ++d) cols[d * 16 + r] = rows[r * n.Dp + d];
 }
 
-void scatter(const float* rows, float* x, int64_t b, int64_t h, const Shape& n) {
-  for (int64_t t = 0; t < n.T; ++t)
-    std::memcpy(x + ((b * n.T + t) * n.H + h) * n.D, rows + t * n.Dp, n.D * sizeof(float));
+template <typename T>
+void scatter(const float* rows, T* x, int64_t b, int64_t h, const Shape& n) {
+  for (int64_t t = 0; t < n.T; ++t) {
+    T* dst = x + ((b * n.T + t) * n.H + h) * n.D;
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(dst, rows + t * n.Dp, n.D * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < n.D; ++d) dst[d] = narrow<T>(rows[t * n.Dp + d]);
+    }
+  }
 }
 
 // The query rows [i0, i0 + R): their key ranges [lo, hi) and the keys any of them sees, [j0, j1).
@@ -237,8 +254,8 @@ void probabilities(Scratch& w, int64_t i0, int64_t R, int64_t j0, int64_t j1, fl
   softmax_block(w.s.data(), i0, R, j0, j1, slope, n);
 }
 
-template <int C>
-void forward_pair(const float* q, const float* k, const float* v, const float* slopes, float* out, int64_t b,
+template <int C, typename T>
+void forward_pair(const T* q, const T* k, const T* v, const float* slopes, T* out, int64_t b,
                   int64_t h, const Shape& n, Scratch& w) {
   w.q.resize(n.T * n.Dp), w.v.resize(n.T * n.Dp), w.k.resize(n.T * n.Dp), w.qt.resize(n.Dp * 16);
   w.s.resize(n.T * 16), w.o.resize(n.T * n.Dp);
@@ -255,9 +272,9 @@ void forward_pair(const float* q, const float* k, const float* v, const float* s
   scatter(w.o.data(), out, b, h, n);
 }
 
-template <int C>
-void backward_pair(const float* q, const float* k, const float* v, const float* slopes, const float* g, float* dq,
-                   float* dk, float* dv, int64_t b, int64_t h, const Shape& n, Scratch& w) {
+template <int C, typename T>
+void backward_pair(const T* q, const T* k, const T* v, const float* slopes, const T* g, T* dq, T* dk, T* dv,
+                   int64_t b, int64_t h, const Shape& n, Scratch& w) {
   const int64_t rows = n.T * n.Dp;
   w.q.resize(rows), w.k.resize(rows), w.v.resize(rows), w.g.resize(rows), w.qt.resize(n.Dp * 16),
       w.gt.resize(n.Dp * 16), w.s.resize(n.T * 16), w.dp.resize(n.T * 16), w.dq.resize(rows), w.dk.resize(rows),
@@ -314,12 +331,18 @@ void for_each_pair(ffi::ThreadPool& pool, const Shape& n, F fn) {
     case 8: { constexpr int C = 8; CALL; } break; \
   }
 
-ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+template <typename T, ffi::DataType DT>
+const T* data(const ffi::Buffer<DT>& x) {
+  return reinterpret_cast<const T*>(x.untyped_data());
+}
+
+template <ffi::DataType DT>
+ffi::Error check(const ffi::Buffer<DT>& q, const ffi::Buffer<DT>& k, const ffi::Buffer<DT>& v,
                  const ffi::Buffer<ffi::F32>& slopes, float scale, int32_t causal, int64_t window, Shape& n) {
   auto qd = q.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("training attention: expected q, k, v [B, T, H, D]");
   n = Shape{qd[0], qd[1], qd[2], qd[3], scale, causal != 0, window, (qd[3] + 15) / 16 * 16};
-  auto same = [&](const ffi::Buffer<ffi::F32>& x) {
+  auto same = [&](const ffi::Buffer<DT>& x) {
     auto d = x.dimensions();
     return d.size() == 4 && d[0] == n.B && d[1] == n.T && d[2] == n.H && d[3] == n.D;
   };
@@ -329,63 +352,74 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+// T: the tensors' element type in memory (float, or uint16_t holding bfloat16 bits); DT: XLA's.
+template <typename T, ffi::DataType DT>
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v,
                    ffi::Buffer<ffi::F32> slopes, float scale, int32_t causal, int64_t window,
-                   ffi::ResultBuffer<ffi::F32> out) {
+                   ffi::ResultBuffer<DT> out) {
   Shape n;
   if (auto e = check(q, k, v, slopes, scale, causal, window, n); e.failure()) return e;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *sp = slopes.typed_data();
-  float* o = out->typed_data();
+  const T *qp = data<T>(q), *kp = data<T>(k), *vp = data<T>(v);
+  const float* sp = slopes.typed_data();
+  T* o = reinterpret_cast<T*>(out->untyped_data());
   for_each_pair(pool, n, [=](int64_t b, int64_t h, Scratch& w) {
-    NEO_DISPATCH(n.Dp / 16, (forward_pair<C>(qp, kp, vp, sp, o, b, h, n, w)));
+    NEO_DISPATCH(n.Dp / 16, (forward_pair<C, T>(qp, kp, vp, sp, o, b, h, n, w)));
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> slopes, ffi::Buffer<ffi::F32> g, float scale, int32_t causal,
-                    int64_t window, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+template <typename T, ffi::DataType DT>
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<DT> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v,
+                    ffi::Buffer<ffi::F32> slopes, ffi::Buffer<DT> g, float scale, int32_t causal, int64_t window,
+                    ffi::ResultBuffer<DT> dq, ffi::ResultBuffer<DT> dk, ffi::ResultBuffer<DT> dv) {
   Shape n;
   if (auto e = check(q, k, v, slopes, scale, causal, window, n); e.failure()) return e;
   if (g.element_count() != q.element_count())
     return ffi::Error::InvalidArgument("training attention: d_out must be [B, T, H, D] as q");
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *sp = slopes.typed_data(),
-              *gp = g.typed_data();
-  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  const T *qp = data<T>(q), *kp = data<T>(k), *vp = data<T>(v), *gp = data<T>(g);
+  const float* sp = slopes.typed_data();
+  T *dqp = reinterpret_cast<T*>(dq->untyped_data()), *dkp = reinterpret_cast<T*>(dk->untyped_data()),
+    *dvp = reinterpret_cast<T*>(dv->untyped_data());
   for_each_pair(pool, n, [=](int64_t b, int64_t h, Scratch& w) {
-    NEO_DISPATCH(n.Dp / 16, (backward_pair<C>(qp, kp, vp, sp, gp, dqp, dkp, dvp, b, h, n, w)));
+    NEO_DISPATCH(n.Dp / 16, (backward_pair<C, T>(qp, kp, vp, sp, gp, dqp, dkp, dvp, b, h, n, w)));
   });
   return ffi::Error::Success();
 }
 
-}  // namespace
-
 // q, k, v, slopes; scale, causal, window -> out.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoAttentionForwardF32, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define NEO_FORWARD_BINDING(DT)                    \
+  ffi::Ffi::Bind()                                 \
+      .Ctx<ffi::ThreadPool>()                      \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Attr<float>("scale")                        \
+      .Attr<int32_t>("causal")                     \
+      .Attr<int64_t>("window")                     \
+      .Ret<ffi::Buffer<DT>>()
 
 // q, k, v, slopes, d_out; scale, causal, window -> dq, dk, dv.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoAttentionBackwardF32, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define NEO_BACKWARD_BINDING(DT)                   \
+  ffi::Ffi::Bind()                                 \
+      .Ctx<ffi::ThreadPool>()                      \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<DT>>()                      \
+      .Attr<float>("scale")                        \
+      .Attr<int32_t>("causal")                     \
+      .Attr<int64_t>("window")                     \
+      .Ret<ffi::Buffer<DT>>()                      \
+      .Ret<ffi::Buffer<DT>>()                      \
+      .Ret<ffi::Buffer<DT>>()
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoAttentionForwardF32, (Forward<float, ffi::F32>), NEO_FORWARD_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoAttentionForwardBF16, (Forward<uint16_t, ffi::BF16>),
+                              NEO_FORWARD_BINDING(ffi::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoAttentionBackwardF32, (Backward<float, ffi::F32>), NEO_BACKWARD_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoAttentionBackwardBF16, (Backward<uint16_t, ffi::BF16>),
+                              NEO_BACKWARD_BINDING(ffi::BF16));

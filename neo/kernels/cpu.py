@@ -63,8 +63,9 @@ TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloa
 ATTENTION_TARGETS = {jnp.dtype(jnp.float32): "neo_decode_attention_f32",
                      jnp.dtype(jnp.bfloat16): "neo_decode_attention_bf16"}
 
-TRAIN_ATTENTION_TARGETS = {"neo_attention_forward_f32": "NeoAttentionForwardF32",
-                           "neo_attention_backward_f32": "NeoAttentionBackwardF32"}
+TRAIN_ATTENTION_TARGETS = {f"neo_attention_{pass_}_{suffix.lower()}": f"NeoAttention{pass_.title()}{suffix}"
+                           for pass_ in ("forward", "backward") for suffix in ("F32", "BF16")}
+TRAIN_ATTENTION_DTYPES = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
 MATMUL_TARGET = ("neo_matmul_f32", "NeoMatmulF32")
 TRAIN_ATTENTION_MAX_HEAD = 128  # head sizes the training attention kernel takes (attention.cc)
 
@@ -211,9 +212,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, slot: jax.A
 
 def train_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, *, scale: float, causal: bool,
                     window: Optional[int]) -> jax.Array:
-    """Self-attention of one sequence per row (attention.cc): q, k, v [B, T, H, D] float32, the
-    ALiBi slopes [H] (zeros: no bias) -> out [B, T, H, D], the sums of attention_op.attend."""
-    call = jax.ffi.ffi_call("neo_attention_forward_f32", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    """Self-attention of one sequence per row (attention.cc): q, k, v [B, T, H, D] float32 or
+    bfloat16 (computed in float32, the output rounded once), the ALiBi slopes [H] (zeros: no
+    bias) -> out [B, T, H, D] in q's dtype, the sums of attention_op.attend."""
+    call = jax.ffi.ffi_call(f"neo_attention_forward_{TRAIN_ATTENTION_DTYPES[q.dtype]}",
+                            jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(q, k, v, slopes, **_attention_attrs(scale, causal, window))
 
 
@@ -221,8 +224,8 @@ def train_attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.A
                          scale: float, causal: bool, window: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The gradients (dq, dk, dv) of `train_attention` for the output's cotangent d_out; the
     probabilities are recomputed exactly as the forward made them."""
-    like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call("neo_attention_backward_f32", (like, like, like))
+    like = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    call = jax.ffi.ffi_call(f"neo_attention_backward_{TRAIN_ATTENTION_DTYPES[q.dtype]}", (like, like, like))
     return call(q, k, v, slopes, d_out, **_attention_attrs(scale, causal, window))
 
 

@@ -39,31 +39,11 @@ namespace {
 using neo::exp16;
 using neo::f32x16;
 using neo::load16;
+using neo::narrow;
 using neo::store16;
 using neo::sum16;
 using neo::u32x16;
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t bits) {  // bfloat16 -> float32: the high half of the word
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// float32 -> the cache's dtype, rounded to nearest even (as XLA's convert), NaN kept a NaN.
-template <typename T>
-T narrow(float x);
-template <>
-float narrow<float>(float x) { return x; }
-template <>
-uint16_t narrow<uint16_t>(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
+using neo::widen;
 
 template <typename T>
 float dot(const float* q, const T* k, int64_t D) {

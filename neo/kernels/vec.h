@@ -1,6 +1,6 @@
 // 16-float vectors (GCC/Clang vector extensions, compiled for the host CPU with -march=native)
 // and the few operations on them that neo's CPU kernels share: loads of float32 and bfloat16,
-// a store, the pairwise sum of the lanes, and exp.
+// a store, float32 <-> bfloat16 one value at a time, the pairwise sum of the lanes, and exp.
 
 #pragma once
 
@@ -27,6 +27,29 @@ inline f32x16 load16(const uint16_t* p) {  // bfloat16 bits -> float32: the high
 }
 
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+// One value of a float32 or bfloat16 (its bits, uint16_t) tensor as float32 (exact), and back.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bits) {  // bfloat16 -> float32: the high half of the word
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// float32 -> T, rounded to nearest even (as XLA's convert), NaN kept a NaN.
+template <typename T>
+T narrow(float x);
+template <>
+inline float narrow<float>(float x) { return x; }
+template <>
+inline uint16_t narrow<uint16_t>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
 
 inline float sum16(f32x16 v) {  // the 16 lanes added pairwise (halves, then quarters, ...)
   float t[16];

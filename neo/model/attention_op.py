@@ -12,8 +12,8 @@ computes it is decided here (`attention_impl`, docs/configs.md):
     dot_product  jax.nn.dot_product_attention (XLA): the call `cudnn` makes, on any device
     cudnn        jax.nn.dot_product_attention's cuDNN flash attention (GPU, bfloat16)
     splash       the Pallas splash-attention kernel (TPU), under shard_map when sharded
-    cpu          neo's CPU kernel (neo/kernels/attention.cc), float32, forward and backward,
-                 under shard_map when sharded
+    cpu          neo's CPU kernel (neo/kernels/attention.cc), float32 or bfloat16 (computed in
+                 float32), forward and backward, under shard_map when sharded
     auto         cudnn on GPU and splash on TPU where they apply; on CPU the cpu kernel where
                  it applies, else blocked when the sequence spans more than one block, else
                  xla; elsewhere blocked for local layers longer than two windows and global
@@ -136,9 +136,10 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     """The kernel for `impl` on this backend, for self-attention of t tokens without cache,
     padding, memory or dropout. An explicit kernel the backend lacks is an error (raised while
     tracing, before anything compiles); `auto` takes the fastest that applies. On CPU that is
-    neo's kernel (`cpu`: float32, 2x the dense softmax at 64-256 tokens, 1.7-3.9x `blocked` at
-    1024-2048, forward and backward). Where it does not apply (bfloat16, the kernels off or not
-    built), `blocked` once the sequence spans two blocks (5x the dense softmax's speed at 2048
+    neo's kernel (`cpu`: float32 or bfloat16, 2.7-3.8x the dense softmax at 64-256 tokens,
+    2.5-5.2x `blocked` at 2048, forward and backward). Where it does not apply (the kernels off
+    or not built, heads over 128 features, a split sequence), `blocked` once the sequence spans
+    two blocks (5x the dense softmax's speed at 2048
     tokens, and no T x T). Within one block that saves no memory and little time (float32: 1.2x
     at 64-256 tokens; bfloat16: none), while its recomputed backward adds rounding noise that
     differs with the layout (8 devices vs 1, tests/test_train_sharding.py), so there the dense
@@ -441,13 +442,13 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Op
 
 
 def cpu_blocker(dtype: jnp.dtype, head_dim: int) -> Optional[str]:
-    """Why neo's CPU attention kernel cannot run this attention, or None if it can: float32 on
-    jax's CPU backend, heads up to 128 features, the sequence whole on each device, the kernels
+    """Why neo's CPU attention kernel cannot run this attention, or None if it can: float32 or
+    bfloat16 on jax's CPU backend, heads up to 128 features, the sequence whole on each device, the kernels
     built (and not turned off with NEO_CPU_KERNELS=0)."""
     if jax.default_backend() != "cpu":
         return f"it needs jax on CPU, but jax runs on {jax.default_backend()}"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"it computes in float32, but the model computes in {jnp.dtype(dtype).name} (precision)"
+    if jnp.dtype(dtype) not in cpu_kernels.TRAIN_ATTENTION_DTYPES:
+        return f"it takes float32 or bfloat16, but the model computes in {jnp.dtype(dtype).name} (precision)"
     if head_dim > cpu_kernels.TRAIN_ATTENTION_MAX_HEAD:
         return f"it takes heads of up to {cpu_kernels.TRAIN_ATTENTION_MAX_HEAD} features, not {head_dim}"
     if sequence_split():
@@ -462,8 +463,9 @@ def cpu_blocker(dtype: jnp.dtype, head_dim: int) -> Optional[str]:
 
 def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, window: Optional[int], scale: float,
                   alibi: Optional[np.ndarray] = None) -> jax.Array:
-    """Self-attention q, k, v [b, t, h, d] float32 -> [b, t, h, d] with neo's CPU kernel: the
-    sums of `attend` (to rounding), never more of the scores than 16 query rows at a time, each
+    """Self-attention q, k, v [b, t, h, d] float32 or bfloat16 -> [b, t, h, d] with neo's CPU
+    kernel: the sums of `attend` (to rounding; bfloat16 inputs are computed in float32 and each
+    result rounded once, where `attend` also rounds the probabilities), never more of the scores than 16 query rows at a time, each
     (sequence, head) whole on one thread, so the result does not depend on threads or layout.
     alibi [h]: ALiBi's slopes."""
     slopes = jnp.asarray(np.zeros(q.shape[2], np.float32) if alibi is None else alibi, jnp.float32)
