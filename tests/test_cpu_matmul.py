@@ -4,6 +4,7 @@ gradients go to it on one CPU device, and everything else stays with XLA (produc
 index, weights larger than SMALL_PRODUCT, multi-device layouts, NEO_CPU_KERNELS=0); a model's
 loss and gradients equal XLA's."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,8 +88,7 @@ def test_model_loss_and_gradients_equal_xla(tiny_config, monkeypatch):
     XLA's (NEO_CPU_KERNELS=0 also turns the attention kernel off: pinned to the dense path on
     both sides)."""
     cfg = parse_model_config(tiny_config(attention_impl="xla"))
-    params = jax.tree.map(lambda x: getattr(x, "value", x), init_params(cfg.model, jax.random.PRNGKey(0)),
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(init_params(cfg.model, jax.random.PRNGKey(0)))
     model = GPT(cfg.model)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.model.n_ctx), 0, cfg.model.n_vocab)
 
