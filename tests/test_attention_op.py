@@ -122,7 +122,8 @@ def test_auto_takes_the_cpu_kernel_where_it_applies(monkeypatch):
         assert auto(A.BLOCK) == "xla"
 
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.enabled(), reason="no C++ compiler here: the kernels are not built")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.enabled(),
+                                   reason="neo's CPU kernels are not used here (no C++ compiler, or no AVX-512)")
 
 
 @needs_kernels

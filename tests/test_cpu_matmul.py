@@ -16,7 +16,8 @@ from neo.mesh import make_layout
 from neo.model import GPT, init_params
 from neo.model import layers
 
-pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="no C++ compiler here: the kernel is not built")
+pytestmark = pytest.mark.skipif(not cpu.enabled(),
+                                reason="neo's CPU kernels are not used here (no C++ compiler, or no AVX-512)")
 
 
 @pytest.mark.parametrize("a_t", [False, True])

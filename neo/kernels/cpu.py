@@ -13,7 +13,10 @@ The library is compiled once per machine with the host's C++ compiler for the ho
 (`-march=native`) and cached under ~/.cache/neo/kernels (or $NEO_KERNEL_CACHE), keyed by the
 source, the compiler, jaxlib and the CPU's model and flags, so a cached build never runs on a
 CPU it was not built for. Where it cannot be built (no compiler, not Linux) neo logs why once
-and decodes with XLA's products, the same numbers more slowly. NEO_CPU_KERNELS=0 turns it off.
+and decodes with XLA's products, the same numbers more slowly. The kernels compute on 16-float
+vectors, so they are built only where `-march=native` gives AVX-512; on other CPUs (AVX2 only,
+ARM) they would run several times slower than XLA, which then does everything (logged once).
+NEO_CPU_KERNELS=0 turns them off.
 
 The attention kernel (decode_attention.cc, `attention`) reads the KV cache where XLA:CPU
 rewrote a bfloat16 cache whole at every step and attended over a float32 copy of it
@@ -96,6 +99,11 @@ def load() -> Optional[Path]:
         log.warning("no C++ compiler (g++) found: neo's CPU kernels are not built; decoding uses XLA's products "
                     "and training XLA's attention, which are slower (install g++, or set CXX).")
         return None
+    missing = _missing_vector_units(compiler)
+    if missing:
+        log.info("neo's CPU kernels are not used: %s. Decoding and training use XLA's products and attention "
+                 "(docs/benchmarks.md, \"the kernels on a CPU without AVX-512\").", missing)
+        return None
     try:
         path = _build(compiler)
         try:
@@ -117,6 +125,24 @@ def load() -> Optional[Path]:
         log.warning("neo's CPU kernels did not build (%s); decoding uses XLA's products and training XLA's "
                     "attention, which are slower (docs/benchmarks.md).", why.strip())
         return None
+
+
+def _missing_vector_units(compiler: str) -> Optional[str]:
+    """Why the kernels would be slow here, or None: they are written for 16-float (512-bit)
+    vectors, which `-march=native` gives only on a CPU with AVX-512. Elsewhere the compiler
+    splits every vector into narrower ones and the register tiles spill: built for AVX2
+    (-march=haswell) on an AVX-512 machine, the training product ran at 3-4 GFLOP/s against
+    XLA's 80-180, the attention kernel 4-8x slower than XLA's and decoding 3.7-10x slower
+    (docs/benchmarks.md, "the kernels on a CPU without AVX-512"). So they are not built there."""
+    try:
+        done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None  # a compiler that does not run: the build says so
+    if done.returncode == 0 and "__AVX512F__" not in done.stdout.split():
+        return (f"they need AVX-512 (16-float vectors), and {compiler} -march=native does not target it on this "
+                f"CPU ({platform.machine()})")
+    return None
 
 
 def build_key(compiler: str) -> str:

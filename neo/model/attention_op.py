@@ -456,7 +456,8 @@ def cpu_blocker(dtype: jnp.dtype, head_dim: int) -> Optional[str]:
     if layout is not None and layout.axis_size("features_per_head") > 1:
         return "the layout splits features_per_head over devices, and the kernel needs whole heads"
     if not cpu_kernels.enabled():
-        return "neo's CPU kernels are off (NEO_CPU_KERNELS=0) or could not be built (see the log)"
+        return ("neo's CPU kernels are off (NEO_CPU_KERNELS=0), could not be built, or are not used on this CPU "
+                "(they need AVX-512; the log says which)")
     return None
 
 
