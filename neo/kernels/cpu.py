@@ -131,9 +131,10 @@ def _missing_vector_units(compiler: str) -> Optional[str]:
     """Why the kernels would be slow here, or None: they are written for 16-float (512-bit)
     vectors, which `-march=native` gives only on a CPU with AVX-512. Elsewhere the compiler
     splits every vector into narrower ones and the register tiles spill: built for AVX2
-    (-march=haswell) on an AVX-512 machine, the training product ran at 3-4 GFLOP/s against
-    XLA's 80-180, the attention kernel 4-8x slower than XLA's and decoding 3.7-10x slower
-    (docs/benchmarks.md, "the kernels on a CPU without AVX-512"). So they are not built there."""
+    (-march=haswell) on an AVX-512 machine, the training products ran at 2-4 GFLOP/s against
+    XLA's 82-184, the attention kernel 2.7-7.7x slower than XLA's or `blocked` and decoding
+    3.7-13.6x slower (docs/benchmarks.md, "the kernels on a CPU without AVX-512"). So they are
+    not built there."""
     try:
         done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
                               capture_output=True, text=True, timeout=60)

@@ -137,12 +137,13 @@ def choose(impl: str, *, t: int, head_dim: int, dtype: jnp.dtype, causal: bool, 
     padding, memory or dropout. An explicit kernel the backend lacks is an error (raised while
     tracing, before anything compiles); `auto` takes the fastest that applies. On CPU that is
     neo's kernel (`cpu`: float32 or bfloat16, 2.7-3.8x the dense softmax at 64-256 tokens,
-    2.5-5.2x `blocked` at 2048, forward and backward). Where it does not apply (the kernels off
-    or not built, heads over 128 features, a split sequence), `blocked` once the sequence spans
-    two blocks (5x the dense softmax's speed at 2048 tokens, and no T x T). Within one block
-    that saves no memory and little time (float32: 1.2x at 64-256 tokens; bfloat16: none),
-    while its recomputed backward adds rounding noise that differs with the layout (8 devices
-    vs 1, tests/test_train_sharding.py), so there the dense reference runs."""
+    2.5-5.2x `blocked` at 2048, forward and backward). Where it does not apply (the kernels off,
+    not built or on a CPU without AVX-512, heads over 128 features, a split sequence),
+    `blocked` once the sequence spans two blocks (5x the dense softmax's speed at 2048 tokens,
+    and no T x T). Within one block that saves no memory and little time (float32: 1.2x at
+    64-256 tokens; bfloat16: none), while its recomputed backward adds rounding noise that
+    differs with the layout (8 devices vs 1, tests/test_train_sharding.py), so there the dense
+    reference runs."""
     backend = jax.default_backend()
     if impl == "cudnn" and backend != "gpu":
         raise NeoError(f"attention_impl 'cudnn' needs a GPU, but jax runs on {backend}; use 'auto'.")
