@@ -350,7 +350,9 @@ def main() -> None:
         return
     print(f"{args.model}, batch {args.batch or 'config'} x seq {args.seq or 'config'}, {args.precision}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}; ms per step")
-    results = [r for r in (child(b) for b in args.backends.split(",")) if r]
+    from benchmark import runnable
+
+    results = [r for r in (child(b) for b in runnable(args, args.backends.split(","))) if r]
     for r in results:
         print_result(r)
     if args.json:

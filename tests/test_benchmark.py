@@ -191,3 +191,23 @@ def test_generation_steps_only_leaves_out_the_prompt_pass(monkeypatch):
     assert bench.timed(argparse.Namespace(new=20, reps=3, steps_only=False), run) == pytest.approx(0.09, abs=0.015)
     with pytest.raises(SystemExit, match="raise --new or --reps"):
         bench.timed(args, lambda new: time.sleep(0.01 if new == 40 else 0.03))
+
+
+def test_a_config_transformers_cannot_hold_skips_it_in_one_line(monkeypatch, capsys):
+    """The quickstart's scaled attention has no GPTNeo equivalent: the step benchmark and the
+    profile (command 6 runs it by default) leave transformers out with the reason in one line
+    rather than printing its child's traceback; a config it can hold keeps all three."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec.loader.exec_module(bench)
+    args = lambda model: argparse.Namespace(model=model, precision="float32", mesh_shape="", layout="", batch=0,
+                                            seq=0, recompute=False, set=[])
+    assert bench.runnable(args("quickstart"), list(bench.BACKENDS)) == ["neo", "nanogpt"]
+    assert capsys.readouterr().out.strip() == ("transformers GPTNeo: skipped, HF GPTNeoForCausalLM cannot "
+                                               "represent scale_attention; export as GPT-NeoX instead.")
+    assert bench.runnable(args("tiny"), list(bench.BACKENDS)) == list(bench.BACKENDS)
+    assert capsys.readouterr().out == ""
