@@ -293,7 +293,8 @@ print(json.dumps({"enabled": cpu.enabled(), "neo_calls": hlo.count("@neo_"),
 """
 
 
-def kernel_use(tiny_config, env: dict) -> dict:
+def kernel_use(tiny_config, env: dict) -> tuple[dict, str]:
+    """The child's report (KERNEL_USE) and its log."""
     import json
     import os
     import subprocess
