@@ -194,14 +194,15 @@ def decode_arch(cfg: Config) -> Any:
 def make_pack(cfg: Config, layout: Layout) -> Optional[Callable]:
     """The jit-compiled packing of `params` for neo's CPU decode kernels (neo/kernels/cpu.py):
     pack(params) -> the model's "decode" collection, every dense kernel and the head in the
-    compute dtype, in the panels the product kernel streams, and a mark on each attention layer
-    that its decode steps attend with the attention kernel. A decode step's products then run
-    1.2-3.6x faster than XLA:CPU's, and its attention 2.5-8x (docs/benchmarks.md). None where
+    compute dtype, in the panels the product kernel streams, and (on a CPU with AVX-512, where
+    the attention kernel runs) a mark on each attention layer that its decode steps attend with
+    it. A decode step's products then run 1.2-3.6x faster than XLA:CPU's (1.4-1.7x on an AVX2
+    CPU), and its attention 2.5-8x (docs/benchmarks.md). None where
     the kernels do not apply: off CPU, on more than one device, a compute dtype other than
     float32 and bfloat16, or no compiler to build them."""
     arch = decode_arch(cfg)
     layout = predict_layout(layout)
-    if not (layout.mesh.size == 1 and cpu_kernels.supports(compute_dtype(arch)) and cpu_kernels.enabled()):
+    if not (layout.mesh.size == 1 and cpu_kernels.supports(compute_dtype(arch)) and cpu_kernels.decode_kernels()):
         return None
     model = GPT(arch)
 

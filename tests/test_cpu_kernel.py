@@ -17,8 +17,9 @@ from neo.model import GPT, init_cache, init_params
 from neo.model.attention_op import NEG_INF, attend
 from neo.predict import Sampler, SamplingOptions, decode_arch, make_pack
 
-pytestmark = pytest.mark.skipif(not cpu.enabled(),
-                                reason="neo's CPU kernels are not used here (no C++ compiler, or no AVX-512)")
+pytestmark = pytest.mark.skipif(not cpu.decode_kernels(),
+                                reason="neo's CPU decode kernels are not used here (no C++ compiler, or neither AVX-512 "
+                                       "nor AVX2)")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -40,44 +41,65 @@ def test_product_equals_the_exact_sum(dtype, m, k, n):
     np.testing.assert_array_equal(np.asarray(run(x, w)), y)
 
 
-WIDENING_CHECK = """
+# The product kernel of a library built by a child's compiler (CXX) against the exact sums:
+# float32 and bfloat16, row counts that fill passes of 6 and 8 rows and leave some over, odd K,
+# N not a multiple of a panel. argv: the panel and the bfloat16 pairing the build must have.
+PRODUCT_CHECK = """
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from neo.kernels import cpu
-assert cpu.load() is not None and cpu._BF16_PAIRS == [False], cpu._BF16_PAIRS
+panel, pairs = int(sys.argv[1]), sys.argv[2] == "1"
+assert cpu.load() is not None and (cpu._BUILT["panel"], cpu._BUILT["pairs"]) == (panel, pairs), cpu._BUILT
 rng = np.random.default_rng(1)
-for m, k, n in [(1, 768, 2304), (8, 3072, 768), (3, 37, 100), (9, 64, 33)]:
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    packed = cpu.pack(w, jnp.bfloat16)
-    assert packed.shape == (-(-n // 32), k, 32), packed.shape
-    y = np.asarray(cpu.product(x, packed, n))
-    exact = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)
-    xla = np.asarray(jnp.einsum("mk,kn->mn", x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32))
-    assert np.abs(y - exact).max() <= max(4 * np.abs(xla - exact).max(), 1e-6 * np.abs(exact).max())
-print("widening path ok")
+for dtype in (jnp.float32, jnp.bfloat16):
+    for m, k, n in [(1, 768, 2304), (8, 3072, 768), (3, 37, 100), (9, 64, 33), (13, 130, 48), (16, 40, 17)]:
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        packed = cpu.pack(w, dtype)
+        if dtype == jnp.float32 or not pairs:
+            assert packed.shape == (-(-n // panel), k, panel), packed.shape
+        y = np.asarray(cpu.product(x, packed, n))
+        exact = np.asarray(x, np.float64) @ np.asarray(w.astype(dtype), np.float64)
+        xla = np.asarray(jnp.einsum("mk,kn->mn", x, w.astype(dtype), preferred_element_type=jnp.float32))
+        assert np.abs(y - exact).max() <= max(4 * np.abs(xla - exact).max(), 1e-6 * np.abs(exact).max())
+print("products ok")
 """
+
+
+def gxx_targeting(tmp_path, march: str, *extra: str) -> str:
+    """A g++ that compiles for `march` (and `extra` flags) where asked for -march=native, as on
+    a CPU of that kind; this CPU runs the code (it has every instruction set asked for here)."""
+    import shutil
+
+    gxx = shutil.which("g++") or shutil.which("c++")
+    wrapper = tmp_path / f"g++-{march}"
+    wrapper.write_text('#!/bin/bash\nargs=()\nfor a in "$@"; do [ "$a" = -march=native ] && a=-march=' + march +
+                       f'; args+=("$a"); done\nexec {gxx} "${{args[@]}}" {" ".join(extra)}\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def check_products(tmp_path, compiler: str, panel: int, pairs: bool) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CXX=compiler, NEO_KERNEL_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", PRODUCT_CHECK, str(panel), str(int(pairs))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "products ok" in out.stdout, out.stderr[-2000:]
 
 
 def test_bfloat16_without_the_dot_product_instruction(tmp_path):
     """A CPU without AVX512_BF16 widens bfloat16 weights to float32 in the kernel instead of
     reading them in pairs: built here without that instruction set, the same products."""
-    import os
     import platform
-    import shutil
-    import subprocess
-    import sys
     from pathlib import Path
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if platform.machine() != "x86_64" or "avx512_bf16" not in flags:
         pytest.skip("this CPU has no AVX512_BF16: the tests above already run the widening path")
-    wrapper = tmp_path / "g++"
-    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("g++") or shutil.which("c++")} "$@" -mno-avx512bf16\n')
-    wrapper.chmod(0o755)
-    env = dict(os.environ, CXX=str(wrapper), NEO_KERNEL_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="")
-    out = subprocess.run([sys.executable, "-c", WIDENING_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "widening path ok" in out.stdout, out.stderr[-2000:]
+    check_products(tmp_path, gxx_targeting(tmp_path, "native", "-mno-avx512bf16"), panel=32, pairs=False)
 
 
 def test_leading_dimensions_and_bad_shapes():
@@ -272,7 +294,10 @@ def test_no_compiler_falls_back_with_a_message(tmp_path, monkeypatch, caplog):
     assert "did not build" in caplog.text and "XLA's products" in caplog.text
 
 
-# A training step's and a sampler's use of the kernels, as a child process sees them.
+# A training step's and a sampler's use of the kernels, as a child process sees them: how many
+# kernel calls the training step's lowering has, how many weights the sampler packs for the
+# decode product and how many attention layers it marks for the decode attention kernel, and
+# whether its greedy tokens equal those of a sampler that uses no kernel.
 KERNEL_USE = r"""
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
@@ -282,14 +307,20 @@ from neo.config import parse_model_config
 from neo.kernels import cpu
 from neo.mesh import make_layout
 from neo.model import GPT, init_params
-from neo.predict import Sampler
+from neo.predict import Sampler, SamplingOptions
 cfg = parse_model_config(json.loads(sys.argv[1]))
 params = nn.meta.unbox(init_params(cfg.model, jax.random.PRNGKey(0)))
 tokens = jnp.zeros((2, cfg.model.n_ctx), jnp.int32)
 loss = lambda p: GPT(cfg.model).apply({"params": p}, tokens).mean()
 hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
-print(json.dumps({"enabled": cpu.enabled(), "neo_calls": hlo.count("@neo_"),
-                  "packed": len(Sampler(cfg, params, make_layout("", "", jax.devices()[:1])).packed(1))}))
+layout = make_layout("", "", jax.devices()[:1])
+sampler, plain = Sampler(cfg, params, layout), Sampler(cfg, params, layout)
+plain._pack = None
+leaves = jax.tree.leaves(sampler.packed(1))
+prompts, opts = [[5, 17, 33, 2, 9], [100, 3], [7, 8, 9]], SamplingOptions(temperature=0, max_new_tokens=12)
+print(json.dumps({"enabled": cpu.enabled(), "decode_kernels": cpu.decode_kernels(), "neo_calls": hlo.count("@neo_"),
+                  "packed": sum(x.ndim >= 3 for x in leaves), "marks": sum(x.ndim == 0 for x in leaves),
+                  "same_tokens": sampler.generate(prompts, opts) == plain.generate(prompts, opts)}))
 """
 
 
@@ -307,25 +338,51 @@ def kernel_use(tiny_config, env: dict) -> tuple[dict, str]:
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
-def test_a_cpu_without_avx512_uses_xla(tmp_path, tiny_config):
-    """The kernels compute on 16-float vectors; built for AVX2 they ran several times slower than
-    XLA (docs/benchmarks.md). A compiler whose -march=native lacks AVX-512 (here g++ told to
-    target Haswell) gets no kernels: nothing is built, the log says why, and the training step's
-    products and attention and the sampler's products are XLA's. The same child with this
-    machine's own compiler uses the kernels, so the check is not vacuous."""
-    import shutil
+x86_only = pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="targets x86-64 CPUs")
 
-    gxx = shutil.which("g++") or shutil.which("c++")
-    wrapper = tmp_path / "g++"
-    wrapper.write_text('#!/bin/bash\nargs=()\nfor a in "$@"; do [ "$a" = -march=native ] && a=-march=haswell; '
-                       f'args+=("$a"); done\nexec {gxx} "${{args[@]}}"\n')
-    wrapper.chmod(0o755)
+
+@x86_only
+def test_an_avx2_cpu_decodes_with_its_own_vectors(tmp_path, tiny_config):
+    """The training kernels compute on 16-float vectors; built for AVX2 they ran several times
+    slower than XLA (docs/benchmarks.md). The decode kernels compute on the CPU's own vectors,
+    8 floats on AVX2 (16-column panels), and beat XLA's there. So a compiler whose -march=native
+    is AVX2 without AVX-512 (g++ told to target Haswell) builds the library, the sampler packs
+    its weights and marks its attention layers for the decode kernels and gets XLA's tokens,
+    and the training step is XLA's; the log says why. That build passes this module's tests of
+    the decode products and attention and of decode steps' logits (every attention kind and
+    cache in float32, GPT-Neo's in bfloat16). The same child with this
+    machine's own compiler uses every kernel, so the check is not vacuous."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    haswell, cache = gxx_targeting(tmp_path, "haswell"), tmp_path / "cache"
+    got, log = kernel_use(tiny_config, {"CXX": haswell, "NEO_KERNEL_CACHE": str(cache)})
+    assert got["packed"] > 0 and got["marks"] > 0, got
+    assert got == {"enabled": False, "decode_kernels": True, "neo_calls": 0, "packed": got["packed"],
+                   "marks": got["marks"], "same_tokens": True}, got
+    assert "AVX2 but not AVX-512" in log and list(cache.glob("*.so"))
+    check_products(tmp_path, haswell, panel=16, pairs=False)
+    tests = "product_equals or attention_equals or decode_step_logits or (decode_steps_equal and float32)"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", tests], capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, CXX=haswell, NEO_KERNEL_CACHE=str(cache)))
+    assert out.returncode == 0 and "23 passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-3000:]
+    if cpu.enabled():  # this CPU has AVX-512
+        native, _ = kernel_use(tiny_config, {"CXX": shutil.which("g++") or shutil.which("c++")})
+        assert native["enabled"] and native["neo_calls"] > 0, native
+        assert (native["packed"], native["marks"], native["same_tokens"]) == (got["packed"], got["marks"], True), native
+
+
+@x86_only
+def test_a_cpu_without_avx2_uses_xla(tmp_path, tiny_config):
+    """Below AVX2 and FMA (here g++ told to target x86-64-v2: SSE4.2) no kernel was ever
+    measured faster than XLA: nothing is built, the log says why, and XLA does everything."""
     cache = tmp_path / "cache"
-    got, log = kernel_use(tiny_config, {"CXX": str(wrapper), "NEO_KERNEL_CACHE": str(cache)})
-    assert got == {"enabled": False, "neo_calls": 0, "packed": 0}, got
-    assert "need AVX-512" in log and not list(cache.glob("*.so"))
-    native, _ = kernel_use(tiny_config, {"CXX": gxx})
-    assert native["enabled"] and native["neo_calls"] > 0 and native["packed"] > 0, native
+    got, log = kernel_use(tiny_config, {"CXX": gxx_targeting(tmp_path, "x86-64-v2"), "NEO_KERNEL_CACHE": str(cache)})
+    assert got == {"enabled": False, "decode_kernels": False, "neo_calls": 0, "packed": 0, "marks": 0,
+                   "same_tokens": True}, got
+    assert "AVX2 and FMA" in log and not list(cache.glob("*.so"))
 
 
 def test_builds_are_cached_per_cpu(tmp_path, monkeypatch):

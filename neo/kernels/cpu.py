@@ -13,10 +13,11 @@ The library is compiled once per machine with the host's C++ compiler for the ho
 (`-march=native`) and cached under ~/.cache/neo/kernels (or $NEO_KERNEL_CACHE), keyed by the
 source, the compiler, jaxlib and the CPU's model and flags, so a cached build never runs on a
 CPU it was not built for. Where it cannot be built (no compiler, not Linux) neo logs why once
-and decodes with XLA's products, the same numbers more slowly. The kernels compute on 16-float
-vectors, so they are built only where `-march=native` gives AVX-512; on other CPUs (AVX2 only,
-ARM) they would run several times slower than XLA, which then does everything (logged once).
-NEO_CPU_KERNELS=0 turns them off.
+and decodes with XLA's products, the same numbers more slowly. The training kernels compute
+on 16-float vectors, so they run only where `-march=native` gives AVX-512 (`enabled`); the
+decode kernels compute on the CPU's own vectors and also run on an x86-64 CPU with AVX2 and FMA
+(`decode_kernels`), 8 floats at a time. On other CPUs (older x86,
+ARM) nothing is built and XLA does everything (logged once). NEO_CPU_KERNELS=0 turns them off.
 
 The attention kernel (decode_attention.cc, `attention`) reads the KV cache where XLA:CPU
 rewrote a bfloat16 cache whole at every step and attended over a float32 copy of it
@@ -59,9 +60,9 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "attention.cc",
            HERE / "matmul.cc")  # one library
 HEADERS = (HERE / "parallel.h", HERE / "vec.h")
-PANEL = 32  # columns per panel (kPanel in decode_product.cc)
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
-_BF16_PAIRS: list[bool] = []  # what the loaded library reads (NeoDecodeBF16Pairs)
+_BUILT: dict = {}  # what the loaded library is: "panel" (NeoDecodePanel), "pairs" (NeoDecodeBF16Pairs),
+#                   "all" (every kernel runs: the CPU has AVX-512)
 TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloat16): "neo_decode_product_bf16"}
 ATTENTION_TARGETS = {jnp.dtype(jnp.float32): "neo_decode_attention_f32",
                      jnp.dtype(jnp.bfloat16): "neo_decode_attention_bf16"}
@@ -74,8 +75,16 @@ TRAIN_ATTENTION_MAX_HEAD = 128  # head sizes the training attention kernel takes
 
 
 def enabled() -> bool:
-    """Whether neo's CPU kernels run (decode steps, training attention and small products): on
-    the CPU backend, unless NEO_CPU_KERNELS=0, when the library builds (`load`)."""
+    """Whether all of neo's CPU kernels run (decode steps' products and attention, training
+    attention and small products): on the CPU backend, unless NEO_CPU_KERNELS=0, when the
+    library builds (`load`) for a CPU with AVX-512."""
+    return decode_kernels() and _BUILT["all"]
+
+
+def decode_kernels() -> bool:
+    """Whether a decode step's products and attention run on the kernels (decode_product.cc,
+    decode_attention.cc): as `enabled`, and also on an x86-64 CPU with AVX2 and FMA but no
+    AVX-512."""
     if os.environ.get("NEO_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
         return False
     return load() is not None
@@ -99,11 +108,17 @@ def load() -> Optional[Path]:
         log.warning("no C++ compiler (g++) found: neo's CPU kernels are not built; decoding uses XLA's products "
                     "and training XLA's attention, which are slower (install g++, or set CXX).")
         return None
-    missing = _missing_vector_units(compiler)
-    if missing:
-        log.info("neo's CPU kernels are not used: %s. Decoding and training use XLA's products and attention "
-                 "(docs/benchmarks.md, \"the kernels on a CPU without AVX-512\").", missing)
+    units = _vector_units(compiler)
+    if units == "none":
+        log.info("neo's CPU kernels are not used: they need AVX-512, or AVX2 and FMA for the decode product, and "
+                 "%s -march=native targets neither on this CPU (%s). Decoding and training use XLA's products and "
+                 "attention (docs/benchmarks.md, \"the kernels on a CPU without AVX-512\").", compiler,
+                 platform.machine())
         return None
+    if units == "avx2":
+        log.info("this CPU has AVX2 but not AVX-512: of neo's CPU kernels only the decode kernels run (8-float "
+                 "vectors); training uses XLA's products and attention (docs/benchmarks.md, \"decoding on a CPU "
+                 "without AVX-512\").")
     try:
         path = _build(compiler)
         try:
@@ -117,7 +132,7 @@ def load() -> Optional[Path]:
                                             platform="cpu")
         for target, symbol in (*TRAIN_ATTENTION_TARGETS.items(), MATMUL_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-        _BF16_PAIRS.append(bool(lib.NeoDecodeBF16Pairs()))
+        _BUILT.update(panel=int(lib.NeoDecodePanel()), pairs=bool(lib.NeoDecodeBF16Pairs()), all=units != "avx2")
         return path
     except (OSError, subprocess.SubprocessError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -127,23 +142,27 @@ def load() -> Optional[Path]:
         return None
 
 
-def _missing_vector_units(compiler: str) -> Optional[str]:
-    """Why the kernels would be slow here, or None: they are written for 16-float (512-bit)
-    vectors, which `-march=native` gives only on a CPU with AVX-512. Elsewhere the compiler
-    splits every vector into narrower ones and the register tiles spill: built for AVX2
-    (-march=haswell) on an AVX-512 machine, the training products ran at 2-4 GFLOP/s against
-    XLA's 82-184, the attention kernel 2.7-7.7x slower than XLA's or `blocked` and decoding
-    3.7-13.6x slower (docs/benchmarks.md, "the kernels on a CPU without AVX-512"). So they are
-    not built there."""
+def _vector_units(compiler: str) -> str:
+    """Which kernels are fast here, from what `-march=native` targets: "avx512", all of them;
+    "avx2" (x86-64 with AVX2 and FMA), only the decode kernels; "none", none. The training
+    kernels (attention.cc, matmul.cc) are written for 16-float (512-bit) vectors: without
+    AVX-512 the compiler splits every vector into narrower ones and their register tiles spill
+    (built for AVX2 on an AVX-512 machine, the training products ran at 2-4 GFLOP/s against
+    XLA's 82-184, the attention kernel 2.7-7.7x slower than XLA's or `blocked`;
+    docs/benchmarks.md, "the kernels on a CPU without AVX-512"). The decode kernels compute on
+    8-float vectors there and beat XLA's (docs/benchmarks.md, "decoding on a CPU without
+    AVX-512"). Other CPUs (older x86, ARM) were never measured, so nothing runs there."""
     try:
         done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return None  # a compiler that does not run: the build says so
-    if done.returncode == 0 and "__AVX512F__" not in done.stdout.split():
-        return (f"they need AVX-512 (16-float vectors), and {compiler} -march=native does not target it on this "
-                f"CPU ({platform.machine()})")
-    return None
+        return "avx512"  # a compiler that does not run: the build says so
+    if done.returncode:
+        return "avx512"
+    macros = set(done.stdout.split())
+    if "__AVX512F__" in macros:
+        return "avx512"
+    return "avx2" if {"__AVX2__", "__FMA__"} <= macros else "none"
 
 
 def build_key(compiler: str) -> str:
@@ -195,14 +214,19 @@ def _build(compiler: str) -> Path:
 
 def pack(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """A weight matrix [K, N] in the compute dtype, as the kernel reads it: column panels
-    [ceil(N / 32), K, 32], the last one padded with zero columns; bfloat16 on a CPU with
-    AVX512_BF16 in pairs along k, [ceil(N / 32), ceil(K / 2), 32, 2] (decode_product.cc)."""
+    [ceil(N / P), K, P], the last one padded with zero columns, P = 32 with AVX-512 and 16 with
+    AVX2 (two of the CPU's vectors); bfloat16 on a CPU with AVX512_BF16 in pairs along k,
+    [ceil(N / 32), ceil(K / 2), 32, 2] (decode_product.cc)."""
+    if load() is None:
+        raise RuntimeError("neo's CPU decode kernel is not built here (see the log); decode with XLA's products "
+                           "instead (an empty `decode` collection).")
     k, n = w.shape
-    pairs = jnp.dtype(dtype) == jnp.bfloat16 and load() is not None and _BF16_PAIRS[0]
-    w = jnp.pad(w.astype(dtype), ((0, k % 2 if pairs else 0), (0, -n % PANEL)))
+    panel = _BUILT["panel"]
+    pairs = jnp.dtype(dtype) == jnp.bfloat16 and _BUILT["pairs"]
+    w = jnp.pad(w.astype(dtype), ((0, k % 2 if pairs else 0), (0, -n % panel)))
     if pairs:
-        return w.reshape(-1, 2, w.shape[1] // PANEL, PANEL).transpose(2, 0, 3, 1)
-    return w.reshape(k, -1, PANEL).transpose(1, 0, 2)
+        return w.reshape(-1, 2, w.shape[1] // panel, panel).transpose(2, 0, 3, 1)
+    return w.reshape(k, -1, panel).transpose(1, 0, 2)
 
 
 def product(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:

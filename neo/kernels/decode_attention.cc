@@ -20,12 +20,17 @@
 // sum); the probabilities rounded to the cache's dtype; their products with the values summed
 // in float32 and rounded once. Only the order of the additions differs. Threads divide the
 // (row, kv head) pairs between them, never a sum, so results do not depend on the thread count.
+//
+// On the CPU's own vectors (vec.h's kLanes: 16 floats with AVX-512, 8 with AVX2), so either
+// keeps a head's query and sums in registers (docs/benchmarks.md, "decoding on a CPU without
+// AVX-512").
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -36,31 +41,32 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using neo::exp16;
-using neo::f32x16;
-using neo::load16;
+using neo::expL;
+using neo::f32xL;
+using neo::kLanes;
+using neo::loadL;
 using neo::narrow;
-using neo::store16;
-using neo::sum16;
-using neo::u32x16;
+using neo::storeL;
+using neo::sumL;
+using neo::u32xL;
 using neo::widen;
 
 template <typename T>
 float dot(const float* q, const T* k, int64_t D) {
-  f32x16 acc = {};
+  f32xL acc = {};
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) acc += load16(q + d) * load16(k + d);
-  float s = sum16(acc);
+  for (; d + kLanes <= D; d += kLanes) acc += loadL(q + d) * loadL(k + d);
+  float s = sumL(acc);
   for (; d < D; ++d) s += q[d] * widen(k[d]);
   return s;
 }
 
 // A probability rounded to the cache's dtype and widened back (float32: as it is).
-inline f32x16 as_dtype(f32x16 x, float*) { return x; }
-inline f32x16 as_dtype(f32x16 x, uint16_t*) {  // round to nearest even, keep the high half
-  u32x16 u = (u32x16)x;
+inline f32xL as_dtype(f32xL x, float*) { return x; }
+inline f32xL as_dtype(f32xL x, uint16_t*) {  // round to nearest even, keep the high half
+  u32xL u = (u32xL)x;
   u += 0x7fffu + ((u >> 16) & 1u);
-  return (f32x16)(u & 0xffff0000u);
+  return (f32xL)(u & 0xffff0000u);
 }
 
 struct Shape {
@@ -71,57 +77,69 @@ struct Shape {
 // x [S] <- softmax(x * scale + bias), each probability rounded to T (as attend's probs.astype).
 template <typename T>
 void softmax(float* x, const float* bias, float scale, int64_t S) {
-  const int64_t S16 = S / 16 * 16;
+  const int64_t SL = S / kLanes * kLanes;
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < S; ++s) {
     x[s] = (scale == 1.0f ? x[s] : x[s] * scale) + bias[s];
     top = std::max(top, x[s]);
   }
-  f32x16 total = {};
-  for (int64_t s = 0; s < S16; s += 16) {
-    f32x16 e = exp16(load16(x + s) - top);
-    store16(x + s, e);
+  f32xL total = {};
+  for (int64_t s = 0; s < SL; s += kLanes) {
+    f32xL e = expL(loadL(x + s) - top);
+    storeL(x + s, e);
     total += e;
   }
-  float sum = sum16(total);
-  if (S16 < S) {  // the tail, through the padded scratch: lanes past S do not count
-    float tail[16] = {};
-    for (int64_t s = S16; s < S; ++s) tail[s - S16] = x[s] - top;
-    f32x16 e = exp16(load16(tail));
-    for (int64_t s = S16; s < S; ++s) sum += (x[s] = e[s - S16]);
+  float sum = sumL(total);
+  if (SL < S) {  // the tail, through the padded scratch: lanes past S do not count
+    float tail[kLanes] = {};
+    for (int64_t s = SL; s < S; ++s) tail[s - SL] = x[s] - top;
+    f32xL e = expL(loadL(tail));
+    for (int64_t s = SL; s < S; ++s) sum += (x[s] = e[s - SL]);
   }
-  for (int64_t s = 0; s < S16; s += 16) store16(x + s, as_dtype(load16(x + s) / sum, (T*)nullptr));
-  for (int64_t s = S16; s < S; ++s) x[s] = widen(narrow<T>(x[s] / sum));
+  for (int64_t s = 0; s < SL; s += kLanes) storeL(x + s, as_dtype(loadL(x + s) / sum, (T*)nullptr));
+  for (int64_t s = SL; s < S; ++s) x[s] = widen(narrow<T>(x[s] / sum));
 }
 
 // One query head over the S slots of its kv head: scores into x [S], softmax, then the
-// probabilities' sum of the values into y [D]. C > 0: D = 16 C, the query and the sums held in
-// C vectors; C = 0: any D, through memory.
+// probabilities' sum of the values into y [D]. C > 0: D = kLanes C, the query and the sums
+// held in C vectors; C = 0: any D, through memory.
 template <typename T, int C>
 void attend_head(const float* q, const T* K, const T* V, const float* bias, float scale, int64_t S, int64_t D,
                  float* x, float* y) {
   if constexpr (C > 0) {
-    f32x16 qv[C], acc[C] = {};
-    for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c);
+    f32xL qv[C], acc[C] = {};
+    for (int c = 0; c < C; ++c) qv[c] = loadL(q + kLanes * c);
     for (int64_t s = 0; s < S; ++s) {
-      f32x16 a = qv[0] * load16(K + s * D);
-      for (int c = 1; c < C; ++c) a += qv[c] * load16(K + s * D + 16 * c);
-      x[s] = sum16(a);
+      f32xL a = qv[0] * loadL(K + s * D);
+      for (int c = 1; c < C; ++c) a += qv[c] * loadL(K + s * D + kLanes * c);
+      x[s] = sumL(a);
     }
     softmax<T>(x, bias, scale, S);
     for (int64_t s = 0; s < S; ++s)
-      for (int c = 0; c < C; ++c) acc[c] += x[s] * load16(V + s * D + 16 * c);
-    for (int c = 0; c < C; ++c) store16(y + 16 * c, acc[c]);
+      for (int c = 0; c < C; ++c) acc[c] += x[s] * loadL(V + s * D + kLanes * c);
+    for (int c = 0; c < C; ++c) storeL(y + kLanes * c, acc[c]);
   } else {
     for (int64_t s = 0; s < S; ++s) x[s] = dot(q, K + s * D, D);
     softmax<T>(x, bias, scale, S);
     std::fill(y, y + D, 0.0f);
-    const int64_t D16 = D / 16 * 16;
+    const int64_t DL = D / kLanes * kLanes;
     for (int64_t s = 0; s < S; ++s) {
       const T* v = V + s * D;
-      for (int64_t d = 0; d < D16; d += 16) store16(y + d, load16(y + d) + x[s] * load16(v + d));
-      for (int64_t d = D16; d < D; ++d) y[d] += x[s] * widen(v[d]);
+      for (int64_t d = 0; d < DL; d += kLanes) storeL(y + d, loadL(y + d) + x[s] * loadL(v + d));
+      for (int64_t d = DL; d < D; ++d) y[d] += x[s] * widen(v[d]);
     }
+  }
+}
+
+// Calls f(std::integral_constant<int, C>()) for C in 0 .. 128 / kLanes: the head's vectors as a
+// compile-time constant (0: any head size, through memory).
+template <int C = 1, typename F>
+void with_vectors(int64_t vectors, F f) {
+  if constexpr (C > 128 / kLanes) {
+    return f(std::integral_constant<int, 0>());
+  } else {
+    if (vectors == C) return f(std::integral_constant<int, C>());
+    return with_vectors<C + 1>(vectors, f);
   }
 }
 
@@ -138,17 +156,9 @@ void attend(const Shape& n, const T* q, const T* keys, const T* values, const fl
   for (int64_t h = h0; h < h0 + R; ++h) {
     for (int64_t d = 0; d < D; ++d) qf[d] = widen(q[(b * n.H + h) * D + d]);
     const float* c = bias + (b * n.bias_heads + (n.bias_heads == 1 ? 0 : h)) * S;
-    switch (D % 16 == 0 && D <= 128 ? D / 16 : 0) {
-      case 1: attend_head<T, 1>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 2: attend_head<T, 2>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 3: attend_head<T, 3>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 4: attend_head<T, 4>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 5: attend_head<T, 5>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 6: attend_head<T, 6>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 7: attend_head<T, 7>(qf, K, V, c, n.scale, S, D, x, y); break;
-      case 8: attend_head<T, 8>(qf, K, V, c, n.scale, S, D, x, y); break;
-      default: attend_head<T, 0>(qf, K, V, c, n.scale, S, D, x, y);
-    }
+    with_vectors(D % kLanes == 0 && D <= 128 ? D / kLanes : 0, [&](auto C) {
+      attend_head<T, decltype(C)::value>(qf, K, V, c, n.scale, S, D, x, y);
+    });
     for (int64_t d = 0; d < D; ++d) out[(b * n.H + h) * D + d] = narrow<T>(y[d]);
   }
 }

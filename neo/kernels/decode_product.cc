@@ -1,7 +1,8 @@
 // A decode step's products on CPU: y [M, N] = x [M, K] @ W [K, N] for a few rows (M = the
 // batch, one token each), with W packed once per sampler and parameters into column panels
-// [ceil(N / 32), K, 32] (zero-padded columns), float32 or bfloat16 (bfloat16 on a CPU with
-// AVX512_BF16: [ceil(N / 32), ceil(K / 2), 32, 2], see below), and y float32.
+// [ceil(N / P), K, P] (zero-padded columns; P = kPanel, two of the CPU's vectors: 32 columns
+// with AVX-512, 16 with AVX2), float32 or bfloat16 (bfloat16 on a CPU with AVX512_BF16:
+// [ceil(N / 32), ceil(K / 2), 32, 2], see below), and y float32.
 //
 // Why (docs/benchmarks.md, 2026-11-30 "a CPU kernel for decoding"): a decode step reads every
 // weight once to multiply it by a few numbers, so it is limited by how fast the weights stream
@@ -15,11 +16,14 @@
 // are then added up (at M = 1 four interleaved partial sums per block); the panels are divided
 // between threads, not the sums, so the result does not depend on the thread count.
 //
-// Built by neo/kernels/cpu.py with the host compiler for the host CPU (-march=native); GCC's
-// vector extensions become AVX-512, AVX2 or NEON instructions, whatever the CPU has.
+// Built by neo/kernels/cpu.py with the host compiler for the host CPU (-march=native), on the
+// CPU's own vectors (vec.h's kLanes): a pass over a panel keeps 2 x rows accumulators and the
+// panel's two weight vectors in registers, 8 rows with AVX-512's 32 registers, 6 with AVX2's 16
+// (docs/benchmarks.md, "decoding on a CPU without AVX-512").
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -35,17 +39,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kPanel = 32;  // columns per panel: two 16-float vectors
-constexpr int kMaxRows = 8;  // rows multiplied per pass over a panel (accumulators: 2 x rows)
+constexpr int kPanel = 2 * neo::kLanes;  // columns per panel: two vectors
+constexpr int kMaxRows = neo::kLanes == 16 ? 8 : 6;  // rows per pass over a panel (accumulators: 2 x rows)
 constexpr int64_t kBlock = 128;  // values of k summed apart before they join the total
 
-using neo::f32x16;
-using neo::load16;
+using neo::f32xL;
+using neo::kLanes;
+using neo::loadL;
 
-inline void store(float* y, int valid, f32x16 lo, f32x16 hi) {  // the panel's first `valid` columns
+inline void store(float* y, int valid, f32xL lo, f32xL hi) {  // the panel's first `valid` columns
   float tmp[kPanel];
   std::memcpy(tmp, &lo, sizeof lo);
-  std::memcpy(tmp + 16, &hi, sizeof hi);
+  std::memcpy(tmp + kLanes, &hi, sizeof hi);
   std::memcpy(y, tmp, sizeof(float) * valid);
 }
 
@@ -54,20 +59,20 @@ inline void store(float* y, int valid, f32x16 lo, f32x16 hi) {  // the panel's f
 // then errs like XLA's own product, where one running sum errs 4x more).
 template <typename W>
 void panel_one_row(const float* x, const W* w, float* y, int64_t K, int valid) {
-  f32x16 lo = {}, hi = {};
+  f32xL lo = {}, hi = {};
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     int64_t k1 = std::min(K, k0 + kBlock), k = k0;
-    f32x16 a[8] = {};
+    f32xL a[8] = {};
     for (; k + 4 <= k1; k += 4) {
       for (int u = 0; u < 4; ++u) {
         const W* r = w + (k + u) * kPanel;
-        a[2 * u] += x[k + u] * load16(r);
-        a[2 * u + 1] += x[k + u] * load16(r + 16);
+        a[2 * u] += x[k + u] * loadL(r);
+        a[2 * u + 1] += x[k + u] * loadL(r + kLanes);
       }
     }
     for (; k < k1; ++k) {
-      a[0] += x[k] * load16(w + k * kPanel);
-      a[1] += x[k] * load16(w + k * kPanel + 16);
+      a[0] += x[k] * loadL(w + k * kPanel);
+      a[1] += x[k] * loadL(w + k * kPanel + kLanes);
     }
     lo += (a[0] + a[2]) + (a[4] + a[6]);
     hi += (a[1] + a[3]) + (a[5] + a[7]);
@@ -79,11 +84,11 @@ void panel_one_row(const float* x, const W* w, float* y, int64_t K, int valid) {
 template <int M, typename W>
 void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, int64_t K, int valid) {
   if constexpr (M == 1) return panel_one_row(x, w, y, K, valid);
-  f32x16 lo[M] = {}, hi[M] = {};
+  f32xL lo[M] = {}, hi[M] = {};
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-    f32x16 blo[M] = {}, bhi[M] = {};
+    f32xL blo[M] = {}, bhi[M] = {};
     for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
-      f32x16 w0 = load16(w + k * kPanel), w1 = load16(w + k * kPanel + 16);
+      f32xL w0 = loadL(w + k * kPanel), w1 = loadL(w + k * kPanel + kLanes);
       for (int m = 0; m < M; ++m) {
         float xm = x[m * ldx + k];
         blo[m] += xm * w0;
@@ -139,7 +144,7 @@ void panel_rows(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int
     }
   }
   for (int m = 0; m < M; ++m) {
-    f32x16 av, bv;
+    f32xL av, bv;
     std::memcpy(&av, &tlo[m], sizeof av);
     std::memcpy(&bv, &thi[m], sizeof bv);
     store(y + m * ldy, valid, av, bv);
@@ -150,19 +155,15 @@ void panel_rows(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int
 constexpr bool kPairs = false;
 #endif
 
-// Calls f(std::integral_constant<int, rows>()): the row count as a compile-time constant, so
-// that each count gets its own registers of accumulators.
-template <typename F>
+// Calls f(std::integral_constant<int, rows>()) for rows in 1 .. kMaxRows: the row count as a
+// compile-time constant, so that each count gets its own registers of accumulators.
+template <int R = 1, typename F>
 void with_rows(int64_t rows, F f) {
-  switch (rows) {
-    case 1: return f(std::integral_constant<int, 1>());
-    case 2: return f(std::integral_constant<int, 2>());
-    case 3: return f(std::integral_constant<int, 3>());
-    case 4: return f(std::integral_constant<int, 4>());
-    case 5: return f(std::integral_constant<int, 5>());
-    case 6: return f(std::integral_constant<int, 6>());
-    case 7: return f(std::integral_constant<int, 7>());
-    default: return f(std::integral_constant<int, kMaxRows>());
+  if constexpr (R == kMaxRows) {
+    return f(std::integral_constant<int, R>());
+  } else {
+    if (rows == R) return f(std::integral_constant<int, R>());
+    return with_rows<R + 1>(rows, f);
   }
 }
 
@@ -193,11 +194,14 @@ ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const
   return ffi::Error::Success();
 }
 
+const std::string kShapes =
+    "expected x [M, K], packed w [panels, K, " + std::to_string(kPanel) + "], y [M, N]";
+
 ffi::Error ProductF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
-    return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, K, 32], y [M, N]");
+    return ffi::Error::InvalidArgument(kShapes);
   return Product(pool, x.typed_data(), xd[0], xd[1], w.typed_data(), wd[0], wd[1] * kPanel, y->typed_data(),
                  yd[1]);
 }
@@ -220,7 +224,7 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   }
 #endif
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
-    return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, K, 32], y [M, N]");
+    return ffi::Error::InvalidArgument(kShapes);
   // The few rows of x widened to float32 once (exact), so the inner loop broadcasts floats.
   int64_t n = xd[0] * xd[1];
   std::vector<float> xf(n);
@@ -251,3 +255,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeProductBF16, ProductBF16,
 // Which bfloat16 packing this build reads (neo/kernels/cpu.py packs accordingly): 1 for pairs
 // along k ([panels, ceil(K / 2), 32, 2]), 0 for [panels, K, 32].
 extern "C" int NeoDecodeBF16Pairs() { return kPairs ? 1 : 0; }
+
+// The columns of a panel this build reads (neo/kernels/cpu.py packs accordingly): 32 with
+// AVX-512, 16 on a CPU with 8-float vectors.
+extern "C" int NeoDecodePanel() { return kPanel; }
