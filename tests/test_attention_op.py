@@ -21,8 +21,8 @@ RNG = np.random.RandomState(0)
 MASKS = [(True, None), (False, None), (True, 6), (False, 6)]  # (causal, window): GPT-Neo, masked-LM
 
 
-def qkv(b=2, t=37, h=3, d=8, dtype=np.float32):
-    return tuple(jnp.asarray(RNG.randn(b, t, h, d).astype(dtype)) for _ in range(3))
+def qkv(b=2, t=37, h=3, d=8, dtype=np.float32, rng=None):
+    return tuple(jnp.asarray((rng or RNG).randn(b, t, h, d).astype(dtype)) for _ in range(3))
 
 
 def reference(q, k, v, causal, window, scale):
@@ -160,8 +160,12 @@ def test_cpu_kernel_in_bfloat16_is_as_close_as_the_dense_path(causal, window, t,
     """bfloat16 q, k, v (and output gradient): the kernel computes in float32 and rounds each
     result once, so the output and all three gradients are about as close to the float32
     reference on the same inputs as the dense path in bfloat16 is, or closer (it rounds the
-    probabilities and the products' results), and come back in bfloat16."""
-    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(t=t, d=d))
+    probabilities and the products' results), and come back in bfloat16. Compared by RMS
+    error: over 12 draws of these inputs the kernel's was at most 1.01x the dense path's,
+    where the largest single errors' ratio, a few ulps either way, reached 1.49x (so a
+    bound on it failed by chance, depending on what earlier tests drew)."""
+    seed = [(37, 8), (64, 32), (50, 128)].index((t, d)) * len(MASKS) + MASKS.index((causal, window))
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(t=t, d=d, rng=np.random.RandomState(seed)))
     f32 = lambda x: np.asarray(x.astype(jnp.float32))
     exact = value_and_grads(lambda *a: reference(*a, causal, window, 0.3), *(x.astype(jnp.float32) for x in (q, k, v)))
     dense = value_and_grads(lambda *a: reference(*a, causal, window, 0.3), q, k, v)
@@ -169,8 +173,9 @@ def test_cpu_kernel_in_bfloat16_is_as_close_as_the_dense_path(causal, window, t,
                              q, k, v)
     for want, base, got in zip(jax.tree.leaves(exact), jax.tree.leaves(dense), jax.tree.leaves(kernel)):
         assert got.dtype == jnp.bfloat16
-        err, base_err = np.abs(f32(got) - f32(want)).max(), np.abs(f32(base) - f32(want)).max()
-        assert err <= 1.25 * base_err  # measured: 0.47-1.09 (outputs: both one rounding from exact)
+        rms = lambda x: np.sqrt(np.mean((f32(x) - f32(want)) ** 2))
+        assert rms(got) <= 1.25 * rms(base)  # measured: 0.95-1.01 (outputs: both one rounding from exact)
+        assert np.abs(f32(got) - f32(want)).max() <= 2 * np.abs(f32(base) - f32(want)).max()
 
 
 @needs_kernels
