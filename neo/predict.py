@@ -196,7 +196,7 @@ def make_pack(cfg: Config, layout: Layout) -> Optional[Callable]:
     pack(params) -> the model's "decode" collection, every dense kernel and the head in the
     compute dtype, in the panels the product kernel streams, and (on a CPU with AVX-512, where
     the attention kernel runs) a mark on each attention layer that its decode steps attend with
-    it. A decode step's products then run 1.2-3.6x faster than XLA:CPU's (1.4-1.7x on an AVX2
+    it. A decode step's products then run 1.2-3.6x faster than XLA:CPU's (1.45-1.7x on an AVX2
     CPU), and its attention 2.5-8x (docs/benchmarks.md). None where
     the kernels do not apply: off CPU, on more than one device, a compute dtype other than
     float32 and bfloat16, or no compiler to build them."""
