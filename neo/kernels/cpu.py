@@ -16,8 +16,8 @@ CPU it was not built for. Where it cannot be built (no compiler, not Linux) neo 
 and decodes with XLA's products, the same numbers more slowly. The training kernels compute
 on 16-float vectors, so they run only where `-march=native` gives AVX-512 (`enabled`); the
 decode kernels compute on the CPU's own vectors and also run on an x86-64 CPU with AVX2 and FMA
-(`decode_kernels`), 8 floats at a time. On other CPUs (older x86,
-ARM) nothing is built and XLA does everything (logged once). NEO_CPU_KERNELS=0 turns them off.
+(`decode_kernels`), 8 floats at a time. On other CPUs (older x86, ARM) nothing is built and XLA
+does everything (logged once). NEO_CPU_KERNELS=0 turns them off.
 
 The attention kernel (decode_attention.cc, `attention`) reads the KV cache where XLA:CPU
 rewrote a bfloat16 cache whole at every step and attended over a float32 copy of it
@@ -61,8 +61,9 @@ SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "att
            HERE / "matmul.cc")  # one library
 HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
-_BUILT: dict = {}  # what the loaded library is: "panel" (NeoDecodePanel), "pairs" (NeoDecodeBF16Pairs),
-#                   "all" (every kernel runs: the CPU has AVX-512)
+# What the loaded library is: "panel", the columns of a packed panel (NeoDecodePanel); "pairs",
+# bfloat16 packed in pairs along k (NeoDecodeBF16Pairs); "all", every kernel runs (AVX-512).
+_BUILT: dict = {}
 TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloat16): "neo_decode_product_bf16"}
 ATTENTION_TARGETS = {jnp.dtype(jnp.float32): "neo_decode_attention_f32",
                      jnp.dtype(jnp.bfloat16): "neo_decode_attention_bf16"}
