@@ -104,8 +104,9 @@ inline float sum16(f32x16 v) { return sum_lanes(v); }
 inline float sumL(f32xL v) { return sum_lanes(v); }
 
 // exp(x) for a vector of floats (F: f32x16 or f32xL; I: the int32 vector of as many lanes):
-// 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial (Cephes' expf: within 2 ulp of the exact value, as XLA:CPU's own
-// polynomial); below -87.3 it is 0, as a softmax over masked scores (-1e10, -inf) needs.
+// 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its degree-6 Taylor
+// polynomial (Cephes' expf: within 2 ulp of the exact value, as XLA:CPU's own polynomial);
+// below -87.3 it is 0, as a softmax over masked scores (-1e10, -inf) needs.
 template <typename F, typename I>
 inline F exp_lanes(F x) {
   const F hi = F{} + 88.0f, lo = F{} - 87.3365447505531f;
