@@ -13,12 +13,14 @@
 #    autocast) on the same batch;
 # 4. batch 4: neo unrolled, then transformers' GPTNeo (autocast; eager attention, the only one
 #    it has without the flash-attn package; at batch 8 it runs out of the card's memory);
-# 5. neo batch 8 with GPT-Neo's own recompute_grad (full remat), scanned.
+# 5. neo batch 8 with GPT-Neo's own recompute_grad (full remat), scanned;
+# 6. neo scanned with `remat_policy: save_dots` (what docs/configs.md advises where compile time
+#    must stay flat with depth), batch 8 and 16.
 #
 # Each run is its own process with its own time limit; the RESULT lines gather in
 # $OUT/results.jsonl, everything printed in $OUT/log (each run's full output in $WORK), and a
 # trace of two steps of the unrolled run in $OUT/profile_b8.json.gz (Perfetto's trace-event
-# JSON: GPU kernels with their durations). Imports no TensorFlow and no lm-eval. About six
+# JSON: GPU kernels with their durations). Imports no TensorFlow and no lm-eval. About seven
 # minutes on an H200, most of it compiling and initialising.
 set -u
 OUT=${OUT:-/tmp/neo_gpu}
@@ -83,6 +85,8 @@ run 100 nanogpt_b8 --backend nanogpt "${BIG[@]}" --batch 8
 run 120 neo_b4_unrolled --backend neo "${BIG[@]}" --batch 4 --set recompute_grad=false --set scan_layers=false
 run 100 transformers_b4 --backend transformers "${BIG[@]}" --batch 4
 run 120 neo_b8_fullremat --backend neo "${BIG[@]}" --batch 8
+run 90 neo_b8_scanned_save_dots --backend neo "${BIG[@]}" --batch 8 --set remat_policy='"save_dots"'
+run 90 neo_b16_scanned_save_dots --backend neo "${BIG[@]}" --batch 16 --set remat_policy='"save_dots"'
 stamp done
 $PY - "$OUT/results.jsonl" <<'EOF'
 import json, sys
