@@ -262,7 +262,9 @@ def probe_program(cfg, world):
 
     params = nn.meta.unbox(init_params(cfg.model, jax.random.PRNGKey(0)))
     loss = lambda p: GPT(cfg.model).apply({"params": p}, jnp.asarray(TOKENS)).sum()
-    return sorted({e.primitive.name for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns})
+    # a checkpoint is named with its policy: every norm is one without (layers.recomputed_norm)
+    policy = lambda e: getattr(e.params.get("policy"), "__name__", "")
+    return sorted({f"{e.primitive.name} {policy(e)}" for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns})
 
 
 def probe_optimizer(cfg, world):

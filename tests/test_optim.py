@@ -116,4 +116,5 @@ def test_recompute_grad_gives_the_same_step_and_really_rematerialises(cfg):
     state = setup.init()
     batch = global_batch(setup, np.zeros((8, c.model.n_ctx + 1), np.int32))
     jaxpr = str(jax.make_jaxpr(setup.step)(state, batch))
-    assert jaxpr.count("remat2[") == c.model.n_layer  # one rematerialised block per layer
+    # one rematerialised block per layer (the norms inside are checkpoints without a policy)
+    assert jaxpr.count("policy=<function nothing_saveable") == c.model.n_layer

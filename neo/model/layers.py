@@ -348,7 +348,8 @@ def recomputed_norm(norm: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     in the fusions that take the norm's gradient. `prevent_cse=False`: where the forward and
     backward passes meet in one program (unrolled layers), XLA may still reuse the forward's
     values, as it did before. gpt_neo_125M's compiled step, batch 4 x 256 on CPU, holds 144 MiB
-    less temporary memory (1,450 -> 1,306 MiB in float32)."""
+    less temporary memory (1,450 -> 1,306 MiB in float32). The counterpart of `saves_input`
+    for functions with parameters, whose gradients jax.checkpoint derives without a rule."""
     return jax.checkpoint(norm, prevent_cse=False)
 
 
