@@ -10,8 +10,7 @@ import pytest
 
 from neo.config import parse_model_config
 from neo.loss import lm_loss
-from neo.model import GPT, init_params
-from neo.model import layers
+from neo.model import GPT, init_params, layers
 
 # Activations large against the weights, so what the policy keeps dominates the temporaries;
 # scanned layers (the default) and the blocked kernel, which long sequences get.
