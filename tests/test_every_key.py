@@ -7,6 +7,7 @@ entry here fails `test_the_walk_covers_every_key`; docs/configs.md must name eve
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -506,6 +507,10 @@ def test_lambada_tokens_path_reads_gpt_neos_token_cache(world, tmp_path):
     cfg = load_model_config(cfg.source)
     path = lambada_metadata(cfg, log=lambda *a: None)["lambada_path"]
     assert [json.loads(line)["text"] for line in open(path)] == texts
+    # every evaluation (one per eval interval, one per process) reads the same file: none left behind
+    before = set(os.listdir(os.path.dirname(path)))
+    assert lambada_metadata(cfg, log=lambda *a: None)["lambada_path"] == path
+    assert set(os.listdir(os.path.dirname(path))) == before
     write_dataset(world, "docs", {"lambada_tokens_path": "missing.json"})
     with pytest.raises(NeoError, match="does not exist: GPT-Neo downloaded LAMBADA there"):
         lambada_metadata(load_model_config(cfg.source), log=lambda *a: None)

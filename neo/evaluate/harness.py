@@ -90,7 +90,10 @@ def lambada_metadata(cfg: Config, log: Callable[[str], None] = print) -> Optiona
 
 
 def _decode_token_cache(path: str, ds: Any) -> str:
-    """GPT-Neo's LAMBADA token cache (a JSON list of token lists) -> a .jsonl of their texts."""
+    """GPT-Neo's LAMBADA token cache (a JSON list of token lists) -> a .jsonl of their texts, in
+    the temporary directory under a name made from its contents: every evaluation of a run (and
+    every process of a multi-host one) finds the same file instead of leaving a new one behind."""
+    import hashlib
     import tempfile
 
     from neo.data.tokenizer import load_tokenizer
@@ -102,8 +105,12 @@ def _decode_token_cache(path: str, ds: Any) -> str:
         raise NeoError(f"lambada_tokens_path {path}: not GPT-Neo's LAMBADA cache (a JSON list of token lists); "
                        f"for LAMBADA text use a .jsonl file of {{\"text\": ...}} lines.") from None
     tokenizer = load_tokenizer(ds.tokenizer_path, ds.tokenizer_is_pretrained)
-    out = Path(tempfile.mkdtemp(prefix="neo-lambada-")) / "lambada.jsonl"
-    out.write_text("".join(json.dumps({"text": tokenizer.decode(d)}) + "\n" for d in docs))
+    text = "".join(json.dumps({"text": tokenizer.decode(d)}) + "\n" for d in docs)
+    out = Path(tempfile.gettempdir()) / f"neo-lambada-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not out.exists() or out.read_text() != text:
+        partial = out.with_name(f"{out.name}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, out)  # whole or absent for a reader, whichever process wrote it
     return str(out)
 
 
