@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -318,15 +319,16 @@ def bench_nanogpt(args) -> dict:
 
 def quickstart_neo(args) -> dict:
     """`main.py --model quickstart` in its own process; tokens/s as its log reports them."""
-    work = tempfile.mkdtemp(prefix="neo-quickstart-")
-    cmd = [sys.executable, str(ROOT / "main.py"), "--model", "quickstart", "--set", f"model_path={json.dumps(work)}",
-           "--set", "predict_steps=0", "--set", f"train_steps={args.quickstart_steps}"]
-    t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t
-    if out.returncode:
-        raise SystemExit(f"neo quickstart failed:\n{out.stderr[-3000:]}")
-    records = [json.loads(l) for l in Path(work, "metrics.jsonl").read_text().splitlines()]
+    with tempfile.TemporaryDirectory(prefix="neo-quickstart-") as work:  # its checkpoints: 9 MB a run
+        cmd = [sys.executable, str(ROOT / "main.py"), "--model", "quickstart", "--set",
+               f"model_path={json.dumps(work)}", "--set", "predict_steps=0", "--set",
+               f"train_steps={args.quickstart_steps}"]
+        t = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t
+        if out.returncode:
+            raise SystemExit(f"neo quickstart failed:\n{out.stderr[-3000:]}")
+        records = [json.loads(l) for l in Path(work, "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     tokens_per_step = 12 * 64
     steps = seconds = 0.0
@@ -439,7 +441,11 @@ def main() -> None:
         if args.top:  # XLA writes its memory-usage report with the dump
             args.dump = tempfile.mkdtemp(prefix="neo_compile_")
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.dump}"
-        print("RESULT " + json.dumps(compile_only(args)))
+        try:
+            print("RESULT " + json.dumps(compile_only(args)))
+        finally:
+            if args.top:
+                shutil.rmtree(args.dump, ignore_errors=True)
         return
     if args.backend != "all":
         if args.backend == "neo":  # as main.py does (quickstart_neo runs main.py itself)

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -165,6 +166,7 @@ def profile_neo(args) -> dict:
             state, metrics = compiled(state, stack)
         jax.block_until_ready(metrics)
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
+    shutil.rmtree(trace, ignore_errors=True)
     table, kernels, work, kernel_work = (collections.Counter() for _ in range(4))
     for plane in data.planes:
         for line in plane.lines:
