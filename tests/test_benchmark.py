@@ -211,3 +211,64 @@ def test_a_config_transformers_cannot_hold_skips_it_in_one_line(monkeypatch, cap
                                                "represent scale_attention; export as GPT-NeoX instead.")
     assert bench.runnable(args("tiny"), list(bench.BACKENDS)) == list(bench.BACKENDS)
     assert capsys.readouterr().out == ""
+
+
+def load_script(name, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_targets_give_each_target_its_verdict(monkeypatch, tmp_path):
+    """scripts/cpu_targets.py: each target from its runs, met or missed by how much, a run that
+    started on a busy machine marked; a target whose run failed is left out, not guessed."""
+    targets = load_script("cpu_targets", monkeypatch)
+    log = [{"label": "quickstart_neo", "tokens_per_s": 22000.0, "val_loss": 1.85},
+           {"label": "quickstart_torch", "tokens_per_s": 20000.0, "val_loss": 1.90},
+           {"label": "train float32 neo", "tokens_per_s": 900.0, "others_busy": 0.4},
+           {"label": "train float32 transformers", "tokens_per_s": 1000.0},
+           {"label": "train float32 nanogpt", "tokens_per_s": 800.0},
+           {"label": "generate b1 neo", "tokens_per_s": 80.0}, {"label": "generate b1 torch", "tokens_per_s": 20.0},
+           {"label": "generate b8 neo", "tokens_per_s": 100.0}, {"label": "generate b8 torch", "tokens_per_s": 100.0},
+           {"label": "memory 24 layers", "temp_bytes": 5 * 2 ** 30, "compile_s": 4.0},
+           {"label": "memory 4 layers", "temp_bytes": 2 ** 30, "compile_s": 4.0}]
+    rows = {r["target"]: r for r in targets.verdicts(log)}
+    assert len(rows) == 8  # no bfloat16 step: its runs are missing
+    beside = rows["125M step float32, neo / nanoGPT-style (no target)"]  # shown, no verdict
+    assert beside["value"] == pytest.approx(1.125) and beside["met"] is None and beside["missed_by"] is None
+    assert rows["quickstart tok/s, neo / nanoGPT"]["value"] == pytest.approx(1.1) and rows[
+        "quickstart tok/s, neo / nanoGPT"]["met"]
+    assert rows["quickstart validation loss, neo (<= nanoGPT's)"]["met"]
+    step = rows["125M step float32, neo / transformers"]
+    assert not step["met"] and step["missed_by"] == pytest.approx(0.1) and step["busy"]
+    assert rows["generation b1 float32, neo / generate()"]["met"]
+    assert rows["generation b8 float32, neo / generate()"]["missed_by"] == pytest.approx(0.5)
+    memory = rows["1.3B temporary memory per device, GiB"]
+    assert memory["value"] == 5 and memory["missed_by"] == pytest.approx(0.25) and not memory["busy"]
+    assert rows["1.3B compile time, 24 / 4 layers"]["met"]
+
+    stat = tmp_path / "stat"  # user nice system idle iowait irq softirq steal
+    ticks = iter([(100, 0, 100, 800, 0), (175, 0, 125, 875, 25)])
+    monkeypatch.setattr(targets.time, "sleep", lambda s: stat.write_text("cpu  %d %d %d %d %d 0 0 0 0 0\n"
+                                                                         % next(ticks)))
+    stat.write_text("cpu  %d %d %d %d %d 0 0 0 0 0\n" % next(ticks))
+    assert targets.cpu_busy(stat=str(stat)) == pytest.approx(0.5)  # 100 of 200 ticks busy
+
+
+def test_cpu_targets_runs_the_memory_target_without_tensorflow_or_lm_eval(env, tmp_path):
+    results = tmp_path / "targets.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpu_targets.py"), "--only", "memory", "--json",
+                          str(results)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "failed" not in out.stderr, out.stderr[-3000:]
+    assert "GFLOP/s theoretical" in out.stdout and "others busy" in out.stdout
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    runs, verdicts = [r for r in rows if "label" in r], [r for r in rows if "target" in r]
+    assert [r["label"] for r in runs] == ["memory 24 layers", "memory 4 layers"]
+    assert [r["devices"] for r in runs] == [8, 8] and runs[1]["temp_bytes"] < runs[0]["temp_bytes"]
+    assert [v["target"] for v in verdicts] == ["1.3B temporary memory per device, GiB",
+                                               "1.3B compile time, 24 / 4 layers"]
+    assert all(v["target"] in out.stdout for v in verdicts)
