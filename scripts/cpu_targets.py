@@ -5,14 +5,14 @@
 The targets are measured on whatever CPU this is, and they have been missed on some CPUs and met
 on others (docs/benchmarks.md: a 2-vCPU Xeon with AMX against a 2-vCPU AMD EPYC). This script
 runs the documented commands 1-4 of docs/benchmarks.md, each backend in its own process, one
-after the other (about 15 minutes on 2 cores), and prints one table:
+after the other (about 14 minutes on 2 cores), and prints one table:
 
     quickstart (command 2)   neo's main.py against nanoGPT's CPU recipe, 2000 steps: tok/s >= 1.0x,
                              validation loss no worse
     train (command 1)        gpt_neo_125M step, batch 4 x 256, float32 and bfloat16: neo >= 1.0x
                              transformers' GPTNeo (the nanoGPT-style GPT runs beside it)
-    generate (command 4)     gpt_neo_125M, 32 + 64 tokens, float32, batch 1 and 8: neo >= 2x
-                             transformers' generate()
+    generate (command 4)     gpt_neo_125M, 32 + 64 tokens, float32 and bfloat16, batch 1 and 8:
+                             neo >= 2x transformers' generate()
     memory (command 3)       gpt_neo_1.3B, n_ctx 2048, 8 simulated devices, batch:x,embd:x, full
                              remat, bfloat16: temporary memory <= 4 GiB per device, 24 layers
                              compile in <= 1.5x the time of 4
@@ -91,11 +91,12 @@ def run_all(groups: set[str], args) -> list[dict]:
                                     str(args.steps), "--precision", precision, "--backend", backend],
                         f"train {precision} {backend}", log)
     if "generate" in groups:
-        for batch in (1, 8):
-            for backend in ("neo", "torch"):
-                measure(GENERATE, ["--model", "gpt_neo_125M", "--prompt", "32", "--new", "64", "--reps",
-                                   str(args.reps), "--batch", str(batch), "--backend", backend],
-                        f"generate b{batch} {backend}", log)
+        for precision in ("float32", "bfloat16"):
+            for batch in (1, 8):
+                for backend in ("neo", "torch"):
+                    measure(GENERATE, ["--model", "gpt_neo_125M", "--prompt", "32", "--new", "64", "--reps",
+                                       str(args.reps), "--precision", precision, "--batch", str(batch),
+                                       "--backend", backend], f"generate {precision} b{batch} {backend}", log)
     if "memory" in groups:
         common = ["--compile_only", "--model", "gpt_neo_1.3B", "--seq", "2048", "--batch", "8", "--mesh_shape",
                   "x:8", "--layout", "batch:x,embd:x", "--recompute", "--precision", "bfloat16"]
@@ -136,11 +137,13 @@ def verdicts(log: list[dict]) -> list[dict]:
                 nano = by[f"train {precision} nanogpt"]["tokens_per_s"]
                 row(f"125M step {precision}, neo / nanoGPT-style (no target)", neo, nano, neo / nano, None, True,
                     "x", [labels[0], f"train {precision} nanogpt"])
-    for batch in (1, 8):
-        labels = [f"generate b{batch} neo", f"generate b{batch} torch"]
-        if all(l in by for l in labels):
-            neo, hf = (by[l]["tokens_per_s"] for l in labels)
-            row(f"generation b{batch} float32, neo / generate()", neo, hf, neo / hf, 2.0, True, "x", labels)
+    for precision in ("float32", "bfloat16"):
+        for batch in (1, 8):
+            labels = [f"generate {precision} b{batch} neo", f"generate {precision} b{batch} torch"]
+            if all(l in by for l in labels):
+                neo, hf = (by[l]["tokens_per_s"] for l in labels)
+                row(f"generation {precision} b{batch}, neo / generate()", neo, hf, neo / hf, 2.0, True, "x",
+                    labels)
     labels = ["memory 24 layers", "memory 4 layers"]
     if labels[0] in by:
         temp = by[labels[0]]["temp_bytes"] / GiB

@@ -232,8 +232,10 @@ def test_cpu_targets_give_each_target_its_verdict(monkeypatch, tmp_path):
            {"label": "train float32 neo", "tokens_per_s": 900.0, "others_busy": 0.4},
            {"label": "train float32 transformers", "tokens_per_s": 1000.0},
            {"label": "train float32 nanogpt", "tokens_per_s": 800.0},
-           {"label": "generate b1 neo", "tokens_per_s": 80.0}, {"label": "generate b1 torch", "tokens_per_s": 20.0},
-           {"label": "generate b8 neo", "tokens_per_s": 100.0}, {"label": "generate b8 torch", "tokens_per_s": 100.0},
+           {"label": "generate float32 b1 neo", "tokens_per_s": 80.0},
+           {"label": "generate float32 b1 torch", "tokens_per_s": 20.0},
+           {"label": "generate bfloat16 b8 neo", "tokens_per_s": 100.0},
+           {"label": "generate bfloat16 b8 torch", "tokens_per_s": 100.0},
            {"label": "memory 24 layers", "temp_bytes": 5 * 2 ** 30, "compile_s": 4.0},
            {"label": "memory 4 layers", "temp_bytes": 2 ** 30, "compile_s": 4.0}]
     rows = {r["target"]: r for r in targets.verdicts(log)}
@@ -245,8 +247,8 @@ def test_cpu_targets_give_each_target_its_verdict(monkeypatch, tmp_path):
     assert rows["quickstart validation loss, neo (<= nanoGPT's)"]["met"]
     step = rows["125M step float32, neo / transformers"]
     assert not step["met"] and step["missed_by"] == pytest.approx(0.1) and step["busy"]
-    assert rows["generation b1 float32, neo / generate()"]["met"]
-    assert rows["generation b8 float32, neo / generate()"]["missed_by"] == pytest.approx(0.5)
+    assert rows["generation float32 b1, neo / generate()"]["met"]
+    assert rows["generation bfloat16 b8, neo / generate()"]["missed_by"] == pytest.approx(0.5)
     memory = rows["1.3B temporary memory per device, GiB"]
     assert memory["value"] == 5 and memory["missed_by"] == pytest.approx(0.25) and not memory["busy"]
     assert rows["1.3B compile time, 24 / 4 layers"]["met"]
