@@ -63,6 +63,11 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=async_save),
+            # Named up front, so that a new process can read a checkpoint's metadata before it
+            # restores anything (`_stored_params`); orbax otherwise learns them from the first
+            # save or restore, and until then reads no item's metadata.
+            item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> Optional[int]:
