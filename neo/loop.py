@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ def format_eta(seconds: float) -> str:
 
 def describe(setup: Setup, log: Callable[[str], None]) -> None:
     """What is about to run and what it needs per device, before compiling."""
-    from neo.memory import bytes_per_device, device_memory, gib
+    from neo.memory import bytes_per_device, gib, memory_limit
 
     cfg, layout = setup.cfg, setup.layout
     devices = list(layout.mesh.devices.flat)
@@ -50,21 +50,44 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
     log(f"neo: {cfg.name}: {setup.param_count:,} parameters; {len(devices)} x {devices[0].device_kind}; "
         f"mesh {dict(layout.mesh.shape)}; layout {', '.join(f'{d}:{a}' for d, a in layout.rules)}; "
         f"{setup.num_microbatches} microbatch(es) of {cfg.run.train_batch_size // setup.num_microbatches} sequences")
-    local = next(d for d in devices if d.process_index == jax.process_index())
-    limit = device_memory(local)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    limit, whose = memory_limit(local[0], len(local))
     need = 2 * p + o  # parameters, their gradients, optimizer state
     activations = _activation_estimate(setup)
     total = need + activations
     log(f"neo: per device: parameters {gib(p)}, gradients {gib(p)}, optimizer state {gib(o)}, "
         f"activations ~{gib(activations)} (estimate{', with remat' if cfg.model.recompute_grad else ''}) = "
-        f"~{gib(total)}" + (f" of {gib(limit)} on a {devices[0].device_kind}" if limit else ""))
+        f"~{gib(total)}" + (f" of the {gib(limit)} of {whose}" if limit else ""))
     if limit and need > limit:
-        raise NeoError(f"parameters, gradients and optimizer state need {gib(need)} per device but a "
-                       f"{devices[0].device_kind} has {gib(limit)}; shard them (e.g. add 'embd:<axis>' to "
-                       f"the layout for FSDP) or use more devices (python main.py --model ... --auto_layout).")
+        raise NeoError(f"parameters, gradients and optimizer state need {gib(need)} per device, more than the "
+                       f"{gib(limit)} of {whose}; shard them (e.g. add 'embd:<axis>' to the layout for FSDP) or "
+                       f"use more devices (python main.py --model ... --auto_layout).")
     if limit and total > limit:
-        log(f"neo: WARNING: the estimate (~{gib(total)}) exceeds the device's {gib(limit)}; if this run "
-            f"runs out of memory, set recompute_grad, tokens_per_mb_per_replica, or see --auto_layout.")
+        log(f"neo: WARNING: the estimate (~{gib(total)}) exceeds the {gib(limit)} of {whose}; if this run "
+            f"runs out of memory, lower train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or "
+            f"see --auto_layout.")
+
+
+def check_compiled_memory(compiled: Any, setup: Setup) -> None:
+    """Refuse a compiled call that cannot fit, before it runs: XLA's own count of what it holds
+    per device (memory_analysis) against what a device may hold (neo/memory.py memory_limit).
+    Run, it would fail allocating with a traceback, or on a CPU host be killed by the kernel. A
+    device's limit counts the state it already holds; a CPU host's available memory already
+    excludes it, so there only what the call allocates counts."""
+    from neo.memory import gib, memory_limit
+
+    ma = compiled.memory_analysis()
+    local = [d for d in setup.layout.mesh.devices.flat if d.process_index == jax.process_index()]
+    limit, whose = memory_limit(local[0], len(local))
+    if ma is None or not limit:
+        return
+    need = ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+    if local[0].platform != "cpu":
+        need += ma.argument_size_in_bytes
+    if need > limit:
+        raise NeoError(f"the compiled train step needs {gib(need)} per device (XLA's count: temporaries "
+                       f"{gib(ma.temp_size_in_bytes)}), more than the {gib(limit)} of {whose}; lower "
+                       f"train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or see --auto_layout.")
 
 
 def _activation_estimate(setup: Setup) -> float:
@@ -192,6 +215,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
             if (n, length) not in calls:  # compiled apart, so that compilation is not counted as training time
                 t = time.perf_counter()
                 calls[n, length] = setup.steps.lower(state, stack).compile()
+                check_compiled_memory(calls[n, length], setup)
                 at = f" of {length} tokens" if buckets else ""
                 log(f"neo: compiled {n} train step(s) per call{at} in {time.perf_counter() - t:.1f}s")
                 interval_start += time.perf_counter() - t

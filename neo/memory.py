@@ -25,6 +25,21 @@ def device_memory(device: jax.Device) -> Optional[int]:
     return (stats or {}).get("bytes_limit")
 
 
+def memory_limit(device: jax.Device, devices_on_host: int) -> tuple[Optional[int], str]:
+    """What one device of this process may hold, and whose figure that is: the runtime's limit on
+    GPU/TPU (`device_memory`); on CPU, where every device of a process lives in the host's memory,
+    the host's available memory (MemAvailable) shared evenly among this process's
+    `devices_on_host` devices. (None, "") where neither is known."""
+    limit = device_memory(device)
+    if limit:
+        return limit, f"a {device.device_kind}"
+    available = host_available_memory() if device.platform == "cpu" else None
+    if not available:
+        return None, ""
+    shared = f" ({gib(available)}) shared by its {devices_on_host} CPU devices" if devices_on_host > 1 else ""
+    return available // devices_on_host, f"this host's available memory{shared}"
+
+
 def host_available_memory() -> Optional[int]:
     """The host memory the kernel says can be allocated without swapping (MemAvailable), or
     None where /proc/meminfo does not say (not Linux)."""

@@ -95,3 +95,36 @@ def test_a_model_path_without_write_permission_is_refused(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"model_path {locked / 'run'}: no permission to write in {locked}" in out.stdout
     assert not (locked / "run").exists()
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """On CPU a device's memory is the host's. Parameters, gradients and optimizer state larger
+    than what the host has available are refused before anything compiles; a compiled step that
+    XLA counts larger than what is available then is refused before it runs (run, it fails
+    allocating with a traceback, or the kernel kills the process). One line each, with the fix;
+    no checkpoint is written."""
+    import jax
+    import pytest
+
+    from neo import memory
+    from neo.config import load_model_config
+    from neo.errors import NeoError
+    from neo.loop import fit
+    from neo.mesh import make_layout
+
+    cfg = load_model_config("tiny", {"model_path": str(tmp_path / "run"), "train_steps": 2, "iterations": 1,
+                                     "predict_steps": 0, "eval_steps": 0})
+    layout = make_layout("", "", jax.devices()[:1])
+    monkeypatch.setattr(memory, "host_available_memory", lambda: 1 << 20)
+    with pytest.raises(NeoError, match=r"parameters, gradients and optimizer state need [\d.]+ MiB per device, more "
+                                       r"than the 1.00 MiB of this host's available memory; shard them"):
+        fit(cfg, layout, log=lambda _: None)
+    available = iter([1 << 30])  # at the start; by the time the step is compiled another process took it
+    monkeypatch.setattr(memory, "host_available_memory", lambda: next(available, 1 << 10))
+    lines = []
+    with pytest.raises(NeoError, match=r"the compiled train step needs [\d.]+ [KM]iB per device \(XLA's count: "
+                                       r"temporaries .*\), more than the 1.00 KiB of this host's available memory; "
+                                       r"lower train_batch_size"):
+        fit(cfg, layout, log=lines.append)
+    assert any("of the 1.00 GiB of this host's available memory" in line for line in lines), lines
+    assert not list((tmp_path / "run").glob("checkpoints/[0-9]*"))
