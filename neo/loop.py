@@ -241,6 +241,10 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
             if step % steps_per_checkpoint == 0 or step == cfg.run.train_steps or preemption.requested:
                 pause = time.perf_counter()
                 ckpt.save(step, state.params, state.opt_state, {"data": done_position, "seed": cfg.run.seed})
+                if preemption.requested:  # the save first, within the grace period; validation and samples
+                    ckpt.wait()  # are for the rerun, not for the seconds before SIGKILL
+                    log(f"neo: SIGTERM: saved checkpoint {step}; exiting (rerun the same command to resume)")
+                    break
                 if validation is not None:
                     out = validation.run(state.params)
                     log(f"eval | {summary(out)}")
@@ -250,9 +254,6 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
                     samples.run(state.params, step, log)
                 tracker.sync()
                 interval_start += time.perf_counter() - pause  # saving and evaluating is not training time
-            if preemption.requested:
-                log(f"neo: SIGTERM: saved checkpoint {step}; exiting (rerun the same command to resume)")
-                break
     finally:
         ckpt.close()
         tracker.close()

@@ -103,6 +103,8 @@ def test_sigterm_in_a_multi_step_run_saves_at_the_end_of_the_call_and_resumes_ex
     assert proc.returncode == 0
     saved = int(out.split("SIGTERM: saved checkpoint ")[1].split(";")[0])
     assert saved in (4, 8, 12)  # a call is never cut: the checkpoint is at a call's end
+    # saved and gone: no validation or sample after the last step, while the grace period runs out
+    assert "eval |" not in out.split(f"step {saved}/14")[1] and "SAMPLE" not in out.split(f"step {saved}/14")[1]
     out = subprocess.run(command(run, MULTI, 4), env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"resumed from checkpoint {saved}" in out.stdout
