@@ -50,8 +50,7 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
     log(f"neo: {cfg.name}: {setup.param_count:,} parameters; {len(devices)} x {devices[0].device_kind}; "
         f"mesh {dict(layout.mesh.shape)}; layout {', '.join(f'{d}:{a}' for d, a in layout.rules)}; "
         f"{setup.num_microbatches} microbatch(es) of {cfg.run.train_batch_size // setup.num_microbatches} sequences")
-    local = [d for d in devices if d.process_index == jax.process_index()]
-    limit, whose = memory_limit(local[0], len(local))
+    limit, whose = memory_limit(_local_devices(setup))
     need = 2 * p + o  # parameters, their gradients, optimizer state
     activations = _activation_estimate(setup)
     total = need + activations
@@ -77,8 +76,8 @@ def check_compiled_memory(compiled: Any, setup: Setup) -> None:
     from neo.memory import gib, memory_limit
 
     ma = compiled.memory_analysis()
-    local = [d for d in setup.layout.mesh.devices.flat if d.process_index == jax.process_index()]
-    limit, whose = memory_limit(local[0], len(local))
+    local = _local_devices(setup)
+    limit, whose = memory_limit(local)
     if ma is None or not limit:
         return
     need = ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
@@ -88,6 +87,10 @@ def check_compiled_memory(compiled: Any, setup: Setup) -> None:
         raise NeoError(f"the compiled train step needs {gib(need)} per device (XLA's count: temporaries "
                        f"{gib(ma.temp_size_in_bytes)}), more than the {gib(limit)} of {whose}; lower "
                        f"train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or see --auto_layout.")
+
+
+def _local_devices(setup: Setup) -> list:
+    return [d for d in setup.layout.mesh.devices.flat if d.process_index == jax.process_index()]
 
 
 def _activation_estimate(setup: Setup) -> float:

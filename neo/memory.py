@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -25,19 +25,19 @@ def device_memory(device: jax.Device) -> Optional[int]:
     return (stats or {}).get("bytes_limit")
 
 
-def memory_limit(device: jax.Device, devices_on_host: int) -> tuple[Optional[int], str]:
-    """What one device of this process may hold, and whose figure that is: the runtime's limit on
-    GPU/TPU (`device_memory`); on CPU, where every device of a process lives in the host's memory,
-    the host's available memory (MemAvailable) shared evenly among this process's
-    `devices_on_host` devices. (None, "") where neither is known."""
-    limit = device_memory(device)
+def memory_limit(local: Sequence[jax.Device]) -> tuple[Optional[int], str]:
+    """What one of this process's devices (`local`) may hold, and whose figure that is: the
+    runtime's limit on GPU/TPU (`device_memory`); on CPU, where every device of a process lives in
+    the host's memory, the host's available memory (MemAvailable) shared evenly among them.
+    (None, "") where neither is known."""
+    limit = device_memory(local[0])
     if limit:
-        return limit, f"a {device.device_kind}"
-    available = host_available_memory() if device.platform == "cpu" else None
+        return limit, f"a {local[0].device_kind}"
+    available = host_available_memory() if local[0].platform == "cpu" else None
     if not available:
         return None, ""
-    shared = f" ({gib(available)}) shared by its {devices_on_host} CPU devices" if devices_on_host > 1 else ""
-    return available // devices_on_host, f"this host's available memory{shared}"
+    shared = f" ({gib(available)}) shared by its {len(local)} CPU devices" if len(local) > 1 else ""
+    return available // len(local), f"this host's available memory{shared}"
 
 
 def host_available_memory() -> Optional[int]:
