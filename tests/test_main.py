@@ -128,3 +128,12 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_runs(tmp_path, mo
         fit(cfg, layout, log=lines.append)
     assert any("of the 1.00 GiB of this host's available memory" in line for line in lines), lines
     assert not list((tmp_path / "run").glob("checkpoints/[0-9]*"))
+
+    class WithoutMemoryAnalysis:  # a backend whose compiled programs cannot count their memory
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    from neo.loop import check_compiled_memory
+    from neo.train import build
+
+    check_compiled_memory(WithoutMemoryAnalysis(), build(cfg, layout))  # nothing to check: training goes on
