@@ -38,6 +38,9 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+MEMORY_FIXES = "lower train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or see --auto_layout."
+
+
 def describe(setup: Setup, log: Callable[[str], None]) -> None:
     """What is about to run and what it needs per device, before compiling."""
     from neo.memory import bytes_per_device, gib, memory_limit
@@ -63,8 +66,7 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
                        f"use more devices (python main.py --model ... --auto_layout).")
     if limit and total > limit:
         log(f"neo: WARNING: the estimate (~{gib(total)}) exceeds the {gib(limit)} of {whose}; if this run "
-            f"runs out of memory, lower train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or "
-            f"see --auto_layout.")
+            f"runs out of memory, {MEMORY_FIXES}")
 
 
 def check_compiled_memory(compiled: Any, setup: Setup) -> None:
@@ -88,8 +90,7 @@ def check_compiled_memory(compiled: Any, setup: Setup) -> None:
         need += ma.argument_size_in_bytes
     if need > limit:
         raise NeoError(f"the compiled train step needs {gib(need)} per device (XLA's count: temporaries "
-                       f"{gib(ma.temp_size_in_bytes)}), more than the {gib(limit)} of {whose}; lower "
-                       f"train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or see --auto_layout.")
+                       f"{gib(ma.temp_size_in_bytes)}), more than the {gib(limit)} of {whose}; {MEMORY_FIXES}")
 
 
 def _local_devices(setup: Setup) -> list:

@@ -107,7 +107,7 @@ def _decode_token_cache(path: str, ds: Any) -> str:
     tokenizer = load_tokenizer(ds.tokenizer_path, ds.tokenizer_is_pretrained)
     text = "".join(json.dumps({"text": tokenizer.decode(d)}) + "\n" for d in docs)
     out = Path(tempfile.gettempdir()) / f"neo-lambada-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
-    if not out.exists() or out.read_text() != text:
+    if not out.exists():  # named by its contents, and written whole: one that exists is this text
         partial = out.with_name(f"{out.name}.{os.getpid()}")
         partial.write_text(text)
         os.replace(partial, out)  # whole or absent for a reader, whichever process wrote it
