@@ -39,8 +39,14 @@ KEEP_INDEXES = 16  # files whose record offsets a RecordFiles keeps (an epoch re
 
 
 def tensorflow():
-    """The `tensorflow` module, imported on first use with its GPUs hidden (tf.data only)."""
+    """The `tensorflow` module, imported on first use with its GPUs hidden (tf.data only).
+
+    neo asks TensorFlow only to read and parse records, so its oneDNN math kernels are switched
+    off: TensorFlow 2.21 otherwise prints its "oneDNN custom operations are on" notice (through
+    absl, which ignores TF_CPP_MIN_LOG_LEVEL) into every run's output, twice.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow as tf
 
     if not getattr(tensorflow, "hidden", False):
