@@ -407,6 +407,19 @@ def test_truncated_file_names_the_file(tmp_path, model):
         next(make_source(model(tmp_path, [["c", None, "chunks", None]])))
 
 
+def test_a_truncated_file_names_its_last_good_record_both_ways(tmp_path):
+    """Training (which walks the length headers) and --check_dataset (which reads the file whole,
+    through tf.data, in batches) name the same record, not the start of the batch that failed."""
+    from neo.data.tfrecords import read_records, record_offsets
+
+    folder = dataset(tmp_path, "c", [chunk_records(6)])
+    (path,) = folder.glob("*.tfrecords")
+    path.write_bytes(path.read_bytes()[:-20])
+    for read in record_offsets, lambda p: list(read_records(p)):
+        with pytest.raises(NeoError, match=rf"{path.name} is corrupt or truncated after record 5 "):
+            read(str(path))
+
+
 def test_a_damaged_record_fails_its_checksum(tmp_path, model):
     """A flipped byte in a record's data (its length intact) is caught when the record is read."""
     from neo.data import make_source

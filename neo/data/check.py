@@ -91,29 +91,28 @@ def _scan_tfrecords(entry: DatasetEntry, pattern: str, split: str, model_vocab: 
     limit = min(ds.n_vocab, model_vocab)
     lengths = _Lengths()
     named = [count_from_name(f) for f in files]
-    bar = tqdm(total=sum(named) if None not in named else None, unit=" records", desc=f"{entry.id} {split}",
-               leave=False, mininterval=0.5)
-    carry = 0
-    for path in files:
-        lo, hi, before = np.iinfo(np.int64).max, -1, rep.records
-        for rec in read_records(path):
-            rep.records += 1
-            rep.tokens += len(rec)
-            lo, hi = min(lo, int(rec.min())), max(hi, int(rec.max()))
-            if documents_mode:
-                lengths.add(np.array([len(rec) - (rec[-1] == ds.eos_id)]))
-                continue
-            pos = np.flatnonzero(rec == ds.eos_id)
-            if not len(pos):
-                carry += len(rec)
-                continue
-            lengths.add(np.concatenate([[carry + pos[0]], np.diff(pos) - 1]))
-            carry = len(rec) - pos[-1] - 1
-        bar.update(rep.records - before)
-        rep.min_id, rep.max_id = min(rep.min_id, lo), max(rep.max_id, hi)
-        if hi >= limit or lo < 0:
-            rep.bad_files.append((path, hi if hi >= limit else lo))
-    bar.close()
+    with tqdm(total=sum(named) if None not in named else None, unit=" records", desc=f"{entry.id} {split}",
+              leave=False, mininterval=0.5) as bar:  # closed (its line cleared) by an error too
+        carry = 0
+        for path in files:
+            lo, hi, before = np.iinfo(np.int64).max, -1, rep.records
+            for rec in read_records(path):
+                rep.records += 1
+                rep.tokens += len(rec)
+                lo, hi = min(lo, int(rec.min())), max(hi, int(rec.max()))
+                if documents_mode:
+                    lengths.add(np.array([len(rec) - (rec[-1] == ds.eos_id)]))
+                    continue
+                pos = np.flatnonzero(rec == ds.eos_id)
+                if not len(pos):
+                    carry += len(rec)
+                    continue
+                lengths.add(np.concatenate([[carry + pos[0]], np.diff(pos) - 1]))
+                carry = len(rec) - pos[-1] - 1
+            bar.update(rep.records - before)
+            rep.min_id, rep.max_id = min(rep.min_id, lo), max(rep.max_id, hi)
+            if hi >= limit or lo < 0:
+                rep.bad_files.append((path, hi if hi >= limit else lo))
     if carry:
         lengths.add(np.array([carry]))
     lengths.fill(rep)

@@ -109,8 +109,14 @@ def read_records(path: str, n_vocab: Optional[int] = None) -> Iterator[np.ndarra
             serialized = next(it)
         except StopIteration:
             return
-        except tf.errors.OpError as e:
-            raise _read_error(path, index, e) from None
+        except tf.errors.OpError as e:  # somewhere in the next batch: count its good records, for the message
+            good = 0
+            try:
+                for _ in tf.data.TFRecordDataset(path).skip(index).take(_READ_BATCH).as_numpy_iterator():
+                    good += 1
+            except tf.errors.OpError:
+                pass
+            raise _read_error(path, index + good, e) from None
         yield from _decode(path, serialized, np.arange(index, index + len(serialized)), n_vocab)
         index += len(serialized)
 
