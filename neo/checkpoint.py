@@ -11,6 +11,8 @@ into the shardings asked for.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from typing import Any, Optional
 
 import jax
@@ -78,15 +80,33 @@ class Checkpointer:
 
     def save(self, step: int, params: Any, opt_state: Any = None, meta: Optional[dict] = None,
              force: bool = False) -> bool:
-        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave({"step": step, **(meta or {})})}
+        from neo.checksum import checksums
+
+        sums = {"params": checksums(params), **({"opt_state": checksums(opt_state)} if opt_state is not None else {})}
+        meta = {"step": step, **(meta or {}), "checksums": sums}
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def has_opt_state(self, step: int) -> bool:
+        """Whether checkpoint `step` holds optimizer state: training's do, an imported model's
+        (parameters only) does not. A training checkpoint without it lost it: refused, since
+        resuming with a fresh optimizer would not be the run it claims to continue."""
         from etils import epath
 
-        return (epath.Path(self.directory) / str(step) / "opt_state").exists()
+        if (epath.Path(self.directory) / str(step) / "opt_state").exists():
+            return True
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 (no readable meta: restore() says what is wrong)
+            return False
+        if "data" in meta or "opt_state" in meta.get("checksums", {}):
+            earlier = [s for s in self.all_steps() if s < step]
+            raise NeoError(f"checkpoint {self.directory}/{step} is damaged: training wrote it with optimizer state, "
+                           f"but its opt_state folder is missing. Restore the folder if you have a copy, or "
+                           f"{_fallback(self.directory, step, earlier)}; nothing was changed.")
+        return False
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> tuple[Any, Any, dict]:
         """(params, opt_state or None, meta). `abstract_*` are trees of jax.ShapeDtypeStruct
@@ -121,14 +141,43 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        _quiet_failed_reads()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 (orbax wraps tensorstore's errors in a bare Exception)
+            cause = e.__cause__ or e.__context__ or e
+            if _DAMAGED.search(f"{e} {cause}"):
+                _quiet_failed_reads(failed=True)
+                e = cause if _DAMAGED.search(str(cause)) else e
+                earlier = [s for s in self.all_steps() if s < step]
+                raise NeoError(
+                    f"checkpoint {self.directory}/{step} is damaged: a file in it is missing or unreadable "
+                    f"({_brief(e)}). Restore the file if you have a copy, or {_fallback(self.directory, step, earlier)}; nothing was changed."
+                ) from None
+            if not isinstance(e, (ValueError, KeyError, TypeError)):
+                raise
             raise NeoError(
                 f"checkpoint {self.directory}/{step} does not match this config's model ({type(e).__name__}: "
                 f"{str(e)[:300]}). Was it written for a different config? Use a fresh model_path or --new."
             ) from None
-        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, dict(out["meta"])
+        meta = dict(out["meta"])
+        opt_state = out.get("opt_state") if abstract_opt_state is not None else None
+        self._verify(step, meta.pop("checksums", {}), {"params": out["params"], "opt_state": opt_state})
+        return out["params"], opt_state, meta
+
+    def _verify(self, step: int, recorded: dict, trees: dict) -> None:
+        """The arrays read back must have the checksums recorded when they were written
+        (neo/checksum.py): orbax would restore a damaged data file's bytes without a word."""
+        from neo.checksum import mismatches
+
+        bad = [f"{item}{path}" for item, tree in trees.items() if tree is not None and item in recorded
+               for path in mismatches(recorded[item], tree)]
+        if bad:
+            earlier = [s for s in self.all_steps() if s < step]
+            raise NeoError(
+                f"checkpoint {self.directory}/{step} is damaged: {len(bad)} array(s) read back differ from what "
+                f"was written ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; their checksums differ). "
+                f"Restore its files if you have a copy, or {_fallback(self.directory, step, earlier)}; nothing was changed.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -136,6 +185,60 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# tensorstore's status codes for a file that is gone or does not hold what its index says
+# (as opposed to a tree or shape that differs from the model's: a different config).
+_DAMAGED = re.compile(r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE)\b|Error reading|was not found in the checkpoint")
+
+
+def _fallback(directory: str, step: int, earlier: list[int]) -> str:
+    """What to do without damaged checkpoint `step`: resume from the one before it."""
+    folder = f"{directory}/{step}"
+    if earlier:
+        return f"delete {folder} to resume from checkpoint {max(earlier)}, the newest before it"
+    return f"delete {folder} to start from scratch (no checkpoint precedes it)"
+
+
+def _brief(e: Exception) -> str:
+    """tensorstore's message up to its JSON spec: the status and the file."""
+    return str(e).split(" [tensorstore_spec=")[0][:400]
+
+
+def _quiet_failed_reads(failed: bool = False) -> None:
+    """When one array of a restore fails, orbax's event loop closes while tensorstore still
+    completes the other reads, and each of them reports itself: "RuntimeError: Event loop is
+    closed" through sys.unraisablehook (or sys.excepthook), "Task exception was never retrieved" through the
+    `asyncio` logger, and at exit each read left pending as its coroutine. A screenful of
+    tracebacks would bury neo's one-line error, so these are dropped: the closed-loop errors
+    and tensorstore's read errors always, anything unraisable once a restore has failed
+    (`failed`), since the process is then on its way out with neo's error."""
+    import logging
+
+    hook = sys.unraisablehook
+    if getattr(hook, "neo_quiet", None) is not None:
+        hook.neo_quiet["failed"] |= failed
+        return
+    state = {"failed": failed}
+
+    def quiet(unraisable):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        if not (closed_loop or state["failed"]):
+            hook(unraisable)
+
+    def unretrieved_read_error(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("exception was never retrieved" in record.getMessage() and error is not None
+                    and _DAMAGED.search(str(error)))
+
+    def quiet_uncaught(kind, error, traceback):  # the same error, when tensorstore prints it directly
+        if not (kind is RuntimeError and str(error) == "Event loop is closed"):
+            uncaught(kind, error, traceback)
+
+    uncaught = sys.excepthook
+    quiet.neo_quiet = state
+    sys.unraisablehook, sys.excepthook = quiet, quiet_uncaught
+    logging.getLogger("asyncio").addFilter(unretrieved_read_error)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
