@@ -10,10 +10,11 @@ into the shardings asked for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -56,6 +57,33 @@ def check_writable(model_path: str) -> None:
                            f"or choose another model_path.")
 
 
+def check_disk_space(model_path: str, checkpoint_bytes: int, saves: int, keep: Optional[int],
+                     log: Callable[[str], None]) -> None:
+    """Before compiling: refuse a run whose disk cannot hold one checkpoint (it would train
+    until its first save, then fail), and warn when it cannot hold the `saves` checkpoints still
+    to be written, up to `keep` at once plus the one being written. Local paths only (a
+    bucket's space is not the machine's)."""
+    import shutil
+
+    from neo.memory import gib
+
+    if "://" in model_path or saves < 1:
+        return
+    where = os.path.abspath(checkpoint_dir(model_path))
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < checkpoint_bytes:
+        raise NeoError(f"model_path {model_path}: its disk has {gib(free)} free, but one checkpoint of this model "
+                       f"(parameters and optimizer state) takes ~{gib(checkpoint_bytes)}; free space there or move "
+                       f"model_path.")
+    at_once = min(saves, (keep or saves) + 1)
+    if free < at_once * checkpoint_bytes:
+        log(f"neo: WARNING: model_path's disk has {gib(free)} free; {at_once} checkpoints of ~{gib(checkpoint_bytes)} "
+            f"each may be on it at once (keep_checkpoints {keep}, plus the one being written): a save may fail "
+            f"for want of space (the run then stops, the previous checkpoint intact).")
+
+
 class Checkpointer:
     """Save/restore train state; keeps the newest `max_to_keep` checkpoints."""
 
@@ -63,14 +91,19 @@ class Checkpointer:
         self.directory = checkpoint_dir(model_path)
         self.manager = ocp.CheckpointManager(
             self.directory,
+            # (cleanup_tmp_directories: a save that died, e.g. on a full disk, left its
+            # `<step>.orbax-checkpoint-tmp` folder; removed when the run starts again)
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=async_save),
+                                                 enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=True),
             # Named up front, so that a new process can read a checkpoint's metadata before it
             # restores anything (`_stored_params`); orbax otherwise learns them from the first
             # save or restore, and until then reads no item's metadata.
             item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
         )
+        self._writing: Optional[int] = None  # the step of the save in flight
+        _quiet_failed_reads()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -87,7 +120,35 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # a failure of the save before this one surfaces here
+        self._writing = step
+        with self._writes():
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _writes(self):
+        """orbax's errors from writing checkpoint `self._writing` (a full disk, a lost
+        permission, a bucket gone) as one line saying which checkpoint is intact."""
+        try:
+            yield
+        except NeoError:
+            raise
+        except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise plain Exceptions and ValueErrors)
+            step, self._writing = self._writing, None
+            if step is None or not _WRITE_FAILED.search(f"{e} {e.__cause__}"):
+                raise
+            _quiet_failed_reads(failed=True)
+            from etils import epath
+
+            for partial in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+                partial.rmtree(missing_ok=True)  # holds the disk, and is no checkpoint
+            intact = [s for s in self.all_steps() if s != step and
+                      not epath.Path(self.directory, f"{s}.orbax-checkpoint-tmp").exists()]
+            keep = f"checkpoint {max(intact)} is intact" if intact else "no checkpoint was written before it"
+            reason = _brief(e.__cause__ if _WRITE_FAILED.search(str(e.__cause__)) else e)
+            raise NeoError(f"writing checkpoint {step} to {self.directory} failed ({reason}); {keep}, and the "
+                           f"partial one was removed. Free space on that disk (or lower keep_checkpoints, or move "
+                           f"model_path), then rerun to resume.") from None
 
     def has_opt_state(self, step: int) -> bool:
         """Whether checkpoint `step` holds optimizer state: training's do, an imported model's
@@ -180,15 +241,21 @@ class Checkpointer:
                 f"Restore its files if you have a copy, or {_fallback(self.directory, step, earlier)}; nothing was changed.")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writes():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 # tensorstore's status codes for a file that is gone or does not hold what its index says
 # (as opposed to a tree or shape that differs from the model's: a different config).
+# tensorstore's and the OS's words for a write that could not be done
+_WRITE_FAILED = re.compile(r"\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE)\b|No space left|Read-only "
+                           r"file system|Disk quota exceeded|Permission denied|Error writing|Failed writing")
 _DAMAGED = re.compile(r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE)\b|Error reading|was not found in the checkpoint")
 
 
@@ -206,15 +273,20 @@ def _brief(e: Exception) -> str:
 
 
 def _quiet_failed_reads(failed: bool = False) -> None:
-    """When one array of a restore fails, orbax's event loop closes while tensorstore still
-    completes the other reads, and each of them reports itself: "RuntimeError: Event loop is
-    closed" through sys.unraisablehook (or sys.excepthook), "Task exception was never retrieved" through the
-    `asyncio` logger, and at exit each read left pending as its coroutine. A screenful of
-    tracebacks would bury neo's one-line error, so these are dropped: the closed-loop errors
-    and tensorstore's read errors always, anything unraisable once a restore has failed
+    """When one array of a restore (or a save) fails, orbax's event loop closes while
+    tensorstore still completes the other reads (writes), and each of them reports itself: "RuntimeError: Event loop is
+    closed" through sys.unraisablehook (or sys.excepthook), "Task exception was never
+    retrieved" through the `asyncio` logger, and at exit each read left pending as its coroutine. A screenful of
+    tracebacks would bury neo's one-line error, so these are dropped: the closed-loop errors,
+    tensorstore's read errors and orbax's log line of a failed background write (which neo
+    reports itself) always, anything unraisable once a restore or save has failed
     (`failed`), since the process is then on its way out with neo's error."""
     import logging
 
+    import warnings
+
+    if failed:  # the reads or writes left pending, reported at exit
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     hook = sys.unraisablehook
     if getattr(hook, "neo_quiet", None) is not None:
         hook.neo_quiet["failed"] |= failed
@@ -229,7 +301,13 @@ def _quiet_failed_reads(failed: bool = False) -> None:
     def unretrieved_read_error(record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         return not ("exception was never retrieved" in record.getMessage() and error is not None
-                    and _DAMAGED.search(str(error)))
+                    and (_DAMAGED.search(str(error)) or _WRITE_FAILED.search(str(error))))
+
+    def background_write_error(record: logging.LogRecord) -> bool:  # orbax logs it, then neo reports it
+        error, chain = record.exc_info[1] if record.exc_info else None, []
+        while error is not None and len(chain) < 8:
+            chain, error = chain + [str(error)], error.__cause__ or error.__context__
+        return not (record.levelno >= logging.ERROR and _WRITE_FAILED.search(" ".join([record.getMessage(), *chain])))
 
     def quiet_uncaught(kind, error, traceback):  # the same error, when tensorstore prints it directly
         if not (kind is RuntimeError and str(error) == "Event loop is closed"):
@@ -239,6 +317,7 @@ def _quiet_failed_reads(failed: bool = False) -> None:
     quiet.neo_quiet = state
     sys.unraisablehook, sys.excepthook = quiet, quiet_uncaught
     logging.getLogger("asyncio").addFilter(unretrieved_read_error)
+    logging.getLogger("absl").addFilter(background_write_error)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo.checkpoint import Checkpointer, abstract_like, check_writable
+from neo.checkpoint import Checkpointer, abstract_like, check_disk_space, check_writable
 from neo.config import Config
 from neo.curriculum import active, lengths, next_change, seq_len
 from neo.curriculum import summary as curriculum_summary
@@ -196,6 +196,10 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
     ckpt = Checkpointer(cfg.run.model_path, max_to_keep=cfg.run.keep_checkpoints)
+    abstract = jax.eval_shape(setup.init)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract.params, abstract.opt_state)))
+    saves = -(-(cfg.run.train_steps - (ckpt.latest_step() or 0)) // steps_per_checkpoint)
+    check_disk_space(cfg.run.model_path, state_bytes, saves, cfg.run.keep_checkpoints, log)
     state, meta = restore_or_init(setup, ckpt, log)
     step = int(jax.device_get(state.step))
     if "data" in meta:

@@ -26,7 +26,7 @@ ALLOWED = {
     "flops": {"config", "errors"},
     "curriculum": {"config"},
     "tracking": {"config", "errors"},
-    "checkpoint": {"checksum", "config", "errors", "mesh", "model"},
+    "checkpoint": {"checksum", "config", "errors", "memory", "mesh", "model"},
     "train": {"config", "errors", "loss", "mesh", "mlm", "model", "optim"},
     "auto_layout": {"config", "errors", "loss", "mesh", "model"},
     "predict": {"checkpoint", "config", "data", "errors", "kernels", "memory", "mesh", "model"},

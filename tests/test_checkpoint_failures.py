@@ -1,7 +1,9 @@
 """A damaged checkpoint is refused with one line naming what is wrong and the checkpoint to fall
 back on, never restored as different numbers: flipped bytes (orbax does not notice: neo's
 checksums do), a missing or truncated data file, a lost optimizer state. Checksums do not depend
-on the mesh, and checkpoints written before neo kept them still load."""
+on the mesh, and checkpoints written before neo kept them still load. A save that cannot be
+written (a full disk) stops the run in one line, the previous checkpoint intact, the partial one
+removed; a disk that cannot hold one checkpoint is refused before compiling."""
 
 import json
 import os
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neo.checkpoint import Checkpointer
+from neo.checkpoint import Checkpointer, check_disk_space
 from neo.checksum import checksums, mismatches
 from neo.errors import NeoError
 
@@ -134,3 +136,48 @@ def test_main_reports_a_damaged_checkpoint_in_one_line(tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith(f"neo: error: checkpoint {tmp_path}/checkpoints/4 is damaged")
     assert "Traceback" not in run.stderr and "Event loop is closed" not in run.stderr, run.stderr
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # nothing removed or written
+
+
+def _tiny(model_path: Path, steps: int) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), "--model", "tiny", "--set", f"train_steps={steps}",
+            "--set", f"model_path={json.dumps(str(model_path))}", "--steps_per_checkpoint", "2"]
+
+
+def test_a_save_that_cannot_be_written_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: tensorstore's write fails the
+    same way (measured on a full tmpfs too: RESOURCE_EXHAUSTED, No space left on device)."""
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+    subprocess.run(_tiny(tmp_path, 2), env=env, check=True, capture_output=True, timeout=300)
+
+    # (a write past the limit then fails with EFBIG rather than killing the process; both survive exec)
+    small_files = [sys.executable, "-c", "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, "
+                   "signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+                   "os.execv(sys.executable, sys.argv[1:])"]
+    run = subprocess.run(small_files + _tiny(tmp_path, 4), env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"neo: error: writing checkpoint 4 to {tmp_path}/checkpoints failed (")
+    assert last.endswith("checkpoint 2 is intact, and the partial one was removed. Free space on that disk (or "
+                         "lower keep_checkpoints, or move model_path), then rerun to resume."), last
+    assert "Traceback" not in run.stderr and "Task exception" not in run.stderr, run.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    rerun = subprocess.run(_tiny(tmp_path, 4), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "resumed from checkpoint 2" in rerun.stdout, rerun.stderr
+
+
+def test_a_disk_that_cannot_hold_a_checkpoint_is_refused_before_compiling(tmp_path, monkeypatch):
+    import shutil
+
+    logged = []
+    usage = lambda free: lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+    monkeypatch.setattr(shutil, "disk_usage", usage(5 * 2**20))
+    with pytest.raises(NeoError, match=r"model_path .*/run: its disk has 5.00 MiB free, but one checkpoint of this "
+                                       r"model \(parameters and optimizer state\) takes ~9.54 MiB"):
+        check_disk_space(str(tmp_path / "run"), 10**7, saves=3, keep=5, log=logged.append)
+    check_disk_space(str(tmp_path / "run"), 2 * 10**6, saves=3, keep=5, log=logged.append)
+    assert logged == ["neo: WARNING: model_path's disk has 5.00 MiB free; 3 checkpoints of ~1.91 MiB each may be "
+                      "on it at once (keep_checkpoints 5, plus the one being written): a save may fail for want of "
+                      "space (the run then stops, the previous checkpoint intact)."]
+    check_disk_space(str(tmp_path / "run"), 2 * 10**6, saves=3, keep=1, log=logged.append)  # 2 at once: fits
+    check_disk_space("gs://bucket/run", 10**12, saves=3, keep=5, log=logged.append)  # not this machine's disk
+    assert len(logged) == 1
