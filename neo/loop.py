@@ -202,6 +202,10 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     check_disk_space(cfg.run.model_path, state_bytes, saves, cfg.run.keep_checkpoints, log)
     state, meta = restore_or_init(setup, ckpt, log)
     step = int(jax.device_get(state.step))
+    if meta.get("seed", cfg.run.seed) != cfg.run.seed:  # allowed (a way past a loss spike), but said
+        log(f"neo: WARNING: seed {cfg.run.seed}, but checkpoint {step} was trained with seed {meta['seed']}: from "
+            f"here on the data order (within the current epoch: examples may repeat or be skipped) and dropout "
+            f"differ from the run being resumed; set seed {meta['seed']} to continue it exactly.")
     if "data" in meta:
         source.restore(meta["data"])
     tracker = Tracker(cfg, step, log)

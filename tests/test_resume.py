@@ -172,6 +172,20 @@ def test_resume_at_a_step_between_calls(tmp_path):
     got = losses(tmp_path / "stopped")
     assert sorted(got) == [4, 6, 8, 12, 14]
     assert {s: got[s] for s in (4, 8, 12, 14)} == losses(tmp_path / "straight")
+    assert not any("WARNING" in l for l in lines)
+
+
+def test_resuming_with_another_seed_says_the_run_is_no_longer_the_same(tmp_path):
+    layout = make_layout("", "", jax.devices()[:1])
+    config = lambda steps, seed: load_model_config("tiny", {"model_path": str(tmp_path), "train_steps": steps,
+                                                            "iterations": 2, "seed": seed})
+    fit(config(2, 1), layout, 2, log=lambda _m: None)
+    lines = []
+    fit(config(4, 7), layout, 2, log=lines.append)
+    assert [l for l in lines if "WARNING" in l] == [
+        "neo: WARNING: seed 7, but checkpoint 2 was trained with seed 1: from here on the data order (within the "
+        "current epoch: examples may repeat or be skipped) and dropout differ from the run being resumed; set "
+        "seed 1 to continue it exactly."]
 
 
 def test_steps_per_call_divides_iterations_and_the_checkpoint_interval():
