@@ -87,6 +87,9 @@ class TFRecordSource:
         self.streams, self.batch_size, self.n_ctx = streams, batch_size, n_ctx
         self.rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
         self.schedule = MixSchedule(weights, (seed,))
+        # what the examples are drawn from: a resume from other data is no longer the same run
+        self.datasets = [[st.spec.name, len(st.spec.files), int(sum(st.spec.counts)), st.spec.mode, st.spec.stitch,
+                          float(w)] for st, w in zip(streams, weights)]
         self.step = 0
         self.drawn = 0  # global examples in the batches drawn so far
         self._ahead: list[np.ndarray] = []  # this process's rows of the next batches, already read
@@ -115,7 +118,7 @@ class TFRecordSource:
         return list(out.reshape(batches, len(self.rows), self.n_ctx + 1))
 
     def state(self) -> dict:
-        return {"step": self.step, "examples": self.drawn, "batch_size": self.batch_size}
+        return {"step": self.step, "examples": self.drawn, "batch_size": self.batch_size, "datasets": self.datasets}
 
     def restore(self, state: dict) -> None:
         """Continue after state["examples"] global examples (exactly, whatever the batch size
@@ -125,3 +128,10 @@ class TFRecordSource:
         if int(state["batch_size"]) != self.batch_size:
             logging.warning("data: train_batch_size changed from %s to %d; continuing after the %d examples "
                             "already trained on.", state["batch_size"], self.batch_size, self.drawn)
+        before = [list(d) for d in state.get("datasets", self.datasets)]  # (older checkpoints: not recorded)
+        if before != self.datasets:
+            fields = "name, files, records, sampling mode, stitch, weight"
+            logging.warning("data: the datasets differ from those the checkpoint was trained on (%s: %s then, %s "
+                            "now): examples are drawn in another order from here on, so some already trained on "
+                            "may come again and others never; the resumed run is not the original's.",
+                            fields, before, self.datasets)
