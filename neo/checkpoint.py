@@ -103,7 +103,7 @@ class Checkpointer:
                            "meta": ocp.JsonCheckpointHandler()},
         )
         self._writing: Optional[int] = None  # the step of the save in flight
-        _quiet_failed_reads()
+        _quiet_background_errors()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -137,7 +137,7 @@ class Checkpointer:
             step, self._writing = self._writing, None
             if step is None or not _WRITE_FAILED.search(f"{e} {e.__cause__}"):
                 raise
-            _quiet_failed_reads(failed=True)
+            _quiet_background_errors(failed=True)
             from etils import epath
 
             for partial in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
@@ -202,19 +202,19 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        _quiet_failed_reads()
+        _quiet_background_errors()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 (orbax wraps tensorstore's errors in a bare Exception)
             cause = e.__cause__ or e.__context__ or e
             if _DAMAGED.search(f"{e} {cause}"):
-                _quiet_failed_reads(failed=True)
+                _quiet_background_errors(failed=True)
                 e = cause if _DAMAGED.search(str(cause)) else e
                 earlier = [s for s in self.all_steps() if s < step]
                 raise NeoError(
                     f"checkpoint {self.directory}/{step} is damaged: a file in it is missing or unreadable "
-                    f"({_brief(e)}). Restore the file if you have a copy, or {_fallback(self.directory, step, earlier)}; nothing was changed."
-                ) from None
+                    f"({_brief(e)}). Restore the file if you have a copy, or "
+                    f"{_fallback(self.directory, step, earlier)}; nothing was changed.") from None
             if not isinstance(e, (ValueError, KeyError, TypeError)):
                 raise
             raise NeoError(
@@ -238,7 +238,8 @@ class Checkpointer:
             raise NeoError(
                 f"checkpoint {self.directory}/{step} is damaged: {len(bad)} array(s) read back differ from what "
                 f"was written ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; their checksums differ). "
-                f"Restore its files if you have a copy, or {_fallback(self.directory, step, earlier)}; nothing was changed.")
+                f"Restore its files if you have a copy, or {_fallback(self.directory, step, earlier)}; "
+                f"nothing was changed.")
 
     def wait(self) -> None:
         with self._writes():
@@ -251,11 +252,11 @@ class Checkpointer:
             self.manager.close()
 
 
-# tensorstore's status codes for a file that is gone or does not hold what its index says
-# (as opposed to a tree or shape that differs from the model's: a different config).
 # tensorstore's and the OS's words for a write that could not be done
 _WRITE_FAILED = re.compile(r"\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE)\b|No space left|Read-only "
                            r"file system|Disk quota exceeded|Permission denied|Error writing|Failed writing")
+# tensorstore's status codes for a file that is gone or does not hold what its index says
+# (as opposed to a tree or shape that differs from the model's: a different config).
 _DAMAGED = re.compile(r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE)\b|Error reading|was not found in the checkpoint")
 
 
@@ -272,17 +273,17 @@ def _brief(e: Exception) -> str:
     return str(e).split(" [tensorstore_spec=")[0][:400]
 
 
-def _quiet_failed_reads(failed: bool = False) -> None:
+def _quiet_background_errors(failed: bool = False) -> None:
     """When one array of a restore (or a save) fails, orbax's event loop closes while
-    tensorstore still completes the other reads (writes), and each of them reports itself: "RuntimeError: Event loop is
-    closed" through sys.unraisablehook (or sys.excepthook), "Task exception was never
-    retrieved" through the `asyncio` logger, and at exit each read left pending as its coroutine. A screenful of
-    tracebacks would bury neo's one-line error, so these are dropped: the closed-loop errors,
-    tensorstore's read errors and orbax's log line of a failed background write (which neo
-    reports itself) always, anything unraisable once a restore or save has failed
-    (`failed`), since the process is then on its way out with neo's error."""
+    tensorstore still completes the other reads (writes), and each reports itself: "RuntimeError:
+    Event loop is closed" through sys.unraisablehook (or sys.excepthook), "Task exception was
+    never retrieved" through the `asyncio` logger, orbax's own log line of the failed write, and
+    at exit each coroutine left pending. A screenful of tracebacks would bury neo's one-line
+    error, so these are dropped: the closed-loop errors, tensorstore's read and write errors and
+    orbax's line about a failed background write (which neo reports itself) always; anything
+    unraisable once a restore or save has failed (`failed`), the process then being on its way
+    out with neo's error."""
     import logging
-
     import warnings
 
     if failed:  # the reads or writes left pending, reported at exit
@@ -294,7 +295,8 @@ def _quiet_failed_reads(failed: bool = False) -> None:
     state = {"failed": failed}
 
     def quiet(unraisable):
-        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         if not (closed_loop or state["failed"]):
             hook(unraisable)
 

@@ -5,12 +5,14 @@ orbax and tensorstore check a checkpoint's structure, not its bytes: a flipped b
 half-copied chunk in a data file restores silently as a different number (a NaN in the
 embedding, say), and the resumed run is no longer the uninterrupted one. So every checkpoint
 neo writes records, per array, two 32-bit sums of its bit pattern (the words, and the words
-weighted by their position, both mod 2^32), computed on the devices where the array lives; a restore
-recomputes them on the arrays it read and refuses a difference, naming the array.
+weighted by their position, both mod 2^32), computed on the devices where the array lives; a
+restore recomputes them on the arrays it read and refuses a difference, naming the array.
 
 The sums are modular integer sums, so they do not depend on how the array is sharded or on how
 XLA orders the reduction: a checkpoint written on 8 devices verifies on 1, or on 2 processes.
-One pass over the state, fused into one reduction per array, costs far less than writing it.
+One pass over the state, one fused reduction per array: measured 1.0 s for gpt_neo_125M's
+parameters and AdamW state (1.5 GB) on 2 CPU cores, where XLA's integer reductions run at about
+3 GB/s, beside the save's own ~1.7 s; on an accelerator it runs at memory bandwidth.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 def _words(x: jax.Array) -> jax.Array:
     """The array's bit pattern as 32-bit words (narrower types widened, wider ones split), typed
-    int32: XLA's CPU backend vectorizes int32 sums, not uint32 ones (6x slower), and two's
-    complement addition and multiplication wrap to the same bits as unsigned ones."""
+    int32: two's complement addition and multiplication wrap to the same bits as unsigned ones,
+    and a plain int32 sum is one XLA's CPU backend vectorizes (uint32's ran 6x slower)."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:

@@ -231,7 +231,8 @@ def test_resuming_on_other_data_is_said(tmp_path, model, caplog):
         write_records(folder / "c_1", chunk_records(6, 6))
         make_source(cfg).restore(saved)
     assert ("data: the datasets differ from those the checkpoint was trained on (name, files, records, sampling "
-            "mode, stitch, weight: [['c', 1, 6, 'chunks', 1, 1.0]] then, [['c', 2, 12, 'chunks', 1, 1.0]] now)") in caplog.text
+            "mode, stitch, weight: [['c', 1, 6, 'chunks', 1, 1.0]] then, [['c', 2, 12, 'chunks', 1, 1.0]] "
+            "now)") in caplog.text
 
 
 def test_processes_read_disjoint_rows(tmp_path, model):
