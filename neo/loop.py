@@ -41,8 +41,9 @@ def format_eta(seconds: float) -> str:
 MEMORY_FIXES = "lower train_batch_size, set recompute_grad or tokens_per_mb_per_replica, or see --auto_layout."
 
 
-def describe(setup: Setup, log: Callable[[str], None]) -> None:
-    """What is about to run and what it needs per device, before compiling."""
+def describe(setup: Setup, log: Callable[[str], None]) -> Any:
+    """What is about to run and what it needs per device, before compiling. Returns the train
+    state's shapes (jax.ShapeDtypeStructs)."""
     from neo.memory import bytes_per_device, gib, memory_limit
 
     cfg, layout = setup.cfg, setup.layout
@@ -67,6 +68,7 @@ def describe(setup: Setup, log: Callable[[str], None]) -> None:
     if limit and total > limit:
         log(f"neo: WARNING: the estimate (~{gib(total)}) exceeds the {gib(limit)} of {whose}; if this run "
             f"runs out of memory, {MEMORY_FIXES}")
+    return abstract
 
 
 def check_compiled_memory(compiled: Any, setup: Setup) -> None:
@@ -186,7 +188,7 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     buckets = lengths(cfg) if active(cfg) else []
     for n_tokens in buckets:
         check_divisible(layout, {"sequence": n_tokens}, " at a curriculum length")
-    describe(setup, log)
+    abstract = describe(setup, log)
     rows = batch_rows(setup)
     per_call, why = steps_per_call(cfg, steps_per_checkpoint, len(rows))
     if why:
@@ -196,7 +198,6 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
     samples = _Samples(cfg, setup, prompt_path) if cfg.sampling.predict_steps > 0 else None
 
     ckpt = Checkpointer(cfg.run.model_path, max_to_keep=cfg.run.keep_checkpoints)
-    abstract = jax.eval_shape(setup.init)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract.params, abstract.opt_state)))
     saves = -(-(cfg.run.train_steps - (ckpt.latest_step() or 0)) // steps_per_checkpoint)
     check_disk_space(cfg.run.model_path, state_bytes, saves, cfg.run.keep_checkpoints, log)
