@@ -208,7 +208,8 @@ def fit(cfg: Config, layout: Layout, steps_per_checkpoint: int = 5000,
             f"here on the data order (within the current epoch: examples may repeat or be skipped) and dropout "
             f"differ from the run being resumed; set seed {meta['seed']} to continue it exactly.")
     if "data" in meta:
-        source.restore(meta["data"])
+        for note in source.restore(meta["data"]):
+            log(f"neo: WARNING: data: {note}")
     tracker = Tracker(cfg, step, log)
     if step >= cfg.run.train_steps:
         log(f"neo: already trained to step {step} (train_steps {cfg.run.train_steps}); nothing to do")

@@ -16,7 +16,6 @@ of processes and with any batch size.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence
 
 import numpy as np
@@ -120,18 +119,20 @@ class TFRecordSource:
     def state(self) -> dict:
         return {"step": self.step, "examples": self.drawn, "batch_size": self.batch_size, "datasets": self.datasets}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> list[str]:
         """Continue after state["examples"] global examples (exactly, whatever the batch size
-        and the number of processes were when the state was saved)."""
+        and the number of processes were when the state was saved). Returns what the caller
+        should tell the user: a changed batch size, or other data under the same position."""
         self.step, self.drawn = int(state["step"]), int(state["examples"])
         self._ahead = []
+        notes = []
         if int(state["batch_size"]) != self.batch_size:
-            logging.warning("data: train_batch_size changed from %s to %d; continuing after the %d examples "
-                            "already trained on.", state["batch_size"], self.batch_size, self.drawn)
+            notes.append(f"train_batch_size changed from {state['batch_size']} to {self.batch_size}; the data "
+                         f"continues after the {self.drawn} examples already trained on.")
         before = [list(d) for d in state.get("datasets", self.datasets)]  # (older checkpoints: not recorded)
         if before != self.datasets:
-            fields = "name, files, records, sampling mode, stitch, weight"
-            logging.warning("data: the datasets differ from those the checkpoint was trained on (%s: %s then, %s "
-                            "now): examples are drawn in another order from here on, so some already trained on "
-                            "may come again and others never; the resumed run is not the original's.",
-                            fields, before, self.datasets)
+            notes.append(f"the datasets differ from those the checkpoint was trained on (name, files, records, "
+                         f"sampling mode, stitch, weight: {before} then, {self.datasets} now): examples are drawn in "
+                         f"another order from here on, so some already trained on may come again and others never; "
+                         f"the resumed run is not the original's.")
+        return notes

@@ -45,8 +45,9 @@ class TextSource:
     def state(self) -> dict:
         return {"step": self.step}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> list[str]:
         self.step = int(state["step"])
+        return []  # the batches are a function of the step: nothing about them to tell
 
 
 def read_text_tokens(path: str, tokenizer) -> np.ndarray:
