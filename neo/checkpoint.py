@@ -163,10 +163,9 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 (no readable meta: restore() says what is wrong)
             return False
         if "data" in meta or "opt_state" in meta.get("checksums", {}):
-            earlier = [s for s in self.all_steps() if s < step]
             raise NeoError(f"checkpoint {self.directory}/{step} is damaged: training wrote it with optimizer state, "
                            f"but its opt_state folder is missing. Restore the folder if you have a copy, or "
-                           f"{_fallback(self.directory, step, earlier)}; nothing was changed.")
+                           f"{self._fallback(step)}; nothing was changed.")
         return False
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> tuple[Any, Any, dict]:
@@ -202,7 +201,6 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        _quiet_background_errors()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 (orbax wraps tensorstore's errors in a bare Exception)
@@ -210,11 +208,10 @@ class Checkpointer:
             if _DAMAGED.search(f"{e} {cause}"):
                 _quiet_background_errors(failed=True)
                 e = cause if _DAMAGED.search(str(cause)) else e
-                earlier = [s for s in self.all_steps() if s < step]
                 raise NeoError(
                     f"checkpoint {self.directory}/{step} is damaged: a file in it is missing or unreadable "
                     f"({_brief(e)}). Restore the file if you have a copy, or "
-                    f"{_fallback(self.directory, step, earlier)}; nothing was changed.") from None
+                    f"{self._fallback(step)}; nothing was changed.") from None
             if not isinstance(e, (ValueError, KeyError, TypeError)):
                 raise
             raise NeoError(
@@ -234,12 +231,18 @@ class Checkpointer:
         bad = [f"{item}{path}" for item, tree in trees.items() if tree is not None and item in recorded
                for path in mismatches(recorded[item], tree)]
         if bad:
-            earlier = [s for s in self.all_steps() if s < step]
             raise NeoError(
                 f"checkpoint {self.directory}/{step} is damaged: {len(bad)} array(s) read back differ from what "
                 f"was written ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; their checksums differ). "
-                f"Restore its files if you have a copy, or {_fallback(self.directory, step, earlier)}; "
+                f"Restore its files if you have a copy, or {self._fallback(step)}; "
                 f"nothing was changed.")
+
+    def _fallback(self, step: int) -> str:
+        """What to do without damaged checkpoint `step`: resume from the one before it."""
+        earlier = [s for s in self.all_steps() if s < step]
+        if earlier:
+            return f"delete {self.directory}/{step} to resume from checkpoint {max(earlier)}, the newest before it"
+        return f"delete {self.directory}/{step} to start from scratch (no checkpoint precedes it)"
 
     def wait(self) -> None:
         with self._writes():
@@ -258,14 +261,6 @@ _WRITE_FAILED = re.compile(r"\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE
 # tensorstore's status codes for a file that is gone or does not hold what its index says
 # (as opposed to a tree or shape that differs from the model's: a different config).
 _DAMAGED = re.compile(r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE)\b|Error reading|was not found in the checkpoint")
-
-
-def _fallback(directory: str, step: int, earlier: list[int]) -> str:
-    """What to do without damaged checkpoint `step`: resume from the one before it."""
-    folder = f"{directory}/{step}"
-    if earlier:
-        return f"delete {folder} to resume from checkpoint {max(earlier)}, the newest before it"
-    return f"delete {folder} to start from scratch (no checkpoint precedes it)"
 
 
 def _brief(e: Exception) -> str:
