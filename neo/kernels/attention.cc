@@ -199,7 +199,7 @@ void softmax_block(float* St, int64_t i0, int64_t R, int64_t j0, int64_t j1, flo
 // One (sequence, head)'s q, k, v (and d_out) copied out of [B, T, H, D] into [T, Dp] rows,
 // zero-padded; a block's queries (and output gradients) also transposed into [D, 16].
 struct Scratch {
-  std::vector<float> q, k, v, g, qt, gt, s, dp, o, dq, dk, dv;
+  neo::aligned_vector<float> q, k, v, g, qt, gt, s, dp, o, dq, dk, dv;  // 16-float rows on cache lines
 };
 
 template <typename T>

@@ -147,7 +147,7 @@ void with_vectors(int64_t vectors, F f) {
 // head's keys and values stay in cache between them). scratch: S scores, D query and D sums.
 template <typename T>
 void attend(const Shape& n, const T* q, const T* keys, const T* values, const float* bias, T* out, int64_t b,
-            int64_t g, std::vector<float>& scratch) {
+            int64_t g, neo::aligned_vector<float>& scratch) {
   const int64_t R = n.H / n.G, h0 = g * R, S = n.S, D = n.D;
   scratch.resize(S + 2 * D);
   float *x = scratch.data(), *qf = x + S, *y = qf + D;
@@ -206,7 +206,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<DT> q, ffi::Buffer<DT> k_
   const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), 1 + bytes / (256 << 10));
   neo::parallel_chunks(pool, units, std::max<int64_t>(1, units / (4 * threads)), threads,
                        [=, &n](int64_t first, int64_t last) {
-                         thread_local std::vector<float> scratch;
+                         thread_local neo::aligned_vector<float> scratch;
                          for (int64_t i = first; i < last; ++i) attend(n, qp, kc, vc, bp, o, i / n.G, i % n.G, scratch);
                        });
   return ffi::Error::Success();

@@ -130,7 +130,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   Product P{a.typed_data(), a_transposed ? 1 : K, a_transposed ? M : 1, b.typed_data(), kPanel, N,
             c->typed_data(), M, N, K};
-  thread_local std::vector<float> scratch;  // the calling thread's; helpers only use it during the call
+  thread_local neo::aligned_vector<float> scratch;  // the calling thread's; helpers only use it during the call
   if (b_transposed || N % kPanel) {
     scratch.resize(panels * K * kPanel);
     float* dst = scratch.data();

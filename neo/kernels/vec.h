@@ -6,7 +6,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <vector>
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #include <immintrin.h>
@@ -131,5 +134,29 @@ inline F exp_lanes(F x) {
 
 inline f32x16 exp16(f32x16 x) { return exp_lanes<f32x16, i32x16>(x); }
 inline f32xL expL(f32xL x) { return exp_lanes<f32xL, i32xL>(x); }
+
+// Scratch whose data starts on a 64-byte cache line. std::vector's own does not: glibc returns
+// a large block 16 bytes past a page boundary, so every 16-float load from it spans two cache
+// lines. On the Xeon, one thread, matmul.cc's products from packed panels ran 10-13% slower that
+// way (docs/benchmarks.md, 2026-12-01 "scratch on cache lines").
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using aligned_vector = std::vector<T, CacheLineAllocator<T>>;
 
 }  // namespace neo
