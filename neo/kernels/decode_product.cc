@@ -21,6 +21,8 @@
 // panel's two weight vectors in registers, 8 rows with AVX-512's 32 registers, 6 with AVX2's 16
 // (docs/benchmarks.md, "decoding on a CPU without AVX-512").
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -105,7 +107,9 @@ void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, 
 // Rapids, Zen 4 and later): the weights packed in pairs along k, [panels, K / 2, 32, 2], and x as
 // pairs (x[m, 2j], x[m, 2j + 1]) in one 32-bit word. vdpbf16ps adds w[2j, c] * x[2j] +
 // w[2j + 1, c] * x[2j + 1] to column c's float32 sum: both products exact, as in the widening
-// path, at twice its multiply-adds per instruction (a decode step at batch 8 is limited by them).
+// path, at twice its multiply-adds per instruction (a decode step at batch 8 is limited by them)
+// where the CPU issues it as fast as a float32 multiply-add (Zen 4). Where it does not, several
+// rows take `panel_rows_widened` on the same packing (see NeoDecodeBF16Dot).
 constexpr bool kPairs = true;
 
 inline __m512bh pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
@@ -151,6 +155,83 @@ void panel_rows(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int
   }
 }
 
+// The pairs packing read without vdpbf16ps, for M >= 2 rows on a CPU that issues it slower than
+// half as often as a float32 multiply-add (the 2-vCPU Xeon of docs/benchmarks.md, 2026-12-01:
+// 0.9 against 2.9 instructions per ns, so a third of the multiply-adds): each 32-bit word of a
+// pair holds w[2j, c] in its low half and w[2j + 1, c] in its high half, so a shift and a mask
+// widen the two to float32 exactly, and float32 multiply-adds take them into each row's sums (x
+// widened once, [M, 2J]). Products exact; sums float32 in k order, blocked as above.
+template <int M>
+void panel_rows_widened(const float* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy, int64_t J,
+                        int valid) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 tlo[M], thi[M];
+  for (int m = 0; m < M; ++m) tlo[m] = thi[m] = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < J; j0 += kBlock / 2) {
+    const int64_t j1 = std::min(J, j0 + kBlock / 2);
+    __m512 lo[M], hi[M];
+    for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint16_t* r = w + j * 2 * kPanel;
+      const __m512i p0 = _mm512_loadu_si512(r), p1 = _mm512_loadu_si512(r + kPanel);
+      const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16)), o0 = _mm512_castsi512_ps(_mm512_and_si512(p0, high));
+      const __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16)), o1 = _mm512_castsi512_ps(_mm512_and_si512(p1, high));
+      for (int m = 0; m < M; ++m) {
+        const __m512 xe = _mm512_set1_ps(x[m * ldx + 2 * j]), xo = _mm512_set1_ps(x[m * ldx + 2 * j + 1]);
+        lo[m] = _mm512_fmadd_ps(xo, o0, _mm512_fmadd_ps(xe, e0, lo[m]));
+        hi[m] = _mm512_fmadd_ps(xo, o1, _mm512_fmadd_ps(xe, e1, hi[m]));
+      }
+    }
+    for (int m = 0; m < M; ++m) tlo[m] = _mm512_add_ps(tlo[m], lo[m]), thi[m] = _mm512_add_ps(thi[m], hi[m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    f32xL av, bv;
+    std::memcpy(&av, &tlo[m], sizeof av);
+    std::memcpy(&bv, &thi[m], sizeof bv);
+    store(y + m * ldy, valid, av, bv);
+  }
+}
+
+// Whether vdpbf16ps pays here: 1 where this CPU issues it at least half as often as a float32
+// multiply-add (each does 32 multiply-adds against 16), measured once per process: 16
+// independent chains of each, 20,000 rounds, the best of three alternated timings (about 2 ms).
+int dot_pays() {
+  using clock = std::chrono::steady_clock;
+  auto best = [](auto body) {
+    double t = 1e30;
+    for (int round = 0; round < 3; ++round) {
+      auto t0 = clock::now();
+      body();
+      t = std::min(t, std::chrono::duration<double>(clock::now() - t0).count());
+    }
+    return t;
+  };
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80);
+  __m512 f = _mm512_set1_ps(1.0f), sink = _mm512_setzero_ps();
+  auto dot = [&] {
+    __m512 acc[16];
+    for (auto& v : acc) v = _mm512_setzero_ps();
+    for (int r = 0; r < 20000; ++r) {
+      for (auto& v : acc) v = _mm512_dpbf16_ps(v, a, a);
+      asm volatile("" : "+v"(a));
+    }
+    for (auto& v : acc) sink = _mm512_add_ps(sink, v);
+  };
+  auto fma = [&] {
+    __m512 acc[16];
+    for (auto& v : acc) v = _mm512_setzero_ps();
+    for (int r = 0; r < 20000; ++r) {
+      for (auto& v : acc) v = _mm512_fmadd_ps(v, f, f);
+      asm volatile("" : "+v"(f));
+    }
+    for (auto& v : acc) sink = _mm512_add_ps(sink, v);
+  };
+  const double t_dot = best(dot), t_fma = best(fma);
+  volatile float keep = _mm512_reduce_add_ps(sink);
+  (void)keep;
+  return t_dot <= 2 * t_fma ? 1 : 0;
+}
+
 #else
 constexpr bool kPairs = false;
 #endif
@@ -175,7 +256,14 @@ void panel(const X* x, int64_t M, int64_t K, const W* w, int64_t panel_size, flo
   int valid = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
-      panel_rows<decltype(rows)::value>(x + m0 * K, K, wp, y + m0 * N + p * kPanel, N, K, valid);
+      constexpr int R = decltype(rows)::value;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<X, float> && std::is_same_v<W, uint16_t>) {  // pairs widened: K = 2J
+        panel_rows_widened<R>(x + m0 * K, K, wp, y + m0 * N + p * kPanel, N, K / 2, valid);
+        return;
+      }
+#endif
+      panel_rows<R>(x + m0 * K, K, wp, y + m0 * N + p * kPanel, N, K, valid);
     });
   }
 }
@@ -206,7 +294,9 @@ ffi::Error ProductF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                  yd[1]);
 }
 
-ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+// dot: 1 to use vdpbf16ps at every row count, 0 to widen the pairs for two rows or more
+// (NeoDecodeBF16Dot says which pays here; neo/kernels/cpu.py passes it).
+ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, int32_t dot,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
@@ -216,11 +306,20 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || wd[1] != J || wd[2] != kPanel || wd[3] != 2 ||
         yd[0] != M)
       return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, ceil(K / 2), 32, 2], y [M, N]");
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+    if (!dot && M > 1) {  // x widened to float32 once, [M, 2J], the padding k zero
+      std::vector<float> xf(M * 2 * J, 0.0f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          uint32_t bits = static_cast<uint32_t>(xb[m * K + k]) << 16;
+          std::memcpy(&xf[m * 2 * J + k], &bits, sizeof bits);
+        }
+      return Product(pool, xf.data(), M, 2 * J, wp, wd[0], J * 2 * kPanel, y->typed_data(), yd[1]);
+    }
     std::vector<uint32_t> xp(M * J);  // x in pairs along k, the last one padded with zero
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xp[m * J + k / 2] |= static_cast<uint32_t>(xb[m * K + k]) << (16 * (k % 2));
-    return Product(pool, xp.data(), M, J, reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0],
-                   J * 2 * kPanel, y->typed_data(), yd[1]);
+    return Product(pool, xp.data(), M, J, wp, wd[0], J * 2 * kPanel, y->typed_data(), yd[1]);
   }
 #endif
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel || yd[0] != xd[0])
@@ -250,11 +349,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeProductBF16, ProductBF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int32_t>("dot")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // Which bfloat16 packing this build reads (neo/kernels/cpu.py packs accordingly): 1 for pairs
 // along k ([panels, ceil(K / 2), 32, 2]), 0 for [panels, K, 32].
 extern "C" int NeoDecodeBF16Pairs() { return kPairs ? 1 : 0; }
+
+// Whether the pairs are best read with vdpbf16ps at two rows or more on this CPU (dot_pays,
+// measured once): 1 or 0; 0 without AVX512_BF16.
+extern "C" int NeoDecodeBF16Dot() {
+#if defined(__AVX512BF16__)
+  static const int pays = dot_pays();
+  return pays;
+#else
+  return 0;
+#endif
+}
 
 // The columns of a panel this build reads (neo/kernels/cpu.py packs accordingly): 32 with
 // AVX-512, 16 on a CPU with 8-float vectors.
