@@ -165,12 +165,13 @@ void panel_rows(const uint32_t* x, int64_t ldx, const uint16_t* w, float* y, int
   }
 }
 
-// The pairs packing read without vdpbf16ps, for M >= 2 rows on a CPU that issues it slower than
+// The pairs packing read without vdpbf16ps, for M >= 2 rows on a CPU that issues it less than
 // half as often as a float32 multiply-add (the 2-vCPU Xeon of docs/benchmarks.md, 2026-12-01:
-// 0.9 against 2.9 instructions per ns, so a third of the multiply-adds): each 32-bit word of a
-// pair holds w[2j, c] in its low half and w[2j + 1, c] in its high half, so a shift and a mask
-// widen the two to float32 exactly, and float32 multiply-adds take them into each row's sums (x
-// widened once, [M, 2J]). Products exact; sums float32 in k order, blocked as above.
+// 0.9-1.1 against 2.9-4.8 instructions per ns, so half to two thirds of float32's
+// multiply-adds): each 32-bit word of a pair holds w[2j, c] in its low half and w[2j + 1, c] in
+// its high half, so a shift and a mask widen the two to float32 exactly, and float32
+// multiply-adds take them into each row's sums (x widened once, [M, 2J]). Products exact; sums
+// float32 in k order, blocked as above.
 template <int M>
 void panel_rows_widened(const float* x, int64_t ldx, const uint16_t* w, float* y, int64_t ldy, int64_t J,
                         int valid) {
