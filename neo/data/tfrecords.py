@@ -47,7 +47,20 @@ def tensorflow():
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    import tensorflow as tf
+    import sys
+
+    # TensorFlow 2.21's __init__ imports keras.src.optimizers eagerly (to register Keras
+    # optimizers for SavedModel; it passes over an ImportError), which pulls in all of Keras and
+    # scikit-learn: 3 of the 6.5 s its import takes here. neo uses neither, so where Keras is
+    # not imported yet it is hidden for that one import; tf.keras stays lazy and still works.
+    hide = "keras" not in sys.modules and "tensorflow" not in sys.modules
+    if hide:
+        sys.modules["keras"] = None  # `import keras...` raises ImportError while this is set
+    try:
+        import tensorflow as tf
+    finally:
+        if hide:
+            del sys.modules["keras"]
 
     if not getattr(tensorflow, "hidden", False):
         try:
