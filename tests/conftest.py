@@ -21,6 +21,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="neo-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# The tests' programs are tiny: compiling them is most of the suite's time, running them almost
+# none. JAX's own switch for that case skips LLVM's optimisation of the generated CPU code (XLA's
+# HLO passes, the programs' shardings, fusions and memory plan are unchanged, and XLA:CPU does
+# no fast-math either way), which takes a quarter off compile-bound tests on CI's 2 cores.
+# Every main.py a test starts inherits it. JAX_DISABLE_MOST_OPTIMIZATIONS=0 tests fully
+# optimised code; benchmarks and users' runs never set it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The suite runs in parallel workers (pytest-xdist, `addopts` in pyproject.toml) that share the
 # cache: a size limit is what makes JAX lock it, so no worker reads an entry another is writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
