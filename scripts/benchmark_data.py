@@ -28,11 +28,6 @@ DATA = ROOT / "data"
 
 def create_speed(tmp: Path, processes: int) -> list[dict]:
     from neo.data.prep.create_tfrecords import Options, create_tfrecords
-    from neo.data.tfrecords import tensorflow
-
-    t = time.perf_counter()
-    tensorflow()
-    tf_import = time.perf_counter() - t
     runs = []
     for name, src, enc, mode in (("lambada", DATA / "lambada_openai_test.jsonl", str(DATA / "20B_tokenizer.json"), "documents"),
                                  ("shakespeare", ROOT / "data" / "tinyshakespeare.txt", "bytes", "chunks")):
@@ -41,7 +36,7 @@ def create_speed(tmp: Path, processes: int) -> list[dict]:
         stats = create_tfrecords(opts, log=lambda *a: None)
         runs.append({"input": src.name, "tokenizer": Path(enc).name, "mode": mode, "MB": stats.input_bytes / 1e6,
                      "seconds": stats.seconds, "MB/s": stats.input_bytes / 1e6 / stats.seconds,
-                     "tokens/s": stats.tokens / stats.seconds, "tf_import_s": tf_import})
+                     "tokens/s": stats.tokens / stats.seconds})
     return runs
 
 

@@ -382,6 +382,67 @@ def test_records_are_read_by_position_through_tensorflow_file_systems(tmp_path, 
         np.testing.assert_array_equal(a, b)
 
 
+def test_records_are_the_bytes_tensorflow_writes_and_parse_as_it_parses(tmp_path):
+    """neo writes and parses tfrecords without TensorFlow (neo/data/example_proto.py): a file
+    it writes is byte for byte what TensorFlow's TFRecordWriter writes from tf.train.Example,
+    and payloads TensorFlow makes (other features beside "text", none, an empty list, ids past
+    int32, negative ids) give TensorFlow's own ParseExampleV2 ids and row splits."""
+    from pathlib import Path
+
+    from neo.data.example_proto import _parse_canonical, parse_texts
+    from neo.data.tfrecords import tensorflow
+
+    tf = tensorflow()
+    ints = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+    example = lambda **f: tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+    records = [[0, 1, 2 ** 40, -5, 50256], [], list(range(3000)), [7]]
+    theirs = tmp_path / "theirs_4.tfrecords"
+    with tf.io.TFRecordWriter(str(theirs)) as w:
+        for r in records:
+            w.write(example(text=ints(r)))
+    assert Path(write_records(tmp_path / "ours", records)).read_bytes() == theirs.read_bytes()
+    payloads = [example(text=ints([7, 8, 9])), example(input_ids=ints([1]), text=ints([2 ** 33, -4]),
+                mask=tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))), example(input_ids=ints([1])),
+                example(text=ints([])), example(), example(text=ints(list(range(300))))]
+    ref = tf.raw_ops.ParseExampleV2(
+        serialized=payloads, names=[], sparse_keys=[], dense_keys=[], ragged_keys=["text"], dense_defaults=[],
+        num_sparse=0, sparse_types=[], ragged_value_types=[tf.int64], ragged_split_types=[tf.int64], dense_shapes=[])
+    values, splits = parse_texts(payloads)
+    np.testing.assert_array_equal(values, ref.ragged_values[0].numpy())
+    np.testing.assert_array_equal(splits, ref.ragged_row_splits[0].numpy())
+    # Records in TensorFlow's own layout are decoded together (ids of 1 to 10 varint bytes);
+    # one record of another layout sends the batch to protobuf's parser.
+    canonical = [example(text=ints(r)) for r in records if r] * 3
+    assert _parse_canonical(canonical) is not None and _parse_canonical(payloads) is None
+    for other in (example(text=ints([3, 4]), zzz=ints([5])), example(zzz=ints([5]), text=ints([3, 4]))):
+        assert _parse_canonical([other]) is None  # a feature beside "text", before or after it
+        np.testing.assert_array_equal(parse_texts([other])[0], [3, 4])
+    values, splits = parse_texts(canonical)
+    np.testing.assert_array_equal(values, np.concatenate([r for r in records if r] * 3))
+    np.testing.assert_array_equal(splits, np.cumsum([0] + [len(r) for r in records if r] * 3))
+
+
+def test_training_reads_local_records_without_importing_tensorflow(tmp_path, model):
+    """Listing and reading local tfrecords for training takes no TensorFlow (3-4 s and a few
+    hundred MB per process): a child process draws batches of every sampling mode and mixture
+    without it ever being imported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dataset(tmp_path, "c", [chunk_records(9), chunk_records(9, 9)])
+    dataset(tmp_path, "d", [doc_records(30)])
+    model(tmp_path, [["c", None, "chunks", 1.0], ["d", None, "documents_random", 2.0]])
+    child = ("import sys; from neo.config import load_model_config; from neo.data import make_source; "
+             f"src = make_source(load_model_config({str(tmp_path / 'model.json')!r})); [next(src) for _ in range(5)]; "
+             "print('tensorflow' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0 and out.stdout.split() == ["False"], out.stderr[-2000:]
+
+
 def test_eval_split_reads_eval_path(tmp_path, model):
     from neo.data import make_source
 
@@ -479,6 +540,32 @@ def test_record_without_text_feature_names_the_file(tmp_path, model):
     with pytest.raises(NeoError, match=r"c_5_1.tfrecords: record 0 has no 'text' feature \(it has \['input_ids'\]\)"):
         src = make_source(model(tmp_path, [["c", None, "chunks", None]]))
         batches(src, 2)
+
+
+def test_a_record_not_in_gpt_neos_format_names_the_file_and_the_record(tmp_path, model):
+    """A payload that is not a tf.train.Example, or whose "text" holds floats, is an error
+    naming the file and the record (its framing and checksums being intact)."""
+    import struct
+
+    from neo.data import make_source
+    from neo.data.example_proto import _messages, serialize_text
+    from neo.data.tfrecords import _masked_crc
+
+    floats = _messages()["Example"]()
+    floats.features.feature["text"].float_list.value.extend([1.0, 2.0])
+    for payload, message in [(floats.SerializeToString(), r"the 'text' feature of record 1 is not an int64 list"),
+                             (b"\xff\xff\xff\xff", r"record 1 is not a serialized tf.train.Example")]:
+        folder = tmp_path / f"case{len(payload)}"
+        folder.mkdir()
+        with open(folder / "c_0_2.tfrecords", "wb") as f:
+            for data in (serialize_text(range(N_CTX + 1)), payload):
+                head = struct.pack("<Q", len(data))
+                f.write(head + struct.pack("<I", _masked_crc(head)) + data + struct.pack("<I", _masked_crc(data)))
+        (tmp_path / "dataset_configs").mkdir(exist_ok=True)
+        (tmp_path / "dataset_configs" / "c.json").write_text(json.dumps(
+            {"n_vocab": 1000, "path": str(folder / "c_*.tfrecords"), "eos_id": 999, "padding_id": 998}))
+        with pytest.raises(NeoError, match=rf"c_0_2.tfrecords: {message}"):
+            batches(make_source(model(tmp_path, [["c", None, "chunks", None]])), 2)
 
 
 def test_a_wrong_count_in_the_name_is_caught(tmp_path, model):

@@ -12,12 +12,16 @@ not the batch. `--check_dataset` and the tools read files whole and in order (`r
 tf.data). Files are uncompressed, as GPT-Neo's tools write them (a GZIP/ZLIB file cannot be
 seeked into; it is refused with the fix).
 
-TensorFlow is imported lazily (it costs ~8 s per process) and never sees a GPU.
+Local files are listed, read and written without TensorFlow (example_proto.py parses and makes
+the Examples): a training process never imports it. tf.data reads files whole for
+--check_dataset, and gs:// paths go through tf.io.gfile; there TensorFlow is imported on first
+use (3-4 s per process, without Keras) and never sees a GPU.
 """
 
 from __future__ import annotations
 
 import collections
+import glob
 import os
 import re
 import struct
@@ -28,6 +32,7 @@ from typing import Iterator, Optional, Sequence
 import google_crc32c
 import numpy as np
 
+from neo.data import example_proto
 from neo.errors import NeoError
 
 _COUNT = re.compile(r"_(\d+)\.tfrecords?$")
@@ -47,20 +52,9 @@ def tensorflow():
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    import sys
+    from neo.imports import import_without
 
-    # TensorFlow 2.21's __init__ imports keras.src.optimizers eagerly (to register Keras
-    # optimizers for SavedModel; it passes over an ImportError), which pulls in all of Keras and
-    # scikit-learn: 3 of the 6.5 s its import takes here. neo uses neither, so where Keras is
-    # not imported yet it is hidden for that one import; tf.keras stays lazy and still works.
-    hide = "keras" not in sys.modules and "tensorflow" not in sys.modules
-    if hide:
-        sys.modules["keras"] = None  # `import keras...` raises ImportError while this is set
-    try:
-        import tensorflow as tf
-    finally:
-        if hide:
-            del sys.modules["keras"]
+    tf = import_without("tensorflow", "keras")  # Keras: 3 of the 6.5 s (neo/imports.py); tf.keras still works
 
     if not getattr(tensorflow, "hidden", False):
         try:
@@ -81,17 +75,30 @@ def count_from_name(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
 def list_files(pattern: str, what: str) -> list[str]:
-    """Files matching a glob (local or gs://), naturally sorted; a folder means its *.tfrecords.
-    An empty match is an error naming `what` (e.g. the dataset config) and the glob."""
-    tf = tensorflow()
-    if tf.io.gfile.isdir(pattern):
-        pattern = pattern.rstrip("/") + "/*.tfrecords"
-    try:
-        files = tf.io.gfile.glob(pattern)
-    except tf.errors.OpError as e:
-        raise NeoError(f"{what}: cannot list {pattern}: {e.message}") from None
-    files = sorted((f for f in files if not tf.io.gfile.isdir(f)), key=natural_key)
+    """Files matching a glob (local, or gs:// through TensorFlow), naturally sorted; a folder
+    means its *.tfrecords. An empty match is an error naming `what` (e.g. the dataset config)
+    and the glob."""
+    if _local(pattern):
+        local = pattern.removeprefix("file://")
+        if os.path.isdir(local):
+            local = pattern = pattern.rstrip("/") + "/*.tfrecords"
+            local = local.removeprefix("file://")
+        files = [f for f in glob.glob(local) if not os.path.isdir(f)]
+        files = sorted((("file://" + f) if pattern.startswith("file://") else f for f in files), key=natural_key)
+    else:
+        tf = tensorflow()
+        if tf.io.gfile.isdir(pattern):
+            pattern = pattern.rstrip("/") + "/*.tfrecords"
+        try:
+            files = tf.io.gfile.glob(pattern)
+        except tf.errors.OpError as e:
+            raise NeoError(f"{what}: cannot list {pattern}: {e.message}") from None
+        files = sorted((f for f in files if not tf.io.gfile.isdir(f)), key=natural_key)
     if not files:
         hint = " (no glob characters: is the file name right?)" if not any(c in pattern for c in "*?[") else ""
         raise NeoError(f"{what}: no files match {pattern}{hint}. Make tfrecords with "
@@ -152,7 +159,7 @@ class _File:
     tf.io.gfile, whose reader buffers 512 KB (so on object stores every read moves at least that)."""
 
     def __init__(self, path: str):
-        self.local = "://" not in path or path.startswith("file://")
+        self.local = _local(path)
         if self.local:
             try:
                 self._fd = os.open(path.removeprefix("file://"), os.O_RDONLY)
@@ -271,14 +278,18 @@ class RecordFiles:
 
 def _decode(path: str, serialized, numbers: np.ndarray, n_vocab: Optional[int]) -> list[np.ndarray]:
     """Serialized Examples (numbered `numbers` in their file, for messages) -> their token ids."""
-    tf = tensorflow()
     if not len(numbers):
         return []
     try:
-        values, splits = _parse(tf.convert_to_tensor(serialized, tf.string))
-    except tf.errors.OpError as e:
-        bad = next((i for i in range(len(numbers)) if not _parses(serialized[i])), 0)
-        raise _read_error(path, int(numbers[bad]), e) from None
+        values, splits = example_proto.parse_texts([_raw(item) for item in serialized])
+    except example_proto.ParseError as e:
+        record = int(numbers[e.index])
+        if "not an int64_list" in e.why:
+            raise NeoError(f"tfrecord file {path}: the 'text' feature of record {record} is not an int64 "
+                           f"list of token ids (GPT-Neo's format; {e.why}); re-create the file with "
+                           f"data/create_tfrecords.py.") from None
+        raise NeoError(f"tfrecord file {path}: record {record} is {e.why}; re-create or re-download "
+                       f"it.") from None
     lengths = np.diff(splits)
     if (lengths == 0).any():
         bad = int(np.argmin(lengths))
@@ -298,26 +309,6 @@ def _raw(item) -> bytes:
     return item if isinstance(item, bytes) else item.numpy()
 
 
-def _parses(item) -> bool:
-    tf = tensorflow()
-    try:
-        _parse(tf.constant([_raw(item)]))
-        return True
-    except tf.errors.OpError:
-        return False
-
-
-def _parse(serialized) -> tuple[np.ndarray, np.ndarray]:
-    """Serialized Examples [n] -> (token ids of all n "text" features, row splits [n + 1]).
-    One eager op: cheaper per call than `tf.io.parse_example` in a tf.function (measured:
-    docs/benchmarks.md), and called once per read of up to mixture.READ_AHEAD rows."""
-    tf = tensorflow()
-    out = tf.raw_ops.ParseExampleV2(
-        serialized=serialized, names=[], sparse_keys=[], dense_keys=[], ragged_keys=["text"], dense_defaults=[],
-        num_sparse=0, sparse_types=[], ragged_value_types=[tf.int64], ragged_split_types=[tf.int64], dense_shapes=[])
-    return out.ragged_values[0].numpy(), out.ragged_row_splits[0].numpy()
-
-
 def _read_error(path: str, index: int, e: Exception) -> NeoError:
     tf = tensorflow()
     msg = getattr(e, "message", str(e)).split("}}")[-1].split("[Op:")[0].strip()
@@ -334,8 +325,7 @@ def _read_error(path: str, index: int, e: Exception) -> NeoError:
 
 def _empty_record_error(path: str, index: int, raw: bytes) -> NeoError:
     """An empty row is either a record without "text" or with an empty list: say which."""
-    tf = tensorflow()
-    keys = sorted(tf.train.Example.FromString(raw).features.feature.keys())
+    keys = example_proto.feature_keys(raw)
     if "text" not in keys:
         return NeoError(f"{path}: record {index} has no 'text' feature (it has {keys or 'no features'}); "
                         f"neo reads GPT-Neo's format, an int64 list named 'text'.")
@@ -348,18 +338,17 @@ class RecordWriter:
     an interrupted run never leaves a file that looks complete."""
 
     def __init__(self, prefix: str):
-        tf = tensorflow()
         self.prefix = prefix
         self.partial = prefix + ".tfrecords.partial"
         self.count = 0
-        self._writer = tf.io.TFRecordWriter(self.partial)
-        self._tf = tf
+        self._writer = open(self.partial, "wb")
 
     def write(self, ids: np.ndarray) -> None:
-        tf = self._tf
-        feature = tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(ids).tolist()))
-        self._writer.write(tf.train.Example(features=tf.train.Features(feature={"text": feature}))
-                           .SerializeToString())
+        """One record: TFRecord's framing around the serialized Example (as TFRecordWriter)."""
+        data = example_proto.serialize_text(ids)
+        head = struct.pack("<Q", len(data))
+        self._writer.write(b"".join((head, struct.pack("<I", _masked_crc(head)), data,
+                                     struct.pack("<I", _masked_crc(data)))))
         self.count += 1
 
     def close(self) -> str:

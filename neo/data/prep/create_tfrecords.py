@@ -209,9 +209,6 @@ def create_tfrecords(opts: Options, log=print) -> Stats:
     sep = np.array([separator], np.int64)
     minimum = max(opts.minimum_size, 1)
     processes = opts.processes or os.cpu_count() or 1
-    from neo.data.tfrecords import tensorflow
-
-    tensorflow()  # its one-off import (seconds) is not part of the throughput reported below
     t0 = time.perf_counter()
     bar = tqdm(total=stats.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=opts.name,
                disable=not opts.progress, mininterval=0.5, file=sys.stderr)
