@@ -204,16 +204,34 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise subprocess.SubprocessError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            # One compiler per source, all at once: the build takes about its longest file's
+            # time (8 s of 20 on the 2-core Xeon of docs/benchmarks.md), then one link.
+            flags = [compiler, "-O3", "-march=native", "-std=c++17", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
+            objects = [os.path.join(work, f"{src.stem}.o") for src in SOURCES]
+            _run_all([[*flags, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)])
+            _run_all([[compiler, "-shared", "-fPIC", *objects, "-o", tmp]])
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _run_all(commands: list[list[str]]) -> None:
+    """Run the commands side by side and wait for all; the first that fails raises with its
+    message (SubprocessError), and the others are stopped."""
+    jobs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    try:
+        for job in jobs:
+            _, err = job.communicate(timeout=300)
+            if job.returncode:
+                raise subprocess.SubprocessError(f"{' '.join(job.args)}: {err.strip() or job.returncode}")
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
 
 
 def pack(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
