@@ -367,11 +367,11 @@ def test_an_avx2_cpu_decodes_with_its_own_vectors(tmp_path, tiny_config):
     8 floats on AVX2 (16-column panels), and beat XLA's there. So a compiler whose -march=native
     is AVX2 without AVX-512 (g++ told to target Haswell) builds the library, the sampler packs
     its weights and marks its attention layers for the decode kernels and gets XLA's tokens,
-    and the training step is XLA's; the log says why. That build passes this module's tests of
-    the decode products and attention (every head grouping, with and without ALiBi's per-head
-    bias) and of decode steps' logits (GPT-Neo's global and local layers, in float32 and
-    bfloat16). The same child with this
-    machine's own compiler uses every kernel, so the check is not vacuous."""
+    and the training step is XLA's; the log says why. That build's products equal the exact
+    sums (PRODUCT_CHECK, 16-column panels), and it passes this module's tests of the decode
+    attention (every head grouping, with and without ALiBi's per-head bias) and of decode
+    steps' logits (GPT-Neo's global and local layers, in float32 and bfloat16). The same child
+    with this machine's own compiler uses every kernel, so the check is not vacuous."""
     import os
     import shutil
     import subprocess
@@ -384,10 +384,10 @@ def test_an_avx2_cpu_decodes_with_its_own_vectors(tmp_path, tiny_config):
                    "marks": got["marks"], "same_tokens": True}, got
     assert "AVX2 but not AVX-512" in log and list(cache.glob("*.so"))
     check_products(tmp_path, haswell, panel=16, pairs=False)
-    tests = "product_equals or attention_equals or decode_step_logits or (decode_steps_equal and gpt_neo-float32)"
+    tests = "attention_equals or decode_step_logits or (decode_steps_equal and gpt_neo-float32)"  # products: above
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", tests], capture_output=True,
                          text=True, timeout=600, env=dict(os.environ, CXX=haswell, NEO_KERNEL_CACHE=str(cache)))
-    assert out.returncode == 0 and "21 passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-3000:]
+    assert out.returncode == 0 and "11 passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-3000:]
     if cpu.enabled():  # this CPU has AVX-512
         native, _ = kernel_use(tiny_config, {"CXX": shutil.which("g++") or shutil.which("c++")})
         assert native["enabled"] and native["neo_calls"] > 0, native
