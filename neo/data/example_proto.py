@@ -138,8 +138,8 @@ def parse_texts(serialized: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     for i, data in enumerate(serialized):
         try:
             features = Example.FromString(data).features.feature
-        except DecodeError as e:
-            raise ParseError(i, f"not a serialized tf.train.Example ({e})") from None
+        except DecodeError:
+            raise ParseError(i, "not a serialized tf.train.Example (protobuf cannot parse it)") from None
         if "text" not in features:
             rows.append(np.zeros(0, np.int64))
             continue

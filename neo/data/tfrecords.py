@@ -280,8 +280,10 @@ def _decode(path: str, serialized, numbers: np.ndarray, n_vocab: Optional[int]) 
     """Serialized Examples (numbered `numbers` in their file, for messages) -> their token ids."""
     if not len(numbers):
         return []
+    if hasattr(serialized, "numpy"):  # a batch from tf.data: all its strings in one call
+        serialized = serialized.numpy().tolist()
     try:
-        values, splits = example_proto.parse_texts([_raw(item) for item in serialized])
+        values, splits = example_proto.parse_texts(serialized)
     except example_proto.ParseError as e:
         record = int(numbers[e.index])
         if "not an int64_list" in e.why:
