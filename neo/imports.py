@@ -1,7 +1,7 @@
 """Importing a library without the heavy optional ones it would pull in by itself.
 
 Some libraries import another eagerly "in case": TensorFlow 2.21 imports Keras (and Keras
-scikit-learn) to register Keras optimizers for SavedModel, tensorboardX imports PyTorch to
+imports scikit-learn) to register Keras optimizers for SavedModel, tensorboardX imports PyTorch to
 accept torch tensors in its writers. Both catch the ImportError and go on without. neo uses
 neither path (it reads records and writes float scalars), and the eager imports cost seconds
 in every process: Keras 3 of TensorFlow's 6.5 s here, PyTorch 2.5 s of a training run's start
