@@ -11,11 +11,20 @@
 // How: b is read in panels of 32 columns, [K, 32], taken in place when b is row-major and N a
 // whole number of panels, else first packed (transposed, zero-padded) into scratch. A tile of
 // 12 rows x one panel keeps 24 vector accumulators in registers while k runs; each a[i, k] is
-// broadcast from wherever it lies, so a transposed a costs nothing. Threads take tiles (a row
-// block's panels in turn, so its rows stay in cache).
+// broadcast from wherever it lies. Threads take tiles (a row block's panels in turn, so its
+// rows stay in cache).
+//
+// A weight's gradient (a transposed, [K, M], K the batch's tokens: 768 in the quickstart) is
+// done differently. Whole-K tiles read a and an in-place panel with a stride of M or N floats
+// per k, 768 rows of them, out of L2 and across pages: in the quickstart step its
+// [128, 768] x [768, 512] ran at 77-80 GFLOP/s against 119-140 for the forward products
+// (docs/benchmarks.md, 2026-12-01 "evening"). So there b is always packed, k runs in blocks of
+// 128 outermost, and each block of 48 rows of a is copied contiguous (runs of 12 floats, cheap
+// from a transposed a) and kept in L1 while the panels pass; the partial sums go to c in block
+// order. That path ran the same product at 129-136 GFLOP/s in the step.
 //
 // Exact and reproducible: each output is the float32 sum over k of a[i, k] * b[k, j] in k
-// order within blocks of 128 values of k, the blocks then added in order (as decode_product.cc:
+// order within blocks of 128 values of k, the blocks then added in order, on both paths (as decode_product.cc:
 // a sum over K = 3072 terms then errs like XLA's own, where one running sum errs 4x more). One
 // thread computes each output, so the result does not depend on the thread count.
 //
@@ -41,6 +50,7 @@ using neo::store16;
 constexpr int64_t kPanel = 32;   // columns per panel: two 16-float vectors
 constexpr int kTile = 12;        // rows per register tile: 24 accumulators + 2 panel vectors
 constexpr int64_t kBlock = 128;  // values of k summed apart before they join the total
+constexpr int64_t kGroup = 48;   // rows of a weight gradient's a packed together: 24 KiB a k-block
 
 struct Product {
   const float* a;
@@ -51,51 +61,94 @@ struct Product {
   int64_t M, N, K;
 };
 
-// c[i .. i + U, panel p's columns] over all k, in blocks of kBlock added in order.
+// c[i .. i + U, panel p's columns] = (or += when `add`) the sum over k in [k0, k1) of
+// a[i + u, k] b[k, j], in blocks of kBlock values of k added in order; a[i + u, k] is read at
+// a[u * a_row + (k - k0) * a_k] (the tile's own rows, in place or packed).
 template <int U>
-void tile(const Product& P, int64_t i, int64_t p) {
+void tile(const Product& P, const float* a, int64_t a_row, int64_t a_k, int64_t i, int64_t p, int64_t k0, int64_t k1,
+          bool add) {
   const float* b = P.panels + p * P.panel_stride;
   const int64_t j0 = p * kPanel, valid = std::min(kPanel, P.N - j0);
   f32x16 total[U][2];
-  for (int64_t k0 = 0; k0 < P.K; k0 += kBlock) {
-    const int64_t k1 = std::min(P.K, k0 + kBlock);
+  for (int64_t kb = k0; kb < k1; kb += kBlock) {
+    const int64_t ke = std::min(k1, kb + kBlock);
     f32x16 acc[U][2] = {};
-    const float* ak = P.a + i * P.a_row;
-    for (int64_t k = k0; k < k1; ++k) {
+    const float* ak = a + (kb - k0) * a_k;
+    for (int64_t k = kb; k < ke; ++k, ak += a_k) {
       const f32x16 b0 = load16(b + k * P.panel_row), b1 = load16(b + k * P.panel_row + 16);
       for (int u = 0; u < U; ++u) {
-        const float x = ak[u * P.a_row + k * P.a_k];
+        const float x = ak[u * a_row];
         acc[u][0] += x * b0;
         acc[u][1] += x * b1;
       }
     }
     for (int u = 0; u < U; ++u) {
-      total[u][0] = k0 ? total[u][0] + acc[u][0] : acc[u][0];
-      total[u][1] = k0 ? total[u][1] + acc[u][1] : acc[u][1];
+      total[u][0] = kb > k0 ? total[u][0] + acc[u][0] : acc[u][0];
+      total[u][1] = kb > k0 ? total[u][1] + acc[u][1] : acc[u][1];
     }
   }
-  if (P.K == 0)
+  if (k1 <= k0)
     for (int u = 0; u < U; ++u) total[u][0] = total[u][1] = f32x16{};
   for (int u = 0; u < U; ++u) {
     float* row = P.c + (i + u) * P.N + j0;
     if (valid == kPanel) {
-      store16(row, total[u][0]);
-      store16(row + 16, total[u][1]);
+      store16(row, add ? load16(row) + total[u][0] : total[u][0]);
+      store16(row + 16, add ? load16(row + 16) + total[u][1] : total[u][1]);
     } else {
-      float tmp[kPanel];
-      store16(tmp, total[u][0]);
-      store16(tmp + 16, total[u][1]);
+      float tmp[kPanel] = {};
+      if (add) std::memcpy(tmp, row, sizeof(float) * valid);
+      store16(tmp, add ? load16(tmp) + total[u][0] : total[u][0]);
+      store16(tmp + 16, add ? load16(tmp + 16) + total[u][1] : total[u][1]);
       std::memcpy(row, tmp, sizeof(float) * valid);
     }
   }
 }
 
-// Rows [i, i + rows) of panel p: whole tiles, then the rest 4 and 1 rows at a time.
+// Rows a tile takes from the `left` rows still to do: kTile, then 4 at a time, then 1.
+inline int tile_rows(int64_t left) { return left >= kTile ? kTile : left >= 4 ? 4 : 1; }
+
+template <int U>
+void tile_in_place(const Product& P, int64_t i, int64_t p) {
+  tile<U>(P, P.a + i * P.a_row, P.a_row, P.a_k, i, p, 0, P.K, false);
+}
+
+// Rows [i, i + rows) of panel p, a read in place, over all k.
 void rows_of_panel(const Product& P, int64_t i, int64_t rows, int64_t p) {
-  int64_t end = i + rows;
-  for (; i + kTile <= end; i += kTile) tile<kTile>(P, i, p);
-  for (; i + 4 <= end; i += 4) tile<4>(P, i, p);
-  for (; i < end; ++i) tile<1>(P, i, p);
+  for (const int64_t end = i + rows; i < end;) {
+    const int U = tile_rows(end - i);
+    if (U == kTile) tile_in_place<kTile>(P, i, p);
+    else if (U == 4) tile_in_place<4>(P, i, p);
+    else tile_in_place<1>(P, i, p);
+    i += U;
+  }
+}
+
+// Rows [i0, end) of a over k in [k0, k1), packed as the tiles of `packed_rows` read them: for each
+// tile's U rows, [k1 - k0][U] contiguous.
+void pack_rows(const Product& P, float* dst, int64_t i0, int64_t end, int64_t k0, int64_t k1) {
+  for (int64_t i = i0; i < end;) {
+    const int U = tile_rows(end - i);
+    for (int64_t k = k0; k < k1; ++k)
+      for (int u = 0; u < U; ++u) *dst++ = P.a[(i + u) * P.a_row + k * P.a_k];
+    i += U;
+  }
+}
+
+// Rows [i0, end) of panels [p0, p1) for the k in [k0, k1), from a's rows packed by pack_rows;
+// the sums added to c's unless k0 is 0.
+void packed_rows(const Product& P, const float* packed, int64_t i0, int64_t end, int64_t p0, int64_t p1, int64_t k0,
+                 int64_t k1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* ap = packed;
+    for (int64_t i = i0; i < end;) {
+      const int U = tile_rows(end - i);
+      if (U == kTile) tile<kTile>(P, ap, 1, kTile, i, p, k0, k1, k0 > 0);
+      else if (U == 4) tile<4>(P, ap, 1, 4, i, p, k0, k1, k0 > 0);
+      else tile<1>(P, ap, 1, 1, i, p, k0, k1, k0 > 0);
+      ap += U * (k1 - k0);
+      i += U;
+    }
+  }
 }
 
 // Panel p of b ([K, N], or [N, K] when transposed) into dst [K, 32], zero-padded columns.
@@ -131,7 +184,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   Product P{a.typed_data(), a_transposed ? 1 : K, a_transposed ? M : 1, b.typed_data(), kPanel, N,
             c->typed_data(), M, N, K};
   thread_local neo::aligned_vector<float> scratch;  // the calling thread's; helpers only use it during the call
-  if (b_transposed || N % kPanel) {
+  const bool blocked = a_transposed && K > 0;  // a weight's gradient: k blocked outermost (below)
+  if (blocked || b_transposed || N % kPanel) {
     scratch.resize(panels * K * kPanel);
     float* dst = scratch.data();
     const float* src = b.typed_data();
@@ -143,6 +197,28 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
     P.panels = dst;
     P.panel_stride = K * kPanel;
     P.panel_row = kPanel;
+  }
+  if (blocked) {
+    // Units: (group of kGroup rows, run of panels), runs shortened until every thread has two
+    // units. Each unit packs its rows' k-block of a once for all its panels.
+    const int64_t groups = (M + kGroup - 1) / kGroup;
+    int64_t run = panels;
+    while (run > 1 && groups * ((panels + run - 1) / run) < 2 * threads) run = (run + 1) / 2;
+    const int64_t runs = (panels + run - 1) / run;
+    neo::parallel_chunks(pool, groups * runs, 1, threads, [P, run, runs, panels](int64_t first, int64_t last) {
+      thread_local neo::aligned_vector<float> rows;  // this thread's packed rows
+      rows.resize(kGroup * kBlock);
+      for (int64_t u = first; u < last; ++u) {
+        const int64_t i0 = (u / runs) * kGroup, end = std::min(P.M, i0 + kGroup);
+        const int64_t p0 = (u % runs) * run, p1 = std::min(panels, p0 + run);
+        for (int64_t k0 = 0; k0 < P.K; k0 += kBlock) {
+          const int64_t k1 = std::min(P.K, k0 + kBlock);
+          pack_rows(P, rows.data(), i0, end, k0, k1);
+          packed_rows(P, rows.data(), i0, end, p0, p1, k0, k1);
+        }
+      }
+    });
+    return ffi::Error::Success();
   }
   // Units: (block of rows, panel), a row block's panels consecutive; blocks of kTile rows, or
   // fewer rows per block when there are too few blocks to keep every thread busy.
