@@ -31,8 +31,10 @@
 // Built by neo/kernels/cpu.py with the host compiler for the host CPU (-march=native).
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "parallel.h"
@@ -185,19 +187,30 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
             c->typed_data(), M, N, K};
   thread_local neo::aligned_vector<float> scratch;  // the calling thread's; helpers only use it during the call
   const bool blocked = a_transposed && K > 0;  // a weight's gradient: k blocked outermost (below)
-  if (blocked || b_transposed || N % kPanel) {
+  // b's panels, where they are packed, are packed in the same pass over XLA's pool as the
+  // products: units [0, packs) pack a panel each and mark it ready, the product units after
+  // them wait for their panels' marks. Units are claimed in order, so every packing unit is
+  // under way before the first product unit starts and a wait lasts one panel's packing at
+  // most. (Packing in a pass of its own cost a second hand-off to the pool per product,
+  // 70-80 us on this VM: in the quickstart step the products of a transposed b ran at 83-97
+  // GFLOP/s against 119-140 for the others; docs/benchmarks.md, 2026-12-01 "evening".)
+  const int64_t packs = blocked || b_transposed || N % kPanel ? panels : 0;
+  std::vector<std::atomic<uint8_t>> ready(packs);  // zeroed: no panel packed yet
+  if (packs) {
     scratch.resize(panels * K * kPanel);
-    float* dst = scratch.data();
-    const float* src = b.typed_data();
-    const bool bt = b_transposed != 0;
-    neo::parallel_chunks(pool, panels, 1, threads,
-                         [=](int64_t first, int64_t last) {
-                           for (int64_t p = first; p < last; ++p) pack(src, bt, dst + p * K * kPanel, p, K, N);
-                         });
-    P.panels = dst;
+    P.panels = scratch.data();
     P.panel_stride = K * kPanel;
     P.panel_row = kPanel;
   }
+  auto pack_panel = [&ready, src = b.typed_data(), dst = scratch.data(), bt = b_transposed != 0, K, N](int64_t p) {
+    pack(src, bt, dst + p * K * kPanel, p, K, N);
+    ready[p].store(1, std::memory_order_release);
+  };
+  auto wait_panels = [&ready](int64_t p0, int64_t p1) {
+    if (ready.empty()) return;
+    for (int64_t p = p0; p < p1; ++p)
+      while (!ready[p].load(std::memory_order_acquire)) std::this_thread::yield();
+  };
   if (blocked) {
     // Units: (group of kGroup rows, run of panels), runs shortened until every thread has two
     // units. Each unit packs its rows' k-block of a once for all its panels.
@@ -205,12 +218,17 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
     int64_t run = panels;
     while (run > 1 && groups * ((panels + run - 1) / run) < 2 * threads) run = (run + 1) / 2;
     const int64_t runs = (panels + run - 1) / run;
-    neo::parallel_chunks(pool, groups * runs, 1, threads, [P, run, runs, panels](int64_t first, int64_t last) {
+    neo::parallel_chunks(pool, packs + groups * runs, 1, threads, [&](int64_t first, int64_t last) {
       thread_local neo::aligned_vector<float> rows;  // this thread's packed rows
       rows.resize(kGroup * kBlock);
       for (int64_t u = first; u < last; ++u) {
-        const int64_t i0 = (u / runs) * kGroup, end = std::min(P.M, i0 + kGroup);
-        const int64_t p0 = (u % runs) * run, p1 = std::min(panels, p0 + run);
+        if (u < packs) {
+          pack_panel(u);
+          continue;
+        }
+        const int64_t i0 = ((u - packs) / runs) * kGroup, end = std::min(P.M, i0 + kGroup);
+        const int64_t p0 = ((u - packs) % runs) * run, p1 = std::min(panels, p0 + run);
+        wait_panels(p0, p1);
         for (int64_t k0 = 0; k0 < P.K; k0 += kBlock) {
           const int64_t k1 = std::min(P.K, k0 + kBlock);
           pack_rows(P, rows.data(), i0, end, k0, k1);
@@ -225,10 +243,15 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   int64_t block = kTile;
   while (block > 4 && ((M + block - 1) / block) * panels < 2 * threads) block -= 4;
   const int64_t blocks = (M + block - 1) / block;
-  neo::parallel_chunks(pool, blocks * panels, 1, threads, [P, block, panels](int64_t first, int64_t last) {
+  neo::parallel_chunks(pool, packs + blocks * panels, 1, threads, [&](int64_t first, int64_t last) {
     for (int64_t u = first; u < last; ++u) {
-      const int64_t i = (u / panels) * block;
-      rows_of_panel(P, i, std::min(block, P.M - i), u % panels);
+      if (u < packs) {
+        pack_panel(u);
+        continue;
+      }
+      const int64_t i = ((u - packs) / panels) * block, p = (u - packs) % panels;
+      wait_panels(p, p + 1);
+      rows_of_panel(P, i, std::min(block, P.M - i), p);
     }
   });
   return ffi::Error::Success();
