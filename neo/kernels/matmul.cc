@@ -23,10 +23,11 @@
 // from a transposed a) and kept in L1 while the panels pass; the partial sums go to c in block
 // order. That path ran the same product at 129-136 GFLOP/s in the step.
 //
-// Exact and reproducible: each output is the float32 sum over k of a[i, k] * b[k, j] in k
-// order within blocks of 128 values of k, the blocks then added in order, on both paths (as decode_product.cc:
-// a sum over K = 3072 terms then errs like XLA's own, where one running sum errs 4x more). One
-// thread computes each output, so the result does not depend on the thread count.
+// Exact and reproducible: on both paths each output is the float32 sum over k of a[i, k] *
+// b[k, j] in k order within blocks of 128 values of k, the blocks then added in order (as
+// decode_product.cc: a sum over K = 3072 terms then errs like XLA's own, where one running sum
+// errs 4x more). One thread computes each output, so the result does not depend on the thread
+// count.
 //
 // Built by neo/kernels/cpu.py with the host compiler for the host CPU (-march=native).
 
