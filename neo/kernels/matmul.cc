@@ -110,23 +110,25 @@ void tile(const Product& P, const float* a, int64_t a_row, int64_t a_k, int64_t 
 // Rows a tile takes from the `left` rows still to do: kTile, then 4 at a time, then 1.
 inline int tile_rows(int64_t left) { return left >= kTile ? kTile : left >= 4 ? 4 : 1; }
 
-template <int U>
-void tile_in_place(const Product& P, int64_t i, int64_t p) {
-  tile<U>(P, P.a + i * P.a_row, P.a_row, P.a_k, i, p, 0, P.K, false);
-}
-
-// Rows [i, i + rows) of panel p, a read in place, over all k.
-void rows_of_panel(const Product& P, int64_t i, int64_t rows, int64_t p) {
-  for (const int64_t end = i + rows; i < end;) {
+// Rows [i0, end) of panel p over k in [k0, k1) (the sums added to c's unless k0 is 0), in tiles
+// of tile_rows: a read in place, or (Packed) from `packed`, a's rows as pack_rows laid them out.
+// Packed is a template argument so the packed tiles' strides are constants in their loops.
+template <bool Packed>
+void rows_of_panel(const Product& P, const float* packed, int64_t i0, int64_t end, int64_t p, int64_t k0,
+                   int64_t k1) {
+  for (int64_t i = i0; i < end;) {
     const int U = tile_rows(end - i);
-    if (U == kTile) tile_in_place<kTile>(P, i, p);
-    else if (U == 4) tile_in_place<4>(P, i, p);
-    else tile_in_place<1>(P, i, p);
+    const float* a = Packed ? packed : P.a + i * P.a_row;
+    const int64_t a_row = Packed ? 1 : P.a_row, a_k = Packed ? U : P.a_k;
+    if (U == kTile) tile<kTile>(P, a, a_row, a_k, i, p, k0, k1, k0 > 0);
+    else if (U == 4) tile<4>(P, a, a_row, a_k, i, p, k0, k1, k0 > 0);
+    else tile<1>(P, a, a_row, a_k, i, p, k0, k1, k0 > 0);
+    if (Packed) packed += U * (k1 - k0);
     i += U;
   }
 }
 
-// Rows [i0, end) of a over k in [k0, k1), packed as the tiles of `packed_rows` read them: for each
+// Rows [i0, end) of a over k in [k0, k1), packed as rows_of_panel's tiles read them: for each
 // tile's U rows, [k1 - k0][U] contiguous.
 void pack_rows(const Product& P, float* dst, int64_t i0, int64_t end, int64_t k0, int64_t k1) {
   for (int64_t i = i0; i < end;) {
@@ -134,23 +136,6 @@ void pack_rows(const Product& P, float* dst, int64_t i0, int64_t end, int64_t k0
     for (int64_t k = k0; k < k1; ++k)
       for (int u = 0; u < U; ++u) *dst++ = P.a[(i + u) * P.a_row + k * P.a_k];
     i += U;
-  }
-}
-
-// Rows [i0, end) of panels [p0, p1) for the k in [k0, k1), from a's rows packed by pack_rows;
-// the sums added to c's unless k0 is 0.
-void packed_rows(const Product& P, const float* packed, int64_t i0, int64_t end, int64_t p0, int64_t p1, int64_t k0,
-                 int64_t k1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* ap = packed;
-    for (int64_t i = i0; i < end;) {
-      const int U = tile_rows(end - i);
-      if (U == kTile) tile<kTile>(P, ap, 1, kTile, i, p, k0, k1, k0 > 0);
-      else if (U == 4) tile<4>(P, ap, 1, 4, i, p, k0, k1, k0 > 0);
-      else tile<1>(P, ap, 1, 1, i, p, k0, k1, k0 > 0);
-      ap += U * (k1 - k0);
-      i += U;
-    }
   }
 }
 
@@ -233,7 +218,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
         for (int64_t k0 = 0; k0 < P.K; k0 += kBlock) {
           const int64_t k1 = std::min(P.K, k0 + kBlock);
           pack_rows(P, rows.data(), i0, end, k0, k1);
-          packed_rows(P, rows.data(), i0, end, p0, p1, k0, k1);
+          for (int64_t p = p0; p < p1; ++p) rows_of_panel<true>(P, rows.data(), i0, end, p, k0, k1);
         }
       }
     });
@@ -252,7 +237,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
       }
       const int64_t i = ((u - packs) / panels) * block, p = (u - packs) % panels;
       wait_panels(p, p + 1);
-      rows_of_panel(P, i, std::min(block, P.M - i), p);
+      rows_of_panel<false>(P, nullptr, i, std::min(P.M, i + block), p, 0, P.K);
     }
   });
   return ffi::Error::Success();
