@@ -593,3 +593,20 @@ def test_text_dataset_still_works(tiny_config):
     src = make_source(load_model_config("quickstart"))
     assert next(src).shape == (12, 65)
     assert parse_model_config(tiny_config()).data.datasets == ()
+
+
+def test_a_dataset_path_may_be_a_folder_a_glob_or_a_file_url(tmp_path):
+    """A folder means its *.tfrecords (folders named so are skipped), files come in natural order
+    (2 before 10), a file:// path keeps its scheme, and an empty match names the config and glob."""
+    from neo.data.tfrecords import list_files
+
+    (tmp_path / "sub.tfrecords").mkdir()
+    for name in ("a_10.tfrecords", "a_2.tfrecords", "notes.txt"):
+        (tmp_path / name).touch()
+    records = [str(tmp_path / "a_2.tfrecords"), str(tmp_path / "a_10.tfrecords")]
+    assert list_files(str(tmp_path), "cfg") == list_files(f"{tmp_path}/", "cfg") == records
+    assert list_files(f"{tmp_path}/*.tfrecords", "cfg") == records
+    assert list_files(f"file://{tmp_path}", "cfg") == ["file://" + f for f in records]
+    assert list_files(f"file://{tmp_path}/*", "cfg") == ["file://" + f for f in records + [str(tmp_path / "notes.txt")]]
+    with pytest.raises(NeoError, match=r"cfg: no files match .*missing \(no glob characters"):
+        list_files(str(tmp_path / "missing"), "cfg")
