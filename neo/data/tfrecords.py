@@ -84,12 +84,11 @@ def list_files(pattern: str, what: str) -> list[str]:
     means its *.tfrecords. An empty match is an error naming `what` (e.g. the dataset config)
     and the glob."""
     if _local(pattern):
-        local = pattern.removeprefix("file://")
-        if os.path.isdir(local):
-            local = pattern = pattern.rstrip("/") + "/*.tfrecords"
-            local = local.removeprefix("file://")
-        files = [f for f in glob.glob(local) if not os.path.isdir(f)]
-        files = sorted((("file://" + f) if pattern.startswith("file://") else f for f in files), key=natural_key)
+        scheme = "file://" if pattern.startswith("file://") else ""
+        if os.path.isdir(pattern.removeprefix(scheme)):
+            pattern = pattern.rstrip("/") + "/*.tfrecords"
+        files = sorted((scheme + f for f in glob.glob(pattern.removeprefix(scheme)) if not os.path.isdir(f)),
+                       key=natural_key)
     else:
         tf = tensorflow()
         if tf.io.gfile.isdir(pattern):
