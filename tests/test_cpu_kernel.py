@@ -41,21 +41,27 @@ def test_product_equals_the_exact_sum(dtype, m, k, n):
     np.testing.assert_array_equal(np.asarray(run(x, w)), y)
 
 
-@pytest.mark.parametrize("dot", [True, False])
-@pytest.mark.parametrize("m,k,n", [(2, 768, 2304), (8, 3072, 768), (9, 37, 100), (13, 130, 48)])
-def test_bfloat16_pairs_read_either_way(dot, m, k, n):
-    """Several rows of bfloat16 pairs, read with vdpbf16ps or widened to float32 (which one runs
-    is measured per CPU: decode_product.cc NeoDecodeBF16Dot): both as close to the exact sum as
-    XLA's own product, odd K and a last partial panel included."""
+@pytest.mark.parametrize("read", cpu.READS)
+@pytest.mark.parametrize("m,k,n", [(2, 768, 2304), (8, 3072, 768), (9, 37, 100), (13, 130, 48), (16, 64, 40),
+                                   (1, 768, 100)])
+def test_bfloat16_pairs_read_every_way(read, m, k, n):
+    """Rows of bfloat16 pairs read on AMX tiles, with vdpbf16ps or widened to float32 (which one
+    runs is measured per CPU: decode_product.cc NeoDecodeBF16Read): each as close to the exact
+    sum as XLA's own product, odd K, a last partial panel, the tiles' 16 rows and a K the tiles do
+    not take (37, 130: the better vector read runs) included."""
     if not cpu._BUILT.get("pairs"):
         pytest.skip("this build reads bfloat16 unpaired (no AVX512_BF16): test_product_equals_the_exact_sum covers it")
+    if read == "tiles" and cpu._BUILT["read"] != "tiles":
+        pytest.skip("no AMX tiles here (a CPU before Sapphire Rapids, or Linux refused them)")
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    y = np.asarray(cpu.product(x, cpu.pack(w, jnp.bfloat16), n, dot=dot))
+    run = jax.jit(lambda x, w: cpu.product(x, cpu.pack(w, jnp.bfloat16), n, read=read))
+    y = np.asarray(run(x, w))
     exact = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)
     xla = np.asarray(jnp.einsum("mk,kn->mn", x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32))
     assert np.abs(y - exact).max() <= max(4 * np.abs(xla - exact).max(), 1e-6 * np.abs(exact).max())
+    np.testing.assert_array_equal(np.asarray(run(x, w)), y)  # the same bits at every call
 
 
 # The product kernel of a library built by a child's compiler (CXX) against the exact sums:

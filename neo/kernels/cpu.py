@@ -61,9 +61,10 @@ SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "att
            HERE / "matmul.cc")  # one library
 HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
+READS = ("widen", "dot", "tiles")  # the bfloat16 pairs' reads, by decode_product.cc's number
 # What the loaded library is: "panel", the columns of a packed panel (NeoDecodePanel); "pairs",
-# bfloat16 packed in pairs along k (NeoDecodeBF16Pairs); "dot", whether several rows read the
-# pairs with vdpbf16ps rather than widening them, as measured on this CPU (NeoDecodeBF16Dot);
+# bfloat16 packed in pairs along k (NeoDecodeBF16Pairs); "read", how several rows read the pairs
+# on this CPU (NeoDecodeBF16Read): "tiles" (AMX), "dot" (vdpbf16ps) or "widen" (to float32);
 # "all", every kernel runs (AVX-512).
 _BUILT: dict = {}
 TARGETS = {jnp.dtype(jnp.float32): "neo_decode_product_f32", jnp.dtype(jnp.bfloat16): "neo_decode_product_bf16"}
@@ -136,7 +137,7 @@ def load() -> Optional[Path]:
         for target, symbol in (*TRAIN_ATTENTION_TARGETS.items(), MATMUL_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _BUILT.update(panel=int(lib.NeoDecodePanel()), pairs=bool(lib.NeoDecodeBF16Pairs()),
-                      dot=bool(lib.NeoDecodeBF16Dot()), all=units != "avx2")
+                      read=READS[int(lib.NeoDecodeBF16Read())], all=units != "avx2")
         return path
     except (OSError, subprocess.SubprocessError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -251,11 +252,12 @@ def pack(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return w.reshape(k, -1, panel).transpose(1, 0, 2)
 
 
-def product(x: jax.Array, packed: jax.Array, n: int, dot: Optional[bool] = None) -> jax.Array:
+def product(x: jax.Array, packed: jax.Array, n: int, read: Optional[str] = None) -> jax.Array:
     """x [..., K] @ the packed [K, n] weight (`pack`), in the packed weight's dtype with
-    float32 accumulation; a float32 [..., n]. dot (bfloat16 pairs only): read the pairs with
-    vdpbf16ps at every row count (True) or widen them for two rows or more (False); by default
-    what pays on this CPU (decode_product.cc, NeoDecodeBF16Dot)."""
+    float32 accumulation; a float32 [..., n]. read (bfloat16 pairs only): how two rows or more
+    read the pairs, "tiles" (AMX, where K is a multiple of 32, else as "dot"), "dot"
+    (vdpbf16ps) or "widen" (to float32); by default what pays on this CPU (decode_product.cc,
+    NeoDecodeBF16Read)."""
     if load() is None:
         raise RuntimeError("neo's CPU decode kernel is not built here (see the warning above); "
                            "decode with XLA's products instead (an empty `decode` collection).")
@@ -264,7 +266,7 @@ def product(x: jax.Array, packed: jax.Array, n: int, dot: Optional[bool] = None)
     call = jax.ffi.ffi_call(TARGETS[jnp.dtype(packed.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))
     if jnp.dtype(packed.dtype) != jnp.bfloat16:
         return call(rows, packed).reshape(*lead, n)
-    return call(rows, packed, dot=np.int32(_BUILT["dot"] if dot is None else dot)).reshape(*lead, n)
+    return call(rows, packed, read=np.int32(READS.index(read or _BUILT["read"]))).reshape(*lead, n)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, slot: jax.Array, bias: jax.Array,

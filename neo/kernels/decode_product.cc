@@ -36,6 +36,17 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+// AMX tiles for the bfloat16 pairs (panel_tiles) where the build targets them; they read the
+// pairs packing, which needs AVX512_BF16.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define NEO_TILES 1
+#else
+#define NEO_TILES 0
+#endif
+#if NEO_TILES
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -204,10 +215,80 @@ void panel_rows_widened(const float* x, int64_t ldx, const uint16_t* w, float* y
   }
 }
 
+#if NEO_TILES
+// The pairs packing read with AMX (Sapphire Rapids and later): a tile multiply takes 16 pairs of
+// k at once, C[M, 16] += A[M, 16 pairs] B[16 pairs, 16 columns], for up to 16 rows. A panel's
+// pairs [J, 32, 2] are exactly two B tiles side by side (columns 0-15 and 16-31, rows 128 bytes
+// apart), x in pairs [M, J] is the A tile. The multiplies cost next to nothing at decode row
+// counts, so the pass runs at the speed the weights stream in, where vdpbf16ps or the widening
+// path spend 16-18 vector instructions on every 64 bytes at 8 rows (docs/benchmarks.md,
+// 2026-12-01 "AMX"). Same sums as `panel_rows_widened`: TDPBF16PS adds each row's products
+// in k order, even before odd, each rounded to float32 (products exact), from zero in every
+// block of kBlock values of k, and the blocks' sums join the totals in order. Unlike the vector
+// paths it treats subnormal inputs and outputs as zero.
+constexpr int kTileRows = 16;  // pairs of k per tile multiply; also the most rows of x it takes
+#ifndef NEO_TILES_FROM
+#define NEO_TILES_FROM 1
+#endif
+constexpr int kTilesFrom = NEO_TILES_FROM;  // the fewest rows that take the tiles
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux gives a process the tiles' 8 KiB of register state only when asked (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XTILEDATA); without it the first tile instruction is fatal. Asked
+// once; false where the kernel refuses (or the CPU lacks AMX: a build for this CPU has it).
+bool tiles_allowed() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// Tiles 0, 1: C for the panel's two halves (M rows of 16 float32); 2: A (M rows of 16 pairs);
+// 3, 4: B (16 pairs of 16 columns each).
+void configure_tiles(int M) {
+  TileConfig c;
+  for (int t = 0; t < 3; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 64;
+  for (int t = 3; t < 5; ++t) c.rows[t] = kTileRows, c.colsb[t] = 64;
+  // GCC 12 does not count ldtilecfg as a read of `c` and drops the stores above as dead (then
+  // the first tile instruction faults): make them visible first.
+  asm volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
+}
+
+// Panel of y for M <= 16 rows (the tiles configured for M); J a multiple of 16.
+void panel_tiles(const uint32_t* xp, int64_t M, int64_t J, const uint16_t* w, float* y, int64_t ldy, int valid) {
+  alignas(64) float block[2][kTileRows][kLanes];
+  alignas(64) float total[kTileRows][kPanel] = {};
+  for (int64_t j0 = 0; j0 < J; j0 += kBlock / 2) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t j = j0; j < std::min(J, j0 + kBlock / 2); j += kTileRows) {
+      const uint16_t* r = w + j * 2 * kPanel;
+      _tile_loadd(2, xp + j, J * 4);
+      _tile_loadd(3, r, 2 * kPanel * 2);
+      _tile_loadd(4, r + kPanel, 2 * kPanel * 2);
+      _tile_dpbf16ps(0, 2, 3);
+      _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, block[0], 64);
+    _tile_stored(1, block[1], 64);
+    for (int64_t m = 0; m < M; ++m) {
+      _mm512_store_ps(total[m], _mm512_add_ps(_mm512_load_ps(total[m]), _mm512_load_ps(block[0][m])));
+      _mm512_store_ps(total[m] + kLanes,
+                      _mm512_add_ps(_mm512_load_ps(total[m] + kLanes), _mm512_load_ps(block[1][m])));
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * ldy, total[m], sizeof(float) * valid);
+}
+#endif
+
 // Whether vdpbf16ps pays here: 1 where this CPU issues it at least half as often as a float32
 // multiply-add (each does 32 multiply-adds against 16), measured once per process: 16
 // independent chains of each, 20,000 rounds, the best of three alternated timings (about 2 ms).
-int dot_pays() {
+int measure_dot() {
   using clock = std::chrono::steady_clock;
   __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80);
   __m512 f = _mm512_set1_ps(1.0f), sink = _mm512_setzero_ps();
@@ -234,6 +315,11 @@ int dot_pays() {
   volatile float keep = _mm512_reduce_add_ps(sink);
   (void)keep;
   return t_dot <= 2 * t_fma ? 1 : 0;
+}
+
+int dot_pays() {
+  static const int pays = measure_dot();
+  return pays;
 }
 
 #else
@@ -286,6 +372,26 @@ ffi::Error Product(ffi::ThreadPool pool, const X* x, int64_t M, int64_t K, const
   return ffi::Error::Success();
 }
 
+#if NEO_TILES
+// `Product` for the pairs packing on tiles (panel_tiles): each chunk of panels configures the
+// calling thread's tiles for M rows and releases them after.
+ffi::Error TileProduct(ffi::ThreadPool pool, const uint32_t* xp, int64_t M, int64_t J, const uint16_t* w,
+                       int64_t panels, float* y, int64_t N) {
+  if (panels * kPanel < N) return ffi::Error::InvalidArgument("packed weights have fewer columns than the output");
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t panels_needed = (N + kPanel - 1) / kPanel;
+  neo::parallel_chunks(pool, panels_needed, std::max<int64_t>(4, panels / (4 * threads)), threads,
+                       [=](int64_t first, int64_t last) {
+                         configure_tiles(static_cast<int>(M));
+                         for (int64_t p = first; p < last; ++p)
+                           panel_tiles(xp, M, J, w + p * J * 2 * kPanel, y + p * kPanel, N,
+                                       static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel)));
+                         _tile_release();
+                       });
+  return ffi::Error::Success();
+}
+#endif
+
 const std::string kShapes =
     "expected x [M, K], packed w [panels, K, " + std::to_string(kPanel) + "], y [M, N]";
 
@@ -298,9 +404,11 @@ ffi::Error ProductF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                  yd[1]);
 }
 
-// dot: 1 to use vdpbf16ps at every row count, 0 to widen the pairs for two rows or more
-// (NeoDecodeBF16Dot says which pays here; neo/kernels/cpu.py passes it).
-ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, int32_t dot,
+// read: how several rows read the pairs: 0 widened to float32, 1 with vdpbf16ps, 2 on AMX tiles
+// (up to 16 rows where K is a multiple of 32; otherwise the better of the other two); one row
+// takes vdpbf16ps unless it takes the tiles.
+// NeoDecodeBF16Read says which pays here; neo/kernels/cpu.py passes it.
+ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, int32_t read,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
@@ -311,7 +419,13 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
         yd[0] != M)
       return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, ceil(K / 2), 32, 2], y [M, N]");
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
-    if (!dot && M > 1) {  // x widened to float32 once, [M, 2J], the padding k zero
+#if NEO_TILES
+    const bool tiles = read == 2 && M >= kTilesFrom && M <= kTileRows && J % kTileRows == 0 && tiles_allowed();
+#else
+    const bool tiles = false;
+#endif
+    if (read == 2 && !tiles) read = dot_pays();  // the tiles do not take this shape: the better vector read
+    if (read == 0 && M > 1) {  // x widened to float32 once, [M, 2J], the padding k zero
       std::vector<float> xf(M * 2 * J, 0.0f);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) {
@@ -323,6 +437,9 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     std::vector<uint32_t> xp(M * J);  // x in pairs along k, the last one padded with zero
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xp[m * J + k / 2] |= static_cast<uint32_t>(xb[m * K + k]) << (16 * (k % 2));
+#if NEO_TILES
+    if (tiles) return TileProduct(pool, xp.data(), M, J, wp, wd[0], y->typed_data(), yd[1]);
+#endif
     return Product(pool, xp.data(), M, J, wp, wd[0], J * 2 * kPanel, y->typed_data(), yd[1]);
   }
 #endif
@@ -353,19 +470,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoDecodeProductBF16, ProductBF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<int32_t>("dot")
+                                  .Attr<int32_t>("read")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // Which bfloat16 packing this build reads (neo/kernels/cpu.py packs accordingly): 1 for pairs
 // along k ([panels, ceil(K / 2), 32, 2]), 0 for [panels, K, 32].
 extern "C" int NeoDecodeBF16Pairs() { return kPairs ? 1 : 0; }
 
-// Whether the pairs are best read with vdpbf16ps at two rows or more on this CPU (dot_pays,
-// measured once): 1 or 0; 0 without AVX512_BF16.
-extern "C" int NeoDecodeBF16Dot() {
+// How two rows or more best read the pairs on this CPU: 2 on AMX tiles where the CPU has them
+// and Linux lets this process use them, else 1 with vdpbf16ps where it pays (dot_pays, measured
+// once), else 0 widened; 0 without AVX512_BF16.
+extern "C" int NeoDecodeBF16Read() {
+#if NEO_TILES
+  if (tiles_allowed()) return 2;
+#endif
 #if defined(__AVX512BF16__)
-  static const int pays = dot_pays();
-  return pays;
+  return dot_pays();
 #else
   return 0;
 #endif
