@@ -43,12 +43,13 @@ def test_product_equals_the_exact_sum(dtype, m, k, n):
 
 @pytest.mark.parametrize("read", cpu.READS)
 @pytest.mark.parametrize("m,k,n", [(2, 768, 2304), (8, 3072, 768), (9, 37, 100), (13, 130, 48), (16, 64, 40),
-                                   (1, 768, 100)])
+                                   (1, 768, 100), (40, 96, 70)])
 def test_bfloat16_pairs_read_every_way(read, m, k, n):
     """Rows of bfloat16 pairs read on AMX tiles, with vdpbf16ps or widened to float32 (which one
     runs is measured per CPU: decode_product.cc NeoDecodeBF16Read): each as close to the exact
-    sum as XLA's own product, odd K, a last partial panel, the tiles' 16 rows and a K the tiles do
-    not take (37, 130: the better vector read runs) included."""
+    sum as XLA's own product, odd K, a last partial panel, the tiles' 16 rows, more rows than a
+    tile holds (a prompt pass: 40 = 16 + 16 + 8) and a K the tiles do not take (37, 130: the
+    better vector read runs) included."""
     if not cpu._BUILT.get("pairs"):
         pytest.skip("this build reads bfloat16 unpaired (no AVX512_BF16): test_product_equals_the_exact_sum covers it")
     if read == "tiles" and cpu._BUILT["read"] != "tiles":
@@ -213,9 +214,14 @@ def test_decode_step_logits_equal_xla_products(tiny_config, precision):
         return out
 
     with_kernel = {"params": params, "decode": packed}
-    hlo = logits.lower(with_kernel).as_text()
-    assert hlo.count(cpu.TARGETS[jnp.dtype(arch.precision)]) == 2 * (4 + 2) + 1  # the decode step's products
-    assert hlo.count(cpu.ATTENTION_TARGETS[jnp.dtype(arch.precision)]) == 2  # and its attention
+    hlo = logits.lower(with_kernel).compile().as_text()  # compiled: every call inlined, counted once each
+    calls = lambda target: hlo.count(f'custom_call_target="{target}"')
+    # The decode step's 2 x (4 + 2) products and its head; of the prompt pass, what its cache
+    # needs (layer 0's 6 products, layer 1's k and v), on XLA's products (more than MAX_ROWS
+    # rows) unless AMX tiles read bfloat16 (cpu.takes).
+    prompt_too = cpu.takes(3 * 12, arch.n_embd, jnp.dtype(arch.precision))
+    assert calls(cpu.TARGETS[jnp.dtype(arch.precision)]) == 2 * (4 + 2) + 1 + (6 + 2) * prompt_too
+    assert calls(cpu.ATTENTION_TARGETS[jnp.dtype(arch.precision)]) == 2  # and the decode step's attention
     ours, xla = np.asarray(logits(with_kernel)), np.asarray(logits({"params": params}))
     tol = 1e-5 if precision == "float32" else 3e-2
     np.testing.assert_allclose(ours, xla, atol=tol * np.abs(xla).max(), rtol=0)

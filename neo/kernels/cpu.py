@@ -252,6 +252,15 @@ def pack(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return w.reshape(k, -1, panel).transpose(1, 0, 2)
 
 
+def takes(rows: int, k: int, dtype: jnp.dtype) -> bool:
+    """Whether a product of x [rows, k] in `dtype` goes to the kernel, its weight packed: a decode
+    step's (at most MAX_ROWS rows), or any number of rows where AMX tiles read bfloat16 pairs
+    (K a multiple of 32), a sampler's prompt pass too. There XLA's products would cast every
+    float32 weight to bfloat16 again at each call: gpt_neo_125M, 132 ms of a 1.0 s call of 64
+    tokens at batch 1 (docs/benchmarks.md, 2026-12-01 "AMX")."""
+    return rows <= MAX_ROWS or (jnp.dtype(dtype) == jnp.bfloat16 and _BUILT.get("read") == "tiles" and k % 32 == 0)
+
+
 def product(x: jax.Array, packed: jax.Array, n: int, read: Optional[str] = None) -> jax.Array:
     """x [..., K] @ the packed [K, n] weight (`pack`), in the packed weight's dtype with
     float32 accumulation; a float32 [..., n]. read (bfloat16 pairs only): how two rows or more

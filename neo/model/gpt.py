@@ -355,7 +355,7 @@ class GPT(nn.Module):
         dtype = compute_dtype(self.cfg)
         if packs_for_decoding(self) and not self.has_variable("decode", "head"):
             self.put_variable("decode", "head", cpu_kernels.pack(self.head(), dtype))  # see Dense
-        if self.has_variable("decode", "head") and h.shape[0] * h.shape[1] <= cpu_kernels.MAX_ROWS:
+        if self.has_variable("decode", "head") and cpu_kernels.takes(h.shape[0] * h.shape[1], h.shape[2], dtype):
             logits = cpu_kernels.product(h, self.get_variable("decode", "head"), self.cfg.n_vocab)
             return constrain(logits, ("batch", "sequence", "vocab"))
         if self.cfg.no_weight_tie:

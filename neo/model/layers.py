@@ -304,8 +304,8 @@ class Dense(nn.Module):
 
     Applied with the "decode" collection mutable, it also stores its kernel packed for neo's
     CPU decode kernel (neo/kernels/cpu.py); applied with that collection, a product of at most
-    MAX_ROWS rows (a decode step) goes to the kernel: the same sums, 1.2-3.6x faster than
-    XLA:CPU's products (docs/benchmarks.md)."""
+    MAX_ROWS rows (a decode step; any number on AMX tiles, cpu.takes) goes to the kernel: the
+    same sums, 1.2-3.6x faster than XLA:CPU's products (docs/benchmarks.md)."""
 
     features: tuple[int, ...]
     names: tuple[str, ...]  # kernel dims: contracted input dims, then output dims
@@ -324,7 +324,7 @@ class Dense(nn.Module):
         rows, k, n = math.prod(x.shape[:n_lead]), math.prod(in_shape), math.prod(self.features)
         if packs_for_decoding(self) and not self.has_variable("decode", "kernel"):
             self.put_variable("decode", "kernel", cpu_kernels.pack(kernel.reshape(k, n), self.dtype))
-        if self.has_variable("decode", "kernel") and rows <= cpu_kernels.MAX_ROWS:
+        if self.has_variable("decode", "kernel") and cpu_kernels.takes(rows, k, self.dtype):
             # A decode step on CPU (neo/predict.py packs the weights): neo's own kernel.
             y = cpu_kernels.product(x.reshape(*x.shape[:n_lead], k), self.get_variable("decode", "kernel"), n)
             y = y.reshape(*x.shape[:n_lead], *self.features).astype(product_dtype(self.dtype))
