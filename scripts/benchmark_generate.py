@@ -17,6 +17,10 @@ per backend, the bytes of weights read per step (parameters in the dtype the ste
 less the position table, of which a step reads one row), the bandwidth a step reached and the
 tok/s that reading the weights at the measured bandwidth would allow (the roofline).
 
+--profile N traces one of neo's calls after the timed ones and lists its N costliest kernels
+(ms in the call, times run, the HLO opcode and shape, the JAX op), as scripts/profile_step.py
+does for a train step: where a generation target is missed, what limits it.
+
 --steps_only times the decode steps alone: each backend also generates 2 x `--new` tokens, and
 the rate is batch x new / (the longer call's best time - the shorter's), so the prompt pass and
 a call's fixed costs drop out (a long prompt's pass can be most of a call). Best times, not
@@ -68,10 +72,15 @@ def bench_neo(args, batch: int) -> dict:
         assert all(len(r) == new for r in out)
         return out
 
+    calls = []  # the compiled sampler's arguments, for --profile
+    generate = sampler._generate
+    sampler._generate = lambda *a, **k: calls.append((a, k)) or generate(*a, **k)
     t = time.perf_counter()
     run(args.new)
     first = time.perf_counter() - t
     s = timed(args, run)
+    profile = kernel_profile(generate.lower(*calls[-1][0], **calls[-1][1]).compile().as_text(),
+                             lambda: run(args.new), args.profile) if args.profile else []
     packed = sampler.packed(len(rows))
     if packed:  # neo's CPU decode kernel reads its packed copies of the matrices (compute dtype)
         read = sum(x.nbytes for x in jax.tree.leaves(packed)) + sum(x.nbytes for x in jax.tree.leaves(params)
@@ -80,7 +89,39 @@ def bench_neo(args, batch: int) -> dict:
         read = sum(x.nbytes for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
                    if "wpe" not in jax.tree_util.keystr(path))
     return {"backend": "neo (jax, KV cache" + (", CPU kernel)" if packed else ")"), "batch": batch, "s": s,
-            "tokens_per_s": batch * args.new / s, "compile_s": first - s, "weight_bytes": read}
+            "tokens_per_s": batch * args.new / s, "compile_s": first - s, "weight_bytes": read, "profile": profile}
+
+
+def kernel_profile(hlo: str, call, top: int) -> list:
+    """The `top` costliest kernels of one traced call: [ms in the call, times run, opcode, shape,
+    the JAX op that made it], XLA:CPU's kernels (thunks) matched by name to the compiled HLO as
+    scripts/profile_step.py does. Kernels of the two threads add up, so the sum can exceed the
+    call's wall time."""
+    import collections
+    import glob
+    import shutil
+    import tempfile
+
+    import jax
+    from profile_step import hlo_index
+
+    index = hlo_index(hlo)
+    trace = tempfile.mkdtemp(prefix="neo_profile_")
+    with jax.profiler.trace(trace):
+        call()
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
+    shutil.rmtree(trace, ignore_errors=True)
+    ms, runs = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                row = index.get(ev.name)
+                if row is None or row[0] in ("while", "call", "conditional"):
+                    continue  # control flow, whose bodies are counted kernel by kernel
+                key = (row[0], row[1], row[2].split("/")[-1])
+                ms[key] += ev.duration_ns / 1e6
+                runs[key] += 1
+    return [[round(t, 2), runs[k], *k] for k, t in ms.most_common(top)]
 
 
 def bench_torch(args, batch: int) -> dict:
@@ -163,6 +204,8 @@ def main() -> None:
     p.add_argument("--steps_only", action="store_true",
                    help="time the decode steps alone, without the prompt pass (see above)")
     p.add_argument("--backend", choices=["both", "neo", "torch", "bandwidth"], default="both")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also trace one of neo's calls and list its N costliest kernels (jax.profiler)")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.cores and args.backend != "both":  # before JAX or torch start their thread pools
@@ -202,6 +245,8 @@ def main() -> None:
             roof = f"{batch * bw / r['weight_bytes']:15.1f}" if bw else ""
             print(f"{r['backend']:34} {batch:5d} {r['s']:9.2f} {r['tokens_per_s']:10.1f} {compile_s} "
                   f"{r['weight_bytes'] / 1e6:10.2f} {steps_per_s * r['weight_bytes'] / 1e9:6.1f} {roof}")
+        for ms, runs, op, shape, op_name in results.get("neo", {}).get("profile", []):
+            print(f"{'':34} {ms:9.1f} ms {runs:6d}x  {op} {shape[:60]} {op_name}")
         if len(results) == 2:
             print(f"{'':34} batch {batch}: neo / transformers = "
                   f"{results['neo']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")

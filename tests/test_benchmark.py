@@ -4,6 +4,7 @@ is run here with both made unimportable; the CPU peak it divides by follows the 
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,9 +118,10 @@ def test_profile_finds_every_matmul_of_both_steps(env, tmp_path):
 
 def test_generation_benchmark_reports_the_weight_read_roofline(env):
     """scripts/benchmark_generate.py: both samplers, and per step the bytes of weights read, the
-    bandwidth reached and the roofline that reading them at the measured bandwidth allows."""
+    bandwidth reached and the roofline that reading them at the measured bandwidth allows; with
+    --profile, neo's costliest kernels of a traced call, each matched to its HLO instruction."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_generate.py"), "--model", "tiny",
-                          "--batch", "1", "--prompt", "8", "--new", "4", "--reps", "1"],
+                          "--batch", "1", "--prompt", "8", "--new", "4", "--reps", "1", "--profile", "3"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "failed" not in out.stderr, out.stderr[-3000:]
     assert "memory read bandwidth" in out.stdout and "neo / transformers" in out.stdout
@@ -129,6 +131,8 @@ def test_generation_benchmark_reports_the_weight_read_roofline(env):
     params = 2 * (12 * 64 * 64 + 10 * 64) + 2 * 64 + 256 * 64
     assert float(rows["neo"][-3]) == pytest.approx(4 * params / 1e6, abs=0.006)
     assert float(rows["transformers"][-3]) == pytest.approx(4 * params / 1e6, abs=0.006)
+    kernels = [l.split() for l in out.stdout.splitlines() if re.match(r"\s+[\d.]+ ms +\d+x ", l)]
+    assert len(kernels) == 3 and all(float(k[0]) > 0 and int(k[2][:-1]) >= 1 for k in kernels), out.stdout
 
 
 def test_cpu_peak_follows_the_flags(tmp_path):

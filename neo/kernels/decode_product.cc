@@ -130,7 +130,8 @@ void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, 
 // w[2j + 1, c] * x[2j + 1] to column c's float32 sum: both products exact, as in the widening
 // path, at twice its multiply-adds per instruction (a decode step at batch 8 is limited by them)
 // where the CPU issues it as fast as a float32 multiply-add (Zen 4). Where it does not, several
-// rows take `panel_rows_widened` on the same packing (see NeoDecodeBF16Dot).
+// rows take `panel_rows_widened` on the same packing, and a CPU with AMX `panel_tiles` (see
+// NeoDecodeBF16Read).
 constexpr bool kPairs = true;
 
 inline __m512bh pairs(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
@@ -226,7 +227,7 @@ void panel_rows_widened(const float* x, int64_t ldx, const uint16_t* w, float* y
 // in k order, even before odd, each rounded to float32 (products exact), from zero in every
 // block of kBlock values of k, and the blocks' sums join the totals in order. Unlike the vector
 // paths it treats subnormal inputs and outputs as zero.
-constexpr int kTileRows = 16;  // pairs of k per tile multiply; also the most rows of x it takes
+constexpr int kTileRows = 16;  // pairs of k per tile multiply; also the rows of x a tile holds
 #ifndef NEO_TILES_FROM
 #define NEO_TILES_FROM 1
 #endif
