@@ -254,11 +254,15 @@ def pack(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 def takes(rows: int, k: int, dtype: jnp.dtype) -> bool:
     """Whether a product of x [rows, k] in `dtype` goes to the kernel, its weight packed: a decode
-    step's (at most MAX_ROWS rows), or any number of rows where AMX tiles read bfloat16 pairs
-    (K a multiple of 32), a sampler's prompt pass too. There XLA's products would cast every
-    float32 weight to bfloat16 again at each call: gpt_neo_125M, 132 ms of a 1.0 s call of 64
-    tokens at batch 1 (docs/benchmarks.md, 2026-12-01 "AMX")."""
-    return rows <= MAX_ROWS or (jnp.dtype(dtype) == jnp.bfloat16 and _BUILT.get("read") == "tiles" and k % 32 == 0)
+    step's (at most MAX_ROWS rows), and a sampler's prompt pass (any number of rows) in float32,
+    or in bfloat16 where AMX tiles read the pairs (K a multiple of 32). XLA's products would
+    read the unpacked parameters instead: slices of the scanned stacks copied at every call in
+    float32, every weight converted to bfloat16 again at every call in bfloat16 (gpt_neo_125M,
+    132 ms of a 1.0 s call of 64 tokens at batch 1; docs/benchmarks.md, 2026-12-01 "AMX"). In
+    bfloat16 without tiles, many rows stay with XLA (not measured there)."""
+    dtype = jnp.dtype(dtype)
+    return (rows <= MAX_ROWS or dtype == jnp.float32
+            or (dtype == jnp.bfloat16 and _BUILT.get("read") == "tiles" and k % 32 == 0))
 
 
 def product(x: jax.Array, packed: jax.Array, n: int, read: Optional[str] = None) -> jax.Array:

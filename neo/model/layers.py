@@ -304,7 +304,7 @@ class Dense(nn.Module):
 
     Applied with the "decode" collection mutable, it also stores its kernel packed for neo's
     CPU decode kernel (neo/kernels/cpu.py); applied with that collection, a product of at most
-    MAX_ROWS rows (a decode step; any number on AMX tiles, cpu.takes) goes to the kernel: the
+    MAX_ROWS rows (a decode step; a prompt pass too, cpu.takes) goes to the kernel: the
     same sums, 1.2-3.6x faster than XLA:CPU's products (docs/benchmarks.md)."""
 
     features: tuple[int, ...]
