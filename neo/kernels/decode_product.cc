@@ -223,15 +223,12 @@ void panel_rows_widened(const float* x, int64_t ldx, const uint16_t* w, float* y
 // apart), x in pairs [M, J] is the A tile. The multiplies cost next to nothing at decode row
 // counts, so the pass runs at the speed the weights stream in, where vdpbf16ps or the widening
 // path spend 16-18 vector instructions on every 64 bytes at 8 rows (docs/benchmarks.md,
-// 2026-12-01 "AMX"). Same sums as `panel_rows_widened`: TDPBF16PS adds each row's products
-// in k order, even before odd, each rounded to float32 (products exact), from zero in every
-// block of kBlock values of k, and the blocks' sums join the totals in order. Unlike the vector
-// paths it treats subnormal inputs and outputs as zero.
+// 2026-12-01 "AMX"), at one row too. Float32 sums of the exact products, from zero in every
+// block of kBlock values of k, the blocks' sums joining the totals in order, as in the vector
+// paths; but within a tile multiply AMX adds in an order of its own (about two thirds of the
+// outputs differ from `panel_rows_widened`'s in their last bits, and no order tried matched),
+// and it treats subnormal inputs and outputs as zero.
 constexpr int kTileRows = 16;  // pairs of k per tile multiply; also the rows of x a tile holds
-#ifndef NEO_TILES_FROM
-#define NEO_TILES_FROM 1
-#endif
-constexpr int kTilesFrom = NEO_TILES_FROM;  // the fewest rows that take the tiles
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -426,7 +423,7 @@ ffi::Error ProductBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
       return ffi::Error::InvalidArgument("expected x [M, K], packed w [panels, ceil(K / 2), 32, 2], y [M, N]");
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
 #if NEO_TILES
-    const bool tiles = read == 2 && M >= kTilesFrom && J % kTileRows == 0 && tiles_allowed();
+    const bool tiles = read == 2 && J % kTileRows == 0 && tiles_allowed();
 #else
     const bool tiles = false;
 #endif
