@@ -94,33 +94,18 @@ def bench_neo(args, batch: int) -> dict:
 
 def kernel_profile(hlo: str, call, top: int) -> list:
     """The `top` costliest kernels of one traced call: [ms in the call, times run, opcode, shape,
-    the JAX op that made it], XLA:CPU's kernels (thunks) matched by name to the compiled HLO as
-    scripts/profile_step.py does. Kernels of the two threads add up, so the sum can exceed the
-    call's wall time."""
+    the JAX op that made it], XLA:CPU's kernels matched to the compiled HLO by
+    scripts/profile_step.py's `traced_kernels`. Kernels of the two threads add up, so the sum can
+    exceed the call's wall time."""
     import collections
-    import glob
-    import shutil
-    import tempfile
 
-    import jax
-    from profile_step import hlo_index
+    from profile_step import hlo_index, traced_kernels
 
-    index = hlo_index(hlo)
-    trace = tempfile.mkdtemp(prefix="neo_profile_")
-    with jax.profiler.trace(trace):
-        call()
-    data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
-    shutil.rmtree(trace, ignore_errors=True)
     ms, runs = collections.Counter(), collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            for ev in line.events:
-                row = index.get(ev.name)
-                if row is None or row[0] in ("while", "call", "conditional"):
-                    continue  # control flow, whose bodies are counted kernel by kernel
-                key = (row[0], row[1], row[2].split("/")[-1])
-                ms[key] += ev.duration_ns / 1e6
-                runs[key] += 1
+    for _, (op, shape, op_name, _, _), t in traced_kernels(call, hlo_index(hlo)):
+        key = (op, shape, op_name.split("/")[-1])
+        ms[key] += t
+        runs[key] += 1
     return [[round(t, 2), runs[k], *k] for k, t in ms.most_common(top)]
 
 

@@ -160,28 +160,38 @@ def profile_neo(args) -> dict:
         state, metrics = compiled(state, stack)
     jax.block_until_ready(metrics)
     wall = (time.perf_counter() - t) / args.steps
+
+    def steps():
+        out, last = state, None
+        for _ in range(args.steps):
+            out, last = compiled(out, stack)
+        jax.block_until_ready(last)
+
+    table, kernels, work, kernel_work = (collections.Counter() for _ in range(4))
+    for name, (op, shape, op_name, fused, flops), ms in traced_kernels(steps, index):
+        ms /= args.steps
+        kind = neo_kind(name, op, op_name, fused)
+        table[(neo_phase(op_name), kind)] += ms
+        kernels[(name, shape, short_op_name(op_name))] += ms
+        work[kind] += flops / args.steps
+        kernel_work[(name, shape, short_op_name(op_name))] += flops / args.steps
+    return result("neo (jax)", args, cfg, wall, table, kernels, work, kernel_work)
+
+
+def traced_kernels(call, index: dict) -> list:
+    """[(instruction name, its `hlo_index` row, ms)] for every XLA:CPU kernel (thunk) that ran
+    while `call()` ran under jax.profiler, matched by name to the compiled HLO's `index`; host
+    events and control flow left out (their bodies' kernels are counted one by one)."""
+    import jax
+
     trace = tempfile.mkdtemp(prefix="neo_profile_")
     with jax.profiler.trace(trace):
-        for _ in range(args.steps):
-            state, metrics = compiled(state, stack)
-        jax.block_until_ready(metrics)
+        call()
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
     shutil.rmtree(trace, ignore_errors=True)
-    table, kernels, work, kernel_work = (collections.Counter() for _ in range(4))
-    for plane in data.planes:
-        for line in plane.lines:
-            for ev in line.events:
-                row = index.get(ev.name)
-                if row is None or row[0] in ("while", "call", "conditional"):
-                    continue  # host-side events and control flow whose bodies are counted op by op
-                op, shape, op_name, fused, flops = row
-                ms = ev.duration_ns / 1e6 / args.steps
-                kind = neo_kind(ev.name, op, op_name, fused)
-                table[(neo_phase(op_name), kind)] += ms
-                kernels[(ev.name, shape, short_op_name(op_name))] += ms
-                work[kind] += flops / args.steps
-                kernel_work[(ev.name, shape, short_op_name(op_name))] += flops / args.steps
-    return result("neo (jax)", args, cfg, wall, table, kernels, work, kernel_work)
+    return [(ev.name, index[ev.name], ev.duration_ns / 1e6)
+            for plane in data.planes for line in plane.lines for ev in line.events
+            if ev.name in index and index[ev.name][0] not in ("while", "call", "conditional")]
 
 
 def short_op_name(op_name: str) -> str:
