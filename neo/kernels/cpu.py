@@ -57,8 +57,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc", HERE / "attention.cc",
-           HERE / "matmul.cc")  # one library
+DECODE_SOURCES = (HERE / "decode_product.cc", HERE / "decode_attention.cc")
+# One library: on AVX-512 every kernel; on AVX2 the decode kernels alone, since the training ones
+# never run there (`_vector_units`) and took two thirds of the build (24.7 of 37.1 s of compiler
+# time targeting Haswell on the 2-core Xeon of docs/benchmarks.md).
+SOURCES = (*DECODE_SOURCES, HERE / "attention.cc", HERE / "matmul.cc")
 HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product goes to the kernel
 READS = ("widen", "dot", "tiles")  # the bfloat16 pairs' reads, by decode_product.cc's number
@@ -124,7 +127,7 @@ def load() -> Optional[Path]:
                  "vectors); training uses XLA's products and attention (docs/benchmarks.md, \"decoding on a CPU "
                  "without AVX-512\").")
     try:
-        path = _build(compiler)
+        path = _build(compiler, SOURCES if units == "avx512" else DECODE_SOURCES)
         try:
             lib = ctypes.cdll.LoadLibrary(str(path))
         except OSError:
@@ -134,7 +137,7 @@ def load() -> Optional[Path]:
             for targets, symbol in ((TARGETS, "NeoDecodeProduct"), (ATTENTION_TARGETS, "NeoDecodeAttention")):
                 jax.ffi.register_ffi_target(targets[jnp.dtype(dtype)], jax.ffi.pycapsule(getattr(lib, symbol + suffix)),
                                             platform="cpu")
-        for target, symbol in (*TRAIN_ATTENTION_TARGETS.items(), MATMUL_TARGET):
+        for target, symbol in (*TRAIN_ATTENTION_TARGETS.items(), MATMUL_TARGET) if units == "avx512" else ():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _BUILT.update(panel=int(lib.NeoDecodePanel()), pairs=bool(lib.NeoDecodeBF16Pairs()),
                       read=READS[int(lib.NeoDecodeBF16Read())], all=units != "avx2")
@@ -170,12 +173,12 @@ def _vector_units(compiler: str) -> str:
     return "avx2" if {"__AVX2__", "__FMA__"} <= macros else "none"
 
 
-def build_key(compiler: str) -> str:
-    """What a cached build depends on: the source, the compiler's version, jaxlib's FFI
+def build_key(compiler: str, sources: tuple = SOURCES) -> str:
+    """What a cached build depends on: the sources, the compiler's version, jaxlib's FFI
     headers, and the CPU (-march=native code must not run on another CPU model)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), version.encode(), jax.ffi.include_dir().encode(),
+    for part in (*(f.read_bytes() for f in sources + HEADERS), version.encode(), jax.ffi.include_dir().encode(),
                  jaxlib.__version__.encode(), platform.machine().encode(), _cpu_identity().encode()):
         h.update(part)
         h.update(b"\0")
@@ -195,8 +198,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NEO_KERNEL_CACHE") or Path.home() / ".cache" / "neo" / "kernels")
 
 
-def _build(compiler: str) -> Path:
-    target = cache_dir() / f"decode-{build_key(compiler)}.so"
+def _build(compiler: str, sources: tuple = SOURCES) -> Path:
+    target = cache_dir() / f"decode-{build_key(compiler, sources)}.so"
     if target.exists():
         return target
     log.info("building neo's CPU kernels for this CPU (once) into %s", target.parent)
@@ -209,8 +212,8 @@ def _build(compiler: str) -> Path:
             # One compiler per source, all at once, then one link: on the 2-core Xeon of
             # docs/benchmarks.md 15.5 s instead of 22.8 (attention.cc alone takes 8.4 s).
             flags = [compiler, "-O3", "-march=native", "-std=c++17", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
-            objects = [os.path.join(work, f"{src.stem}.o") for src in SOURCES]
-            _run_all([[*flags, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)])
+            objects = [os.path.join(work, f"{src.stem}.o") for src in sources]
+            _run_all([[*flags, "-c", str(src), "-o", obj] for src, obj in zip(sources, objects)])
             _run_all([[compiler, "-shared", "-fPIC", *objects, "-o", tmp]])
         os.replace(tmp, target)
     finally:
