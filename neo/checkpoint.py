@@ -113,9 +113,9 @@ class Checkpointer:
 
     def save(self, step: int, params: Any, opt_state: Any = None, meta: Optional[dict] = None,
              force: bool = False) -> bool:
-        from neo.checksum import checksums
+        from neo.checksum import checksums_of
 
-        sums = {"params": checksums(params), **({"opt_state": checksums(opt_state)} if opt_state is not None else {})}
+        sums = checksums_of({"params": params, "opt_state": opt_state})
         meta = {"step": step, **(meta or {}), "checksums": sums}
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
@@ -228,8 +228,7 @@ class Checkpointer:
         (neo/checksum.py): orbax would restore a damaged data file's bytes without a word."""
         from neo.checksum import mismatches
 
-        bad = [f"{item}{path}" for item, tree in trees.items() if tree is not None and item in recorded
-               for path in mismatches(recorded[item], tree)]
+        bad = mismatches(recorded, trees)
         if bad:
             raise NeoError(
                 f"checkpoint {self.directory}/{step} is damaged: {len(bad)} array(s) read back differ from what "

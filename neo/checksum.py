@@ -62,21 +62,37 @@ def _all_sums(mesh):
     return jax.jit(lambda leaves: jnp.stack([_sums(x) for x in leaves]), out_shardings=out)
 
 
+def checksums_of(trees: dict[str, Any]) -> dict[str, dict[str, list]]:
+    """{name: checksums of trees[name]} for every tree not None, in one compiled program over all
+    their arrays: a checkpoint's parameters and optimizer state cost one compilation, not two
+    (half a second each for the tests' tiny models on 2 CPU cores)."""
+    flat = {name: [(path, x if isinstance(x, jax.Array) else jnp.asarray(x))
+                   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+            for name, tree in trees.items() if tree is not None}
+    leaves = [x for items in flat.values() for _, x in items]
+    if not leaves:
+        return {name: {} for name in flat}
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, NamedSharding)), None)
+    sums = np.asarray(_all_sums(mesh)(leaves).addressable_data(0))
+    sums = sums.view(np.uint32)  # recorded as unsigned numbers
+    out, first = {}, 0
+    for name, items in flat.items():
+        out[name] = {jax.tree_util.keystr(path): [int(a), int(b), str(x.dtype)]
+                     for (path, x), (a, b) in zip(items, sums[first:first + len(items)])}
+        first += len(items)
+    return out
+
+
 def checksums(tree: Any) -> dict[str, list]:
     """{path of each array in the tree (jax.tree_util.keystr): [sum, weighted sum, dtype]}."""
-    flat = [(path, x if isinstance(x, jax.Array) else jnp.asarray(x))
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    if not flat:
-        return {}
-    mesh = next((x.sharding.mesh for _, x in flat if isinstance(x.sharding, NamedSharding)), None)
-    sums = _all_sums(mesh)([x for _, x in flat])
-    sums = np.asarray(sums.addressable_data(0))
-    sums = sums.view(np.uint32)  # recorded as unsigned numbers
-    return {jax.tree_util.keystr(path): [int(a), int(b), str(x.dtype)] for (path, x), (a, b) in zip(flat, sums)}
+    return checksums_of({"tree": tree})["tree"]
 
 
-def mismatches(recorded: dict[str, list], tree: Any) -> list[str]:
-    """Paths of `tree` whose checksums differ from `recorded`. A path `recorded` lacks (a
-    checkpoint written before neo kept checksums) or read back as another dtype is not checked."""
-    return [path for path, sums in checksums(tree).items()
-            if path in recorded and recorded[path][2:] == sums[2:] and list(recorded[path][:2]) != sums[:2]]
+def mismatches(recorded: dict[str, dict[str, list]], trees: dict[str, Any]) -> list[str]:
+    """"name path" of each array of trees[name] whose checksums differ from recorded[name]. A tree
+    `recorded` lacks, a path it lacks (a checkpoint written before neo kept checksums) or an array
+    read back as another dtype is not checked."""
+    now = checksums_of({name: tree for name, tree in trees.items() if name in recorded})
+    return [f"{name}{path}" for name, sums in now.items() for path, got in sums.items()
+            if path in recorded[name] and recorded[name][path][2:] == got[2:]
+            and list(recorded[name][path][:2]) != got[:2]]

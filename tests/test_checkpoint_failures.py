@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from neo.checkpoint import Checkpointer, check_disk_space
-from neo.checksum import checksums, mismatches
+from neo.checksum import checksums, checksums_of, mismatches
 from neo.errors import NeoError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,9 +63,12 @@ def test_checksums_do_not_depend_on_the_mesh_and_see_one_changed_word():
     words = np.asarray(params["wte"]).view(np.uint32).ravel().astype(np.uint64)  # the definition, in numpy
     expected = [int(words.sum() % 2**32), int((words * np.arange(1, words.size + 1, dtype=np.uint64)).sum() % 2**32)]
     assert checksums(sharded)["['wte']"] == [*expected, "float32"]
-    assert mismatches(checksums(params), changed) == ["['wte']"]
-    assert mismatches(checksums(params), swapped) == ["['wte']"]
-    assert mismatches(checksums(params), params) == []
+    recorded = {"params": checksums(params), "opt_state": checksums(changed)}
+    assert mismatches(recorded, {"params": changed, "opt_state": changed}) == ["params['wte']"]
+    assert mismatches(recorded, {"params": swapped, "opt_state": params}) == ["params['wte']", "opt_state['wte']"]
+    assert mismatches(recorded, {"params": params}) == []
+    # several trees in one program: each tree's own sums
+    assert checksums_of({"params": params, "opt_state": changed, "none": None}) == recorded
 
 
 def test_flipped_bytes_are_refused_not_restored(tmp_path):
