@@ -29,7 +29,7 @@ compilation and evaluation excluded) against nanoGPT's CPU recipe for the same s
 (train_shakespeare_char with 4 layers, 128 wide, context 64, batch 12, no dropout, no
 torch.compile: lr 1e-3 cosine to 1e-4, warm-up 100, AdamW betas 0.9/0.99, weight decay 0.1,
 clipping 1.0) trained on exactly neo's batches, then both validated on neo's 200 held-out
-batches. 2000 steps take minutes.
+batches (`--quickstart_eval_steps N`: the first N of them). 2000 steps take minutes.
 
 --profile DIR (neo): after the timed steps, jax.profiler traces two more into DIR, with a
 Perfetto trace-event file that scripts/trace_kernels.py sums by kernel. neo's RESULT also
@@ -317,12 +317,17 @@ def bench_nanogpt(args) -> dict:
 # --quickstart: neo's training loop vs nanoGPT's CPU recipe
 
 
+def quickstart_eval(args) -> list[str]:
+    """main.py's --set for --quickstart_eval_steps (none: the config's eval_steps)."""
+    return [] if args.quickstart_eval_steps is None else ["--set", f"eval_steps={args.quickstart_eval_steps}"]
+
+
 def quickstart_neo(args) -> dict:
     """`main.py --model quickstart` in its own process; tokens/s as its log reports them."""
     with tempfile.TemporaryDirectory(prefix="neo-quickstart-") as work:  # its checkpoints: 9 MB a run
         cmd = [sys.executable, str(ROOT / "main.py"), "--model", "quickstart", "--set",
                f"model_path={json.dumps(work)}", "--set", "predict_steps=0", "--set",
-               f"train_steps={args.quickstart_steps}"]
+               f"train_steps={args.quickstart_steps}", *quickstart_eval(args)]
         t = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t
@@ -354,7 +359,8 @@ def quickstart_torch(args) -> dict:
     from torch_reference import NanoGPT, evaluate, make_optimizer, nanogpt_lr, train_step
 
     start = time.perf_counter()
-    cfg = load_model_config("quickstart", {"train_steps": args.quickstart_steps})
+    evals = {} if args.quickstart_eval_steps is None else {"eval_steps": args.quickstart_eval_steps}
+    cfg = load_model_config("quickstart", {"train_steps": args.quickstart_steps, **evals})
     m, steps = cfg.model, args.quickstart_steps
     source = make_source(cfg, "train")
     held_out = make_source(cfg, "eval")
@@ -427,6 +433,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=0, help="--compile_only: the N largest temporary slices")
     p.add_argument("--quickstart", action="store_true")
     p.add_argument("--quickstart_steps", type=int, default=2000)
+    p.add_argument("--quickstart_eval_steps", type=int, help="validation batches (default: the config's 200)")
     p.add_argument("--json", help="append the results as JSON lines to this file")
     p.add_argument("--profile", help="neo: trace two more steps into this folder (jax.profiler, with a Perfetto "
                    "trace_events file: perfetto_trace.json.gz)")

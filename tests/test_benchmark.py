@@ -87,7 +87,7 @@ def test_compile_only_reports_compiled_memory_on_simulated_devices(env):
 
 
 def test_quickstart_mode_trains_both_loops_and_validates_them(env):
-    out = run(env, "--quickstart", "--quickstart_steps", "6")
+    out = run(env, "--quickstart", "--quickstart_steps", "6", "--quickstart_eval_steps", "10")
     rows = [l for l in out.splitlines() if l.startswith(("neo main.py", "nanoGPT recipe"))]
     assert len(rows) == 2
     for row in rows:
