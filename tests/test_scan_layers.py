@@ -36,11 +36,12 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(tiny_config):
     stacked = as_model_tree(scanned.model, params)
     assert jax.tree.structure(stacked) == jax.tree.structure(meta.unbox(abstract_init(scanned.model)))
     tokens = jnp.asarray(RNG.randint(0, 128, (2, 20)))
-    loss = lambda cfg, p: GPT(cfg.model).apply({"params": p}, tokens).std()
-    np.testing.assert_allclose(GPT(scanned.model).apply({"params": stacked}, tokens),
-                               GPT(unrolled.model).apply({"params": params}, tokens), atol=1e-5)
-    grads = per_layer(jax.grad(lambda p: loss(scanned, p))(stacked))
-    want = jax.grad(lambda p: loss(unrolled, p))(params)
+    # each jitted whole: the same numbers as op by op, compiled in a fraction of the time
+    apply = lambda cfg: jax.jit(lambda p: GPT(cfg.model).apply({"params": p}, tokens))
+    np.testing.assert_allclose(apply(scanned)(stacked), apply(unrolled)(params), atol=1e-5)
+    loss = lambda cfg: jax.jit(jax.grad(lambda p: GPT(cfg.model).apply({"params": p}, tokens).std()))
+    grads = per_layer(loss(scanned)(stacked))
+    want = loss(unrolled)(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want)
     # the two forms convert into each other exactly
     jax.tree.map(np.testing.assert_array_equal, per_layer(stacked), params)
@@ -51,14 +52,15 @@ def test_scanned_layers_decode_with_a_stacked_cache(tiny_config):
     params = init_params(scanned.model, jax.random.PRNGKey(1))
     model = GPT(scanned.model)
     tokens = jnp.asarray(RNG.randint(0, 128, (2, 10)))
-    full = model.apply({"params": params}, tokens)
+    full = jax.jit(lambda p: model.apply({"params": p}, tokens))(params)
     cache = init_cache(scanned.model, 2, 12)
     assert jax.tree.leaves(cache)[0].shape[0] == 2  # 6 layers in groups of 3: two of each
-    logits, cache = model.apply({"params": params}, tokens[:, :6], cache=cache, cache_index=jnp.int32(0))
+    decode = jax.jit(lambda p, x, position, cache, i: model.apply({"params": p}, x, position, cache=cache,
+                                                                 cache_index=i))
+    logits, cache = decode(params, tokens[:, :6], None, cache, jnp.int32(0))
     steps = [logits]
-    for i in range(6, 10):
-        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1], jnp.full((2, 1), i), cache=cache,
-                                    cache_index=jnp.int32(i))
+    for i in range(6, 10):  # one compiled step, four times
+        logits, cache = decode(params, tokens[:, i:i + 1], jnp.full((2, 1), i), cache, jnp.int32(i))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
 
