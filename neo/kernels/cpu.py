@@ -140,7 +140,7 @@ def load() -> Optional[Path]:
         for target, symbol in (*TRAIN_ATTENTION_TARGETS.items(), MATMUL_TARGET) if units == "avx512" else ():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _BUILT.update(panel=int(lib.NeoDecodePanel()), pairs=bool(lib.NeoDecodeBF16Pairs()),
-                      read=READS[int(lib.NeoDecodeBF16Read())], all=units != "avx2")
+                      read=READS[int(lib.NeoDecodeBF16Read())], all=units == "avx512")
         return path
     except (OSError, subprocess.SubprocessError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
