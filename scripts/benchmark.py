@@ -317,17 +317,19 @@ def bench_nanogpt(args) -> dict:
 # --quickstart: neo's training loop vs nanoGPT's CPU recipe
 
 
-def quickstart_eval(args) -> list[str]:
-    """main.py's --set for --quickstart_eval_steps (none: the config's eval_steps)."""
-    return [] if args.quickstart_eval_steps is None else ["--set", f"eval_steps={args.quickstart_eval_steps}"]
+def quickstart_overrides(args) -> dict:
+    """The quickstart config's overrides, the same for both loops: train_steps, and eval_steps
+    where --quickstart_eval_steps is given."""
+    evals = {} if args.quickstart_eval_steps is None else {"eval_steps": args.quickstart_eval_steps}
+    return {"train_steps": args.quickstart_steps, **evals}
 
 
 def quickstart_neo(args) -> dict:
     """`main.py --model quickstart` in its own process; tokens/s as its log reports them."""
     with tempfile.TemporaryDirectory(prefix="neo-quickstart-") as work:  # its checkpoints: 9 MB a run
-        cmd = [sys.executable, str(ROOT / "main.py"), "--model", "quickstart", "--set",
-               f"model_path={json.dumps(work)}", "--set", "predict_steps=0", "--set",
-               f"train_steps={args.quickstart_steps}", *quickstart_eval(args)]
+        sets = {"model_path": work, "predict_steps": 0, **quickstart_overrides(args)}
+        cmd = [sys.executable, str(ROOT / "main.py"), "--model", "quickstart",
+               *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
         t = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t
@@ -359,8 +361,7 @@ def quickstart_torch(args) -> dict:
     from torch_reference import NanoGPT, evaluate, make_optimizer, nanogpt_lr, train_step
 
     start = time.perf_counter()
-    evals = {} if args.quickstart_eval_steps is None else {"eval_steps": args.quickstart_eval_steps}
-    cfg = load_model_config("quickstart", {"train_steps": args.quickstart_steps, **evals})
+    cfg = load_model_config("quickstart", quickstart_overrides(args))
     m, steps = cfg.model, args.quickstart_steps
     source = make_source(cfg, "train")
     held_out = make_source(cfg, "eval")
