@@ -22,10 +22,12 @@ pytestmark = pytest.mark.skipif(not cpu.enabled(),
 
 @pytest.mark.parametrize("a_t", [False, True])
 @pytest.mark.parametrize("b_t", [False, True])
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (13, 37, 65), (768, 128, 512), (5, 300, 33), (29, 64, 96)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (13, 37, 65), (768, 128, 512), (5, 300, 33), (29, 64, 96),
+                                   (150, 70, 230)])
 def test_product_equals_the_exact_sum(a_t, b_t, m, k, n):
     """Rows that fill no tile of 12 (13 = 12 + 1, 29 = 2 x 12 + 4 + 1), columns that fill no
-    panel of 32 (65, 33, 1), K above the 128-term blocks (300), either operand transposed: as
+    panel of 32 (65, 33, 1), K above the 128-term blocks (300), tiles shared out in runs that
+    do not divide them evenly (150 x 230: 104 tiles, runs of 6), either operand transposed: as
     close to the exact sum as XLA's own product, and the same bits at every call."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((k, m) if a_t else (m, k)).astype(np.float32)

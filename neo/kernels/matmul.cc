@@ -11,8 +11,8 @@
 // How: b is read in panels of 32 columns, [K, 32], taken in place when b is row-major and N a
 // whole number of panels, else first packed (transposed, zero-padded) into scratch. A tile of
 // 12 rows x one panel keeps 24 vector accumulators in registers while k runs; each a[i, k] is
-// broadcast from wherever it lies. Threads take tiles (a row block's panels in turn, so its
-// rows stay in cache).
+// broadcast from wherever it lies. Threads take runs of tiles (a row block's panels in turn, so
+// its rows stay in cache).
 //
 // A weight's gradient (a transposed, [K, M], K the batch's tokens: 768 in the quickstart) is
 // done differently. Whole-K tiles read a and an in-place panel with a stride of M or N floats
@@ -54,6 +54,7 @@ constexpr int64_t kPanel = 32;   // columns per panel: two 16-float vectors
 constexpr int kTile = 12;        // rows per register tile: 24 accumulators + 2 panel vectors
 constexpr int64_t kBlock = 128;  // values of k summed apart before they join the total
 constexpr int64_t kGroup = 48;   // rows of a weight gradient's a packed together: 24 KiB a k-block
+constexpr int64_t kUnitsPerThread = 8;  // product units per thread (not weight gradients): runs of items
 
 struct Product {
   const float* a;
@@ -224,20 +225,28 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
     });
     return ffi::Error::Success();
   }
-  // Units: (block of rows, panel), a row block's panels consecutive; blocks of kTile rows, or
-  // fewer rows per block when there are too few blocks to keep every thread busy.
+  // Items: (block of rows, panel), a row block's panels consecutive; blocks of kTile rows, or
+  // fewer rows per block when there are too few blocks to keep every thread busy. A product
+  // unit is a run of consecutive items, a kUnitsPerThread-th of one thread's share. (With one
+  // item a unit, about 1 us of work, both threads claimed from one counter every microsecond
+  // and took turns at a row block's panels: on two cores the quickstart's forward and
+  // input-gradient products ran at 95-158 GFLOP/s, with runs at 117-210, a sixth less time
+  // over 13 shapes; docs/benchmarks.md, 2026-12-02.)
   int64_t block = kTile;
   while (block > 4 && ((M + block - 1) / block) * panels < 2 * threads) block -= 4;
-  const int64_t blocks = (M + block - 1) / block;
-  neo::parallel_chunks(pool, packs + blocks * panels, 1, threads, [&](int64_t first, int64_t last) {
+  const int64_t blocks = (M + block - 1) / block, items = blocks * panels;
+  const int64_t per_unit = std::max<int64_t>(1, items / (kUnitsPerThread * threads));
+  neo::parallel_chunks(pool, packs + (items + per_unit - 1) / per_unit, 1, threads, [&](int64_t first, int64_t last) {
     for (int64_t u = first; u < last; ++u) {
       if (u < packs) {
         pack_panel(u);
         continue;
       }
-      const int64_t i = ((u - packs) / panels) * block, p = (u - packs) % panels;
-      wait_panels(p, p + 1);
-      rows_of_panel<false>(P, nullptr, i, std::min(P.M, i + block), p, 0, P.K);
+      for (int64_t t = (u - packs) * per_unit; t < std::min(items, (u - packs + 1) * per_unit); ++t) {
+        const int64_t i = (t / panels) * block, p = t % panels;
+        wait_panels(p, p + 1);
+        rows_of_panel<false>(P, nullptr, i, std::min(P.M, i + block), p, 0, P.K);
+      }
     }
   });
   return ffi::Error::Success();
