@@ -230,7 +230,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   // unit is a run of consecutive items, a kUnitsPerThread-th of one thread's share. (With one
   // item a unit, about 1 us of work, both threads claimed from one counter every microsecond
   // and took turns at a row block's panels: on two cores the quickstart's forward and
-  // input-gradient products ran at 95-158 GFLOP/s, with runs at 117-210, a sixth less time
+  // input-gradient products ran at 95-158 GFLOP/s, with runs at 119-210, a sixth less time
   // over 13 shapes; docs/benchmarks.md, 2026-12-02.)
   int64_t block = kTile;
   while (block > 4 && ((M + block - 1) / block) * panels < 2 * threads) block -= 4;
