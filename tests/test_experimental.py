@@ -144,6 +144,19 @@ def test_the_originals_activation_list_is_complete_and_computes_its_formulas():
         assert bool(params) == (name in PARAMETRIC), name
 
 
+def test_exact_gelu_and_its_gradient_are_the_erf_formula():
+    """gelu_exact (Pythia's "gelu") against float64's 0.5x(1 + erf(x/sqrt(2))) and its
+    derivative, tails included (neo writes it with erf, not jax.nn.gelu's erfc)."""
+    x = np.linspace(-12, 12, 481).astype(np.float32)
+    xd = x.astype(np.float64)
+    erf = np.vectorize(math.erf)(xd / math.sqrt(2))
+    ref = 0.5 * xd * (1 + erf)
+    dref = 0.5 * (1 + erf) + xd * np.exp(-0.5 * xd * xd) / math.sqrt(2 * math.pi)
+    got, grad = jax.vmap(jax.value_and_grad(ACTIVATIONS["gelu_exact"]))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad), dref, rtol=1e-6, atol=2e-6)
+
+
 def test_fixed_activations_stay_finite_where_the_original_broke():
     x = jnp.asarray([-100.0, -3.0, 0.0, 3.0, 100.0])
     for name in ("elish", "proottanh", "arcsinh"):
