@@ -304,7 +304,9 @@ def _activations(cfg: Config, plan: _Plan, rows: float, tokens: float, width: in
     remat, and with the remat policy in effect (`full` when none is)."""
     act = ("batch", "sequence", "embd")
     moe_layers = set(cfg.model.moe_layers or ())
-    c = ACT_SCANNED if cfg.model.scan_period else ACT_UNROLLED
+    m = cfg.model
+    looped = m.scan_period is not None and m.scan_unroll_groups < m.n_layer // m.scan_period
+    c = ACT_SCANNED if looped else ACT_UNROLLED  # a scan unrolled entirely keeps what unrolled layers keep
     kinds = list(enumerate(cfg.model.attention_types))
     layers = [_layer_bytes(cfg.model, plan, k, i in moe_layers, c, width) for i, k in kinds]
     # With remat each layer keeps what its policy saves, and one layer at a time is recomputed

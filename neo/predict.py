@@ -188,7 +188,7 @@ def decode_arch(cfg: Config) -> Any:
     their stacks and writes the cache back at each token (125M, batch 1: 23.8 tok/s scanned vs
     33.9 unrolled on a 2-core CPU). Compile time is paid once per bucket, so scanning buys
     nothing here. Nothing is differentiated, so no layer is rematerialised either."""
-    return dataclasses.replace(cfg.model, scan_layers=False, remat_policy="none")
+    return dataclasses.replace(cfg.model, scan_layers=False, scan_unroll=None, remat_policy="none")
 
 
 def make_pack(cfg: Config, layout: Layout) -> Optional[Callable]:

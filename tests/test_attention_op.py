@@ -261,11 +261,11 @@ def test_dense_mask_bias_equals_setting_masked_scores(causal, window):
 
 
 def test_dense_backward_writes_no_full_size_mask(tiny_config, monkeypatch):
-    """The model's compiled gradient (scanned layers, `save_dots` remat) writes no [batch,
-    heads, T, T] mask: with `where`, XLA wrote one out in every layer (the quickstart step: 4.1
-    of 48.9 ms on CPU; docs/benchmarks.md, 2026-11-30 morning)."""
+    """The model's compiled gradient (layers scanned in a loop, `save_dots` remat) writes no
+    [batch, heads, T, T] mask: with `where`, XLA wrote one out in every layer (the quickstart
+    step: 4.1 of 48.9 ms on CPU; docs/benchmarks.md, 2026-11-30 morning)."""
     cfg = parse_model_config(tiny_config(attention_types=[[["global"], 2]], remat_policy="save_dots",
-                                         attention_impl="xla")).model
+                                         attention_impl="xla", scan_unroll=1)).model
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(RNG.randint(0, 128, (8, 32)))
 

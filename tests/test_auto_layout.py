@@ -19,10 +19,12 @@ from neo.train import build
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# scan_unroll 1: the layers loop as a deep model's do (two layers alone would be unrolled)
 BASE = dict(n_embd=256, n_head=8, n_layer=2, n_ctx=256, n_vocab=2048, attention_types=[[["global"], 2]],
-            train_batch_size=16)
+            train_batch_size=16, scan_unroll=1)
 CASES = {
     "data": ({}, "x:8", "batch:x"),
+    "data, loop unrolled": ({"scan_unroll": "full"}, "x:8", "batch:x"),
     "fsdp+microbatches": ({"tokens_per_mb_per_replica": 256}, "x:8", "batch:x,embd:x"),
     "fsdp+tensor": ({}, "x:4,y:2", "batch:x,embd:x,heads:y,intermediate_expanded:y,vocab:y"),
     "original embd split": ({}, "x:2,y:4", "batch:x,embd:y"),
@@ -30,7 +32,8 @@ CASES = {
     "fsdp+tensor, remat save_dots": ({"remat_policy": "save_dots"}, "x:4,y:2",
                                      "batch:x,embd:x,heads:y,intermediate_expanded:y,vocab:y"),
     "experts+local+linear": ({"attention_types": ["local", "linear"], "local_attention_radius": 64, "moe_layers": [1],
-                              "moe_params": {"moe_num_experts": 8, "moe_hidden_size": 512}}, "x:8", "experts:x,batch:x"),
+                              "moe_params": {"moe_num_experts": 8, "moe_hidden_size": 512}, "scan_unroll": None}, "x:8",
+                             "experts:x,batch:x"),
 }
 
 

@@ -59,6 +59,7 @@ WALK = [
     # speed and memory (same numbers, another program)
     ("attention_impl", "blocked", "program", MODEL), ("remat_policy", "full", "program", MODEL),
     ("scan_layers", False, "program", dict(MODEL, n_layer=4, attention_types=[[["global", "local"], 2]])),
+    ("scan_unroll", 1, "program", dict(MODEL, n_layer=4, attention_types=[[["global", "local"], 2]])),
     # GPT-NeoX's architecture options
     ("pos_emb", "alibi", "model", MODEL), ("norm", "rmsnorm", "model", MODEL),
     ("rms_norm_epsilon", 0.5, "model", dict(MODEL, norm="rmsnorm")),
@@ -263,9 +264,10 @@ def probe_program(cfg, world):
 
     params = nn.meta.unbox(init_params(cfg.model, jax.random.PRNGKey(0)))
     loss = lambda p: GPT(cfg.model).apply({"params": p}, jnp.asarray(TOKENS)).sum()
-    # a checkpoint is named with its policy: every norm is one without (layers.recomputed_norm)
-    policy = lambda e: getattr(e.params.get("policy"), "__name__", "")
-    return sorted({f"{e.primitive.name} {policy(e)}" for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns})
+    # a checkpoint is named with its policy: every norm is one without (layers.recomputed_norm);
+    # a scan with its unrolling
+    detail = lambda e: getattr(e.params.get("policy"), "__name__", "") + str(e.params.get("unroll", ""))
+    return sorted({f"{e.primitive.name} {detail(e)}" for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns})
 
 
 def probe_optimizer(cfg, world):

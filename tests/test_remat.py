@@ -13,9 +13,11 @@ from neo.loss import lm_loss
 from neo.model import GPT, init_params, layers
 
 # Activations large against the weights, so what the policy keeps dominates the temporaries;
-# scanned layers (the default) and the blocked kernel, which long sequences get.
+# scanned layers in their loop (the default above 12 layers: eight alone would be unrolled, and
+# XLA:CPU keeps what remat recomputes in unrolled layers, docs/configs.md) and the blocked
+# kernel, which long sequences get.
 SHAPE = dict(n_embd=64, n_head=4, n_layer=8, n_ctx=128, n_vocab=128, attention_types=[[["global"], 8]],
-             precision="bfloat16", attention_impl="blocked")
+             precision="bfloat16", attention_impl="blocked", scan_unroll=1)
 
 
 @functools.lru_cache

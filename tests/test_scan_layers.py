@@ -1,6 +1,7 @@
 """Layers under nn.scan (`scan_layers`): the scanned model computes what the unrolled one
-computes (logits, gradients, decoding, optimizer updates, on 1 and 8 devices); checkpoints
-written in either form load into the other; the compiled program does not grow with depth."""
+computes (logits, gradients, decoding, optimizer updates, on 1 and 8 devices), in a loop or with
+the loop unrolled (`scan_unroll`); checkpoints written in either form load into the other; the
+compiled program does not grow with depth while it loops."""
 
 import logging
 
@@ -23,15 +24,18 @@ EVERY_KIND = dict(n_layer=6, attention_types=[[["global", "local", "linear"], 2]
                   num_mem_kv=2, mlp_glu=True, activation_fn="prelu", scalenorm=True)
 
 
-def pair(tiny_config, **kw):
-    """(scanned, unrolled) configs of one model."""
-    scanned = parse_model_config(tiny_config(**kw))
-    return scanned, scanned.replace(scan_layers=False)
+def pair(tiny_config, scan_unroll=1, **kw):
+    """(scanned, unrolled) configs of one model; the scanned one loops over its groups unless
+    `scan_unroll` says otherwise (small models unroll the loop by default)."""
+    scanned = parse_model_config(tiny_config(scan_unroll=scan_unroll, **kw))
+    return scanned, scanned.replace(scan_layers=False, scan_unroll=None)
 
 
-def test_scanned_layers_compute_what_unrolled_layers_compute(tiny_config):
-    scanned, unrolled = pair(tiny_config, **EVERY_KIND)
+@pytest.mark.parametrize("scan_unroll,groups_per_iteration", [(1, 1), ("full", 2)])
+def test_scanned_layers_compute_what_unrolled_layers_compute(tiny_config, scan_unroll, groups_per_iteration):
+    scanned, unrolled = pair(tiny_config, scan_unroll, **EVERY_KIND)
     assert scanned.model.scan_period == 3 and unrolled.model.scan_period is None
+    assert scanned.model.scan_unroll_groups == groups_per_iteration
     params = meta.unbox(init_params(unrolled.model, jax.random.PRNGKey(0)))
     stacked = as_model_tree(scanned.model, params)
     assert jax.tree.structure(stacked) == jax.tree.structure(meta.unbox(abstract_init(scanned.model)))
@@ -79,6 +83,43 @@ def test_which_layers_scan():
                             "scan_layers": True})
     with pytest.raises(NeoError, match="'scan_layers' must be \"auto\", true or false"):
         parse_model_config({**base, "n_layer": 2, "attention_types": [[["global"], 2]], "scan_layers": "yes"})
+
+
+def test_how_many_groups_each_loop_iteration_runs():
+    """`scan_unroll`: "auto" unrolls the loop of models up to 12 layers (their compile time is
+    small), "full" always, a number runs that many groups per iteration; deeper models loop."""
+    base = dict(n_embd=16, n_head=2, n_ctx=16, n_vocab=32)
+    neo_24 = dict(n_layer=24, attention_types=[[["global", "local"], 12]])
+    groups = lambda **kw: parse_model_config({**base, **kw}).model.scan_unroll_groups
+    assert groups(n_layer=12, attention_types=[[["global", "local"], 6]]) == 6  # gpt_neo_125M: no loop
+    assert groups(**neo_24) == 1
+    assert groups(**neo_24, scan_unroll="full") == groups(**neo_24, scan_unroll=True) == 12
+    assert groups(**neo_24, scan_unroll=5) == 5  # 12 groups: two iterations of 5, then 2
+    assert groups(**neo_24, scan_unroll=40) == 12
+    assert groups(n_layer=4, attention_types=[[["global"], 4]], scan_unroll=1) == 1
+    assert groups(n_layer=4, attention_types=[[["global"], 4]], scan_layers=False) is None
+    for bad in (0, -2, 1.5, "yes", [2]):
+        with pytest.raises(NeoError, match="'scan_unroll' must be \"auto\", \"full\" or a whole number"):
+            groups(**neo_24, scan_unroll=bad)
+    with pytest.raises(NeoError, match="scan_unroll is 2 but the layers are not scanned \\(scan_layers is false\\); "
+                                       "drop scan_unroll"):
+        groups(**neo_24, scan_layers=False, scan_unroll=2)
+    with pytest.raises(NeoError, match="scan_unroll is \"full\" but the layers are not scanned \\(moe_layers"):
+        groups(n_layer=4, attention_types=[[["global"], 4]], moe_layers=[1], scan_unroll="full")
+
+
+def test_a_partly_unrolled_loop_computes_what_the_loop_computes(tiny_config):
+    """Five groups, two per iteration: two iterations and a remainder of one."""
+    kw = dict(n_layer=5, attention_types=[[["global"], 5]])
+    loop, unrolled = pair(tiny_config, 1, **kw)
+    part, _ = pair(tiny_config, 2, **kw)
+    params = meta.unbox(init_params(loop.model, jax.random.PRNGKey(0)))
+    tokens = jnp.asarray(RNG.randint(0, 128, (2, 20)))
+    loss = lambda cfg, p: jax.jit(jax.value_and_grad(lambda p: GPT(cfg.model).apply({"params": p}, tokens).std()))(p)
+    (want, want_grads), (got, grads) = loss(loop, params), loss(part, params)
+    assert abs(float(got) - float(want)) < 1e-6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want_grads)
+    np.testing.assert_allclose(float(loss(unrolled, per_layer(params))[0]), float(want), atol=1e-6)
 
 
 def setups(tiny_config, opt_name="adam", layout=("", ""), lr=1e-3):
@@ -150,13 +191,19 @@ def test_checkpoints_load_whichever_form_wrote_them(tiny_config, tmp_path, write
 
 def test_the_compiled_step_does_not_grow_with_depth(tiny_config):
     """Compile time stays flat because the program is the same size at any depth."""
-    def size(n_layer, scan):
+    def program(n_layer, scan, unroll=None):
         cfg = parse_model_config(tiny_config(n_layer=n_layer, attention_types=[[["global", "local"], n_layer // 2]],
-                                             scan_layers=scan))
+                                             scan_layers=scan, scan_unroll=unroll))
         setup = build(cfg, make_layout("", "", jax.devices()[:1]))
         state = jax.eval_shape(setup.init)
         rows = jax.ShapeDtypeStruct((cfg.run.train_batch_size, cfg.model.n_ctx + 1), jnp.int32)
-        return len(setup.step.lower(state, rows).as_text())
+        return setup.step.lower(state, rows).as_text()
 
-    assert size(12, "auto") < 1.1 * size(4, "auto")
+    size = lambda *a: len(program(*a))
+    assert size(24, "auto") < 1.1 * size(4, "auto", 1)  # deep models loop by default
+    assert size(12, "auto", 1) < 1.1 * size(4, "auto", 1)
     assert size(12, False) > 2 * size(4, False)  # the check can fail: unrolled layers do grow
+    # the small model's loop is unrolled away: no while loop in its step (the looping one has two,
+    # forward and backward)
+    assert program(4, "auto").count("stablehlo.while") == 0
+    assert program(4, "auto", 1).count("stablehlo.while") == 2

@@ -222,6 +222,17 @@ def _read_value(key: str, value: Any, where: str, base: Path, raw: dict) -> Any:
         if value in ("auto", None) or isinstance(value, bool):
             return None if value == "auto" else value
         raise NeoError(f"{where}: 'scan_layers' must be \"auto\", true or false, got {json.dumps(value)}.")
+    if key == "scan_unroll":  # "auto" (or null), "full" (or true), or groups per loop iteration
+        if value in ("auto", None):
+            return None
+        if value == "full" or value is True:
+            return "full"
+        if isinstance(value, float) and value.is_integer():  # JSON's 2.0, as other integer keys take it
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise NeoError(f"{where}: 'scan_unroll' must be \"auto\", \"full\" or a whole number of layer "
+                       f"groups >= 1, got {json.dumps(value)}.")
     if key == "curriculum_learning" and value is not None:
         return value if isinstance(value, Curriculum) else parse_curriculum(value, where)
     return _coerce(key, value, _hints(SECTIONS[KEY_SECTION[key]])[key], where)

@@ -10,6 +10,7 @@ a tokenizer to sample, tasks to evaluate).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Callable, NoReturn
@@ -159,6 +160,10 @@ def _check_speed(m: ModelConfig, fail: Fail) -> None:
     if m.scan_layers and m.scan_blocker():
         fail(f"scan_layers is true but the layers cannot be scanned: {m.scan_blocker()}; set scan_layers "
              f"to \"auto\" or false.")
+    if m.scan_unroll is not None and m.scan_period is None:
+        why = "scan_layers is false" if m.scan_layers is False else m.scan_blocker()
+        fail(f"scan_unroll is {json.dumps(m.scan_unroll)} but the layers are not scanned ({why}); drop "
+             f"scan_unroll (it sets how many scanned groups each loop iteration runs).")
 
 
 def _check_moe(p: MoEParams, where: str) -> None:

@@ -256,7 +256,8 @@ class GPT(nn.Module):
         if period:  # the repeating pattern under nn.scan: compile time does not grow with depth
             self.layers = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                                  length=cfg.n_layer // period, metadata_params={nn.PARTITION_NAME: "layers"})(
+                                  length=cfg.n_layer // period, unroll=cfg.scan_unroll_groups,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(
                 cfg, compute_dtype(cfg), self.specs[:period], name="layers")
         elif cfg.share_parameters:  # one Block (variables under h_0) serves every layer
             self.blocks = [Block(cfg, compute_dtype(cfg), name="h_0")] * cfg.n_layer
