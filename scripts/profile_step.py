@@ -344,7 +344,7 @@ def main() -> None:
     p.add_argument("--model", default="quickstart")
     p.add_argument("--batch", type=int, default=0, help="sequences per step (0: the config's)")
     p.add_argument("--seq", type=int, default=0, help="n_ctx (0: the config's)")
-    p.add_argument("--steps", type=int, default=5, help="profiled calls (after the warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="profiled calls (after the warm-up; torch: steps)")
     p.add_argument("--steps_per_call", type=int, default=1,
                    help="neo: train steps per compiled call, as `iterations` runs them (main.py's quickstart: "
                         "100). A call allocates its temporaries afresh, so with 1 the step's first writes to "

@@ -272,10 +272,10 @@ class ModelConfig:
         unrolled layers. `auto`: all of them (no loop) up to UNROLL_MAX_LAYERS layers, else one.
         A loop costs each layer its bookkeeping (stacking residuals and gradients, slicing
         weights): on a 2-core CPU the quickstart (4 layers) took 50.6 ms a step in the loop and
-        46.0 ms unrolled, gpt_neo_125M (12) 5.93 s and 5.74 s, compiling in 10 s and 17 s; an
-        H200 ran gpt_neo_1.3B (24) in 0.283 s scanned and 0.268 s unrolled, compiling in 10 s
-        and 28 s (docs/benchmarks.md). Deeper models keep the loop, whose compile time does not
-        grow with depth."""
+        46.0 ms unrolled, gpt_neo_125M (12) 5.93 s and 5.74 s (compiling and one step: 15 s
+        and 23 s); an H200 ran gpt_neo_1.3B (24) in 0.283 s scanned and 0.268 s unrolled,
+        compiling in 10 s and 28 s (docs/benchmarks.md). Deeper models keep the loop, whose
+        compile time does not grow with depth."""
         period = self.scan_period
         if period is None:
             return None
