@@ -305,8 +305,7 @@ def _activations(cfg: Config, plan: _Plan, rows: float, tokens: float, width: in
     act = ("batch", "sequence", "embd")
     moe_layers = set(cfg.model.moe_layers or ())
     m = cfg.model
-    looped = m.scan_period is not None and m.scan_unroll_groups < m.n_layer // m.scan_period
-    c = ACT_SCANNED if looped else ACT_UNROLLED  # a scan unrolled entirely keeps what unrolled layers keep
+    c = ACT_SCANNED if m.layers_loop else ACT_UNROLLED  # a scan unrolled entirely keeps what unrolled layers keep
     kinds = list(enumerate(cfg.model.attention_types))
     layers = [_layer_bytes(cfg.model, plan, k, i in moe_layers, c, width) for i, k in kinds]
     # With remat each layer keeps what its policy saves, and one layer at a time is recomputed

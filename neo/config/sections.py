@@ -284,6 +284,13 @@ class ModelConfig:
             return groups
         return min(self.scan_unroll or 1, groups)
 
+    @property
+    def layers_loop(self) -> bool:
+        """Whether the compiled step runs the layers in a loop (scanned and not unrolled
+        entirely), which is what decides what XLA keeps for the backward pass."""
+        groups = self.scan_unroll_groups
+        return groups is not None and groups < self.n_layer // self.scan_period
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
