@@ -57,9 +57,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def rerun_with_xla_default_emitters(request) -> bool:
-    """For a test that two different programs agree bit for bit, as they do with the emitters
-    users run: under the suite's emitters (TEST_XLA_FLAGS) it runs again in a child process
-    with XLA's defaults, and this is True (the caller then returns, the child having passed)."""
+    """For a test that two different programs agree more closely than the suite's emitters
+    (TEST_XLA_FLAGS) let them, as they do with the emitters users run: under the suite's flags
+    the test runs again in a child process with XLA's defaults, and this is True (the caller
+    then returns, the child having passed)."""
     import subprocess
 
     if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
