@@ -94,10 +94,17 @@ void panel_one_row(const float* x, const W* w, float* y, int64_t K, int valid) {
 }
 
 // Several rows make a panel's pass compute-bound for a while, and the hardware's prefetchers
-// then fall behind the stream: fetch the weights 1 KiB ahead of the loads.
-template <typename W>
+// then fall behind the stream: fetch the weights `Ahead` bytes ahead of the loads. 1 KiB was
+// short at four rows or more: gpt_neo_125M float32 decoding (64 tokens, in one process,
+// interleaved) ran at 222 against 191 tok/s at batch 8 and 131 against 124 at batch 4 with 4 KiB
+// there, and the products alone of a cold [768, 3,072] and the head at 8 rows read 18.3 and
+// 19.5 GB/s against 15.0 and 16.8 (8 KiB gave the same, 16 KiB less); two rows kept 1 KiB
+// (equal within noise; docs/benchmarks.md, 2026-12-02 "morning, later"). An AVX2 build's four
+// to six rows take 4 KiB too (not measured there); the bfloat16 widening path keeps 1 KiB (it
+// does not run on that Xeon, which reads bfloat16 on AMX tiles).
+template <int Ahead = 1024, typename W>
 inline void prefetch_ahead(const W* p) {
-  const char* c = reinterpret_cast<const char*>(p) + 1024;
+  const char* c = reinterpret_cast<const char*>(p) + Ahead;
   __builtin_prefetch(c);
   __builtin_prefetch(c + 64);
 }
@@ -110,7 +117,7 @@ void panel_rows(const float* x, int64_t ldx, const W* w, float* y, int64_t ldy, 
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     f32xL blo[M] = {}, bhi[M] = {};
     for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
-      prefetch_ahead(w + k * kPanel);
+      prefetch_ahead<(M >= 4 ? 4096 : 1024)>(w + k * kPanel);  // see prefetch_ahead
       f32xL w0 = loadL(w + k * kPanel), w1 = loadL(w + k * kPanel + kLanes);
       for (int m = 0; m < M; ++m) {
         float xm = x[m * ldx + k];
@@ -196,7 +203,7 @@ void panel_rows_widened(const float* x, int64_t ldx, const uint16_t* w, float* y
     for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
     for (int64_t j = j0; j < j1; ++j) {
       const uint16_t* r = w + j * 2 * kPanel;
-      prefetch_ahead(r);
+      prefetch_ahead(r);  // 1 KiB: see prefetch_ahead
       const __m512i p0 = _mm512_loadu_si512(r), p1 = _mm512_loadu_si512(r + kPanel);
       const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16)), o0 = _mm512_castsi512_ps(_mm512_and_si512(p0, high));
       const __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16)), o1 = _mm512_castsi512_ps(_mm512_and_si512(p1, high));
