@@ -178,6 +178,34 @@ def test_attention_equals_xla(dtype, b, h, g, s, d, per_head):
         np.testing.assert_array_equal(np.asarray(run(q, k, v, cache, jnp.int32(slot))[0], np.float32), ours)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_reads_only_the_blocks_of_visible_slots(dtype):
+    """A sampler's cache has room for every token still to come, so a step reads only the
+    blocks of 16 slots (8 with AVX2) that hold its visible ones, here after a left-padded prompt
+    and before the slots not yet written. The masked slots outside them, NaN here, do not reach
+    the output, which is to the bit the output of a cache of those blocks alone (masked slots'
+    probabilities are exactly 0)."""
+    rng = np.random.default_rng(1)
+    b, h, g, s, d, slot = 2, 4, 2, 80, 32, 36
+    q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((b, g, d)), dtype) for _ in range(2))
+    cache = {n: rng.standard_normal((b, g, s, d)) for n in ("k", "v")}
+    visible = np.zeros((b, s), bool)
+    visible[0, 16:slot + 1], visible[1, 21:slot + 1] = True, True
+    visible[1, 30] = False  # a masked slot among the visible ones is read, and weighs nothing
+    bias = np.where(visible, 0.0, NEG_INF)[:, None] - 0.1 * np.arange(h)[None, :, None] * (slot - np.arange(s))
+    run = lambda c, bias, slot: cpu.attention(q, k, v, {n: jnp.asarray(x, dtype) for n, x in c.items()},
+                                              jnp.int32(slot), jnp.asarray(bias, jnp.float32), 0.3)[0]
+    clean = np.asarray(run(cache, bias, slot), np.float32)
+    poisoned = {n: x.copy() for n, x in cache.items()}
+    for x in poisoned.values():
+        x[:, :, :16] = x[:, :, 48:] = np.nan
+    assert np.isfinite(clean).all()
+    np.testing.assert_array_equal(np.asarray(run(poisoned, bias, slot), np.float32), clean)
+    blocks = {n: x[:, :, 16:48] for n, x in cache.items()}
+    np.testing.assert_array_equal(np.asarray(run(blocks, bias[:, :, 16:48], slot - 16), np.float32), clean)
+
+
 def test_attention_bad_shapes():
     q, kv = jnp.ones((2, 4, 16)), jnp.ones((2, 3, 16))
     cache = {"k": jnp.ones((2, 3, 8, 16)), "v": jnp.ones((2, 3, 8, 16))}
