@@ -292,7 +292,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, slot: jax.A
     to all S slots with the float32 `bias` [B, 1 or H, S] (0 where visible, NEG_INF where not,
     ALiBi's bias) added to its scores times `scale`. The same sums as attention_op.attend, in
     the cache's dtype (float32 or bfloat16) with float32 scores and softmax; returns (out
-    [B, H, D] in that dtype, the updated cache)."""
+    [B, H, D] in that dtype, the updated cache). Keys and values in blocks of 16 slots (8 with
+    AVX2) where the bias shows nothing visible are not read: they weigh exactly 0."""
     if load() is None:
         raise RuntimeError("neo's CPU decode kernels are not built here (see the warning above); "
                            "decode with XLA's attention instead (an empty `decode` collection).")

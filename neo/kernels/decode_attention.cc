@@ -1,5 +1,6 @@
 // A decode step's attention on CPU: each row's one new key and value are written into the KV
-// cache in place, then its query attends to every slot of the cache.
+// cache in place, then its query attends to the cache's slots (reading only the blocks that
+// hold visible ones: visible_blocks).
 //
 //   q [B, H, D], k_new and v_new [B, G, D], the caches [B, G, S, D] (heads before slots, as
 //   neo/model/attention.py keeps them; G kv heads, each serving H / G query heads), all in one
